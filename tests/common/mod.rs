@@ -1,0 +1,202 @@
+//! Shared test helpers: locating the test data, and servers on port 0.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use visionserve::config::Config;
+
+/// The data `make test-data` builds with Pillow + timm (tests/fixtures/make_test_data.py).
+pub fn test_data() -> PathBuf {
+    let dir = std::env::var_os("VISIONSERVE_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-data"));
+    assert!(
+        dir.join("lite0.json").is_file(),
+        "test data missing in {}: run `make test` (or `make test-data`) first",
+        dir.display()
+    );
+    dir
+}
+
+/// The real EfficientNet-Lite0 model folder `make weights` exports.
+pub fn lite0_dir() -> PathBuf {
+    let dir = std::env::var_os("VISIONSERVE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tf_efficientnet_lite0")
+        });
+    assert!(
+        dir.join("config.json").is_file(),
+        "model missing in {}: run `make weights`",
+        dir.display()
+    );
+    dir
+}
+
+pub fn read(path: &str) -> Vec<u8> {
+    let full = test_data().join(path);
+    std::fs::read(&full).unwrap_or_else(|e| panic!("reading {}: {e}", full.display()))
+}
+
+pub fn json(path: &str) -> serde_json::Value {
+    serde_json::from_slice(&read(path)).expect("valid JSON fixture")
+}
+
+/// A server running `visionserve::run` on its own thread and runtime, bound to port 0.
+pub struct TestServer {
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Start and wait until `/health/ready` answers 200.
+    pub fn start(config: Config) -> Self {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addr_tx
+                    .send(listener.local_addr()?)
+                    .expect("test waits for the address");
+                visionserve::run(config, listener, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            })
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server bound a port");
+        let server = Self {
+            base: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        server.wait_ready(Duration::from_secs(300));
+        server
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/health/ready", self.base);
+        while Instant::now() < deadline {
+            if let Some(thread) = &self.thread {
+                assert!(!thread.is_finished(), "server exited while starting");
+            }
+            if http_status(&url) == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server not ready after {timeout:?}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Signal shutdown and wait for `run` to return.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread.join().expect("server thread panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// Ask the server to shut down without waiting.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub fn join(mut self) -> anyhow::Result<()> {
+        self.stop_inner()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// A blocking GET returning the status, with plain std networking (usable outside a runtime).
+pub fn http_status(url: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn config_for(models: &[String]) -> Config {
+    let mut config = Config::for_models(models.iter().cloned());
+    config.device = "cpu".into();
+    config.max_batch_size = Some(4);
+    config
+}
+
+/// Ranked (class index, probability) pairs.
+pub type Ranked = Vec<(u64, f64)>;
+
+/// Top-5 from a classify response result: (index, score).
+pub fn predictions(result: &serde_json::Value) -> Ranked {
+    result["predictions"]
+        .as_array()
+        .expect("predictions array")
+        .iter()
+        .map(|p| (p["index"].as_u64().unwrap(), p["score"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Reference top-5 as written by the fixture script: [[index, prob], ...].
+pub fn reference(value: &serde_json::Value) -> Ranked {
+    value
+        .as_array()
+        .expect("reference array")
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+/// Same indices in the same order and every probability within `tol`.
+pub fn assert_same_top5(got: &[(u64, f64)], want: &[(u64, f64)], tol: f64, what: &str) {
+    let got_idx: Vec<u64> = got.iter().map(|p| p.0).collect();
+    let want_idx: Vec<u64> = want.iter().map(|p| p.0).collect();
+    assert_eq!(
+        got_idx, want_idx,
+        "{what}: top-5 indices differ (got {got:?}, want {want:?})"
+    );
+    for ((_, g), (_, w)) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: score {g} vs {w} differs by more than {tol}"
+        );
+    }
+}
