@@ -1,0 +1,302 @@
+//! Models at run time: each served model is a handle (what request handlers talk to), a
+//! batcher task and a model thread. Only `worker` and `device` touch libtorch.
+
+pub mod device;
+pub mod worker;
+
+use crate::config::DType;
+use crate::error::ApiError;
+use crate::metrics::ModelMetrics;
+use crate::pipeline::batcher::{self, BatcherConfig};
+use crate::pipeline::preprocess::PreprocessConfig;
+use crate::pipeline::{BatcherLink, ImageJob};
+use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+/// Static facts about a served model, for `/v1/models` and for request handling.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub tag: Option<String>,
+    pub source: String,
+    pub weights_format: WeightsFormat,
+    pub device: String,
+    pub dtype: DType,
+    pub num_classes: usize,
+    pub preprocess: PreprocessConfig,
+    pub max_batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub max_queue_images: usize,
+    #[serde(skip)]
+    pub labels: Arc<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WarmupTiming {
+    pub batch_size: usize,
+    pub millis: f64,
+}
+
+// The default state (0) is "loading".
+const READY: u8 = 1;
+const FAILED: u8 = 2;
+
+/// Load state, written by the model thread and read by handlers.
+#[derive(Debug, Default)]
+pub struct ModelStatus {
+    state: AtomicU8,
+    backend: OnceLock<&'static str>,
+    failure: OnceLock<String>,
+    warmup: OnceLock<Vec<WarmupTiming>>,
+}
+
+impl ModelStatus {
+    pub fn is_ready(&self) -> bool {
+        self.state.load(Ordering::Acquire) == READY
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::Acquire) {
+            READY => "ready",
+            FAILED => "failed",
+            _ => "loading",
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend.get().copied().unwrap_or("")
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    pub fn warmup(&self) -> &[WarmupTiming] {
+        self.warmup.get().map_or(&[], Vec::as_slice)
+    }
+
+    fn set_ready(&self) {
+        self.state.store(READY, Ordering::Release);
+    }
+
+    fn set_failed(&self, message: String) {
+        let _ = self.failure.set(message);
+        self.state.store(FAILED, Ordering::Release);
+    }
+
+    fn set_backend(&self, backend: &'static str) {
+        let _ = self.backend.set(backend);
+    }
+
+    fn set_warmup(&self, timings: Vec<WarmupTiming>) {
+        let _ = self.warmup.set(timings);
+    }
+}
+
+/// Reports once whether the model thread loaded and warmed up its model (or why not).
+pub type LoadOutcome = oneshot::Receiver<Result<(), String>>;
+
+/// What request handlers use to reach a model.
+pub struct ModelHandle {
+    pub info: ModelInfo,
+    pub status: Arc<ModelStatus>,
+    pub metrics: ModelMetrics,
+    link: Arc<BatcherLink>,
+    jobs: mpsc::Sender<ImageJob>,
+    admission: Arc<Semaphore>,
+    closing: watch::Sender<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Images a request has been allowed to put in flight. While held, they count against
+/// `--max-queue-images`; images not yet queued count as incoming for the batcher.
+pub struct Admission {
+    _permits: OwnedSemaphorePermit,
+    link: Arc<BatcherLink>,
+    incoming: usize,
+}
+
+impl Admission {
+    /// The request's images are queued (or abandoned): they are no longer incoming.
+    pub fn images_queued(&mut self) {
+        self.release_incoming();
+    }
+
+    fn release_incoming(&mut self) {
+        if self.incoming > 0 {
+            self.link
+                .incoming
+                .fetch_sub(self.incoming, Ordering::AcqRel);
+            self.incoming = 0;
+            // The batcher may be holding an idle model for these images: let it re-decide.
+            self.link.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.release_incoming();
+    }
+}
+
+pub struct SpawnOptions {
+    pub device: tch::Device,
+    pub dtype: DType,
+    pub max_batch_size: usize,
+    pub batcher: BatcherConfig,
+    pub max_queue_images: usize,
+    pub intra_op_threads: Option<usize>,
+}
+
+impl ModelHandle {
+    /// Start the batcher task and the model thread; the thread loads and warms the model up
+    /// and reports the outcome on the returned channel.
+    pub fn spawn(
+        name: String,
+        source: String,
+        files: ModelFiles,
+        config: ModelConfig,
+        metrics: ModelMetrics,
+        options: SpawnOptions,
+    ) -> anyhow::Result<(Arc<Self>, LoadOutcome)> {
+        let kind = device::kind(options.dtype, options.device)?;
+        let info = ModelInfo {
+            name: name.clone(),
+            architecture: config.architecture.clone(),
+            tag: config.tag.clone(),
+            source,
+            weights_format: files.format,
+            device: device::describe(options.device),
+            dtype: options.dtype,
+            num_classes: config.num_classes,
+            preprocess: config.preprocess.clone(),
+            max_batch_size: options.max_batch_size,
+            max_batch_delay_ms: options.batcher.max_batch_delay.as_millis() as u64,
+            max_queue_images: options.max_queue_images,
+            labels: Arc::new(config.labels),
+        };
+        let status = Arc::new(ModelStatus::default());
+        let link = Arc::new(BatcherLink::default());
+        // Admission control bounds what is in flight, so this channel never fills up.
+        let (jobs_tx, jobs_rx) = mpsc::channel(options.max_queue_images.max(1));
+        // One slot: the batch waiting while another runs.
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (closing_tx, closing_rx) = watch::channel(false);
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+
+        tokio::spawn(batcher::run(
+            jobs_rx,
+            batch_tx,
+            link.clone(),
+            metrics.clone(),
+            options.batcher,
+            closing_rx,
+        ));
+        let worker_spec = worker::WorkerSpec {
+            name: name.clone(),
+            files,
+            preprocess: config.preprocess,
+            num_classes: config.num_classes,
+            device: options.device,
+            kind,
+            max_batch_size: options.max_batch_size,
+            intra_op_threads: options.intra_op_threads,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn({
+                let (link, status, metrics) = (link.clone(), status.clone(), metrics.clone());
+                move || worker::run(worker_spec, batch_rx, link, status, metrics, loaded_tx)
+            })?;
+
+        let handle = Arc::new(Self {
+            info,
+            status,
+            metrics,
+            link,
+            jobs: jobs_tx,
+            admission: Arc::new(Semaphore::new(options.max_queue_images)),
+            closing: closing_tx,
+            thread: Mutex::new(Some(thread)),
+        });
+        Ok((handle, loaded_rx))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    pub fn ensure_ready(&self) -> Result<(), ApiError> {
+        if self.status.is_ready() {
+            Ok(())
+        } else {
+            Err(ApiError::NotReady {
+                model: self.info.name.clone(),
+            })
+        }
+    }
+
+    /// Admit `images` images or refuse with 429 and a Retry-After estimate.
+    pub fn admit(&self, images: usize) -> Result<Admission, ApiError> {
+        let permits = self.admission.clone().try_acquire_many_owned(images as u32);
+        match permits {
+            Ok(permits) => {
+                self.link.incoming.fetch_add(images, Ordering::AcqRel);
+                Ok(Admission {
+                    _permits: permits,
+                    link: self.link.clone(),
+                    incoming: images,
+                })
+            }
+            Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
+                Err(ApiError::Overloaded {
+                    model: self.info.name.clone(),
+                    limit: self.info.max_queue_images,
+                    retry_after_s: self.retry_after_secs(),
+                })
+            }
+        }
+    }
+
+    /// Seconds until the admitted images have likely been served, from the recent per-image
+    /// model time.
+    fn retry_after_secs(&self) -> u64 {
+        let per_image_us = self.link.micros_per_image.load(Ordering::Relaxed).max(1);
+        let queued = (self.info.max_queue_images - self.admission.available_permits()) as u64;
+        (queued * per_image_us).div_ceil(1_000_000).max(1)
+    }
+
+    /// Queue one preprocessed image.
+    pub fn submit(&self, job: ImageJob) -> Result<(), ApiError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Closed(_) => ApiError::ShuttingDown,
+            // Cannot happen while admission holds permits for every queued image.
+            mpsc::error::TrySendError::Full(_) => ApiError::Overloaded {
+                model: self.info.name.clone(),
+                limit: self.info.max_queue_images,
+                retry_after_s: self.retry_after_secs(),
+            },
+        })
+    }
+
+    /// Stop taking images: the batcher hands over what is queued, then the model thread
+    /// finishes and exits.
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+    }
+
+    /// Wait for the model thread to exit (after `close`).
+    pub fn join(&self) {
+        let thread = self.thread.lock().expect("join lock").take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!(model = %self.info.name, "model thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Command-line and environment configuration. Every default lives here.
+//!
+//! Each flag also reads a `VISIONSERVE_*` environment variable; the doc comment of each field is
+//! its `--help` text, and README.md's flag table is generated from `--help`.
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "visionserve",
+    version,
+    about = "Image-classification inference server (libtorch)"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "VISIONSERVE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port).
+    #[arg(long, env = "VISIONSERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// A model to serve, as NAME=SOURCE or just SOURCE (repeatable). SOURCE is a folder in the
+    /// Hugging Face Hub layout (config.json + model.safetensors, pytorch_model.bin or a
+    /// TorchScript model.pt), one weights file inside such a folder, or `hf-hub:ORG/REPO`.
+    /// Per-model options follow a `?`, e.g. `v2s=hf-hub:timm/tf_efficientnetv2_s.in1k?input_size=300`
+    /// (options: input_size, arch).
+    #[arg(long = "model", env = "VISIONSERVE_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+
+    /// A folder whose every subfolder holding a config.json is served as a model named after
+    /// the subfolder.
+    #[arg(long, env = "VISIONSERVE_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+
+    /// The model `POST /v1/classify` uses (default: the first model given).
+    #[arg(long, env = "VISIONSERVE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+
+    /// Where models run: `auto` (CUDA when available, else CPU), `cpu` or `cuda:N`.
+    #[arg(long, env = "VISIONSERVE_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Weight and activation precision. Half types are only accepted on CUDA.
+    #[arg(long, env = "VISIONSERVE_DTYPE", value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
+
+    /// Largest batch the batcher forms; every size up to it is warmed up before ready
+    /// [default: 8 on CPU, 32 on CUDA].
+    #[arg(long, env = "VISIONSERVE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+
+    /// Longest the batcher holds back an idle model to let images that are still being decoded
+    /// join the batch, measured from the oldest queued image (an idle model with nothing in
+    /// flight never waits).
+    #[arg(long, env = "VISIONSERVE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+    pub max_batch_delay_ms: u64,
+
+    /// Images admitted per model (being decoded, queued or running) before new requests get
+    /// 429 Too Many Requests.
+    #[arg(long, env = "VISIONSERVE_MAX_QUEUE_IMAGES", default_value_t = 256)]
+    pub max_queue_images: usize,
+
+    /// Most images in one request.
+    #[arg(long, env = "VISIONSERVE_MAX_IMAGES_PER_REQUEST", default_value_t = 32)]
+    pub max_images_per_request: usize,
+
+    /// Largest request body in bytes.
+    #[arg(long, env = "VISIONSERVE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest image (width x height) accepted; checked from the header before decoding.
+    #[arg(
+        long,
+        env = "VISIONSERVE_MAX_IMAGE_PIXELS",
+        default_value_t = 40_000_000
+    )]
+    pub max_image_pixels: u64,
+
+    /// Apply the EXIF orientation tag before preprocessing (timm does not, so it is off).
+    #[arg(long, env = "VISIONSERVE_EXIF_TRANSPOSE")]
+    pub exif_transpose: bool,
+
+    /// Threads libtorch uses inside one operator [default: libtorch's choice, the number of
+    /// physical cores].
+    #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<usize>,
+
+    /// Threads that decode and resize images [default: number of CPUs].
+    #[arg(long, env = "VISIONSERVE_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+
+    /// Seconds to finish admitted requests after SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "VISIONSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Log format.
+    #[arg(long, env = "VISIONSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax (RUST_LOG is read too).
+    #[arg(long, env = "VISIONSERVE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a model runs, parsed from `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("--device must be auto, cpu or cuda:N, not {s:?}")),
+        }
+    }
+}
+
+impl Config {
+    pub fn device_choice(&self) -> Result<DeviceChoice, String> {
+        DeviceChoice::parse(&self.device)
+    }
+
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout)
+    }
+
+    pub fn decode_threads(&self) -> usize {
+        self.decode_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+
+    /// Reject combinations that cannot work, before anything is loaded.
+    pub fn validate(&self) -> Result<(), String> {
+        let device = self.device_choice()?;
+        if self.dtype != DType::F32 && device == DeviceChoice::Cpu {
+            return Err(format!(
+                "--dtype {:?} needs CUDA: half precision is not supported on CPU",
+                self.dtype
+            ));
+        }
+        if self.max_batch_size == Some(0) {
+            return Err("--max-batch-size must be at least 1".into());
+        }
+        if self.max_images_per_request == 0 {
+            return Err("--max-images-per-request must be at least 1".into());
+        }
+        if self.max_images_per_request > self.max_queue_images {
+            return Err(format!(
+                "--max-images-per-request ({}) cannot exceed --max-queue-images ({}): \
+                 such a request could never be admitted",
+                self.max_images_per_request, self.max_queue_images
+            ));
+        }
+        if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
+            return Err("thread counts must be at least 1".into());
+        }
+        if self.models.is_empty() && self.model_repository.is_none() {
+            return Err("no model given: pass --model NAME=PATH or --model-repository DIR".into());
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and embedding: every default, the given models, port 0.
+    pub fn for_models<I: IntoIterator<Item = S>, S: Into<String>>(models: I) -> Self {
+        let mut config = Config::parse_from(["visionserve"]);
+        config.port = 0;
+        config.models = models.into_iter().map(Into::into).collect();
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!(DeviceChoice::parse("auto"), Ok(DeviceChoice::Auto));
+        assert_eq!(DeviceChoice::parse("cuda:1"), Ok(DeviceChoice::Cuda(1)));
+        assert!(DeviceChoice::parse("gpu").is_err());
+    }
+
+    #[test]
+    fn rejects_half_precision_on_cpu() {
+        let mut c = Config::for_models(["m=weights/x"]);
+        c.device = "cpu".into();
+        c.dtype = DType::F16;
+        assert!(c.validate().unwrap_err().contains("needs CUDA"));
+    }
+
+    #[test]
+    fn rejects_requests_that_can_never_be_admitted() {
+        let mut c = Config::for_models(["m=weights/x"]);
+        c.max_images_per_request = 300;
+        assert!(c.validate().unwrap_err().contains("--max-queue-images"));
+    }
+
+    #[test]
+    fn requires_a_model() {
+        let c = Config::for_models(Vec::<String>::new());
+        assert!(c.validate().unwrap_err().contains("no model"));
+    }
+}

@@ -1,0 +1,238 @@
+//! visionserve: an image-classification inference server on libtorch.
+//!
+//! One image's path through the code, in folder order:
+//!
+//! ```text
+//! http/       handler: validate, admit (429 when the model's queue is full), split into images
+//! pipeline/   decode + resize/crop on a bounded thread pool (no tch), then the model's queue;
+//!             the batcher task forms batches and hands them over through a one-slot channel
+//! backend/    the model thread: owns the model, normalises the batch on the device, runs
+//!             forward, softmax and top-k, answers each image on its own oneshot
+//! models/     the networks: TorchScript, and native architectures keyed like their checkpoints
+//! ```
+//!
+//! `repository` turns `--model` specs into files and configs, `metrics` holds every Prometheus
+//! name, `error` the one table of HTTP statuses. [`run`] wires it all together and takes its
+//! listener and shutdown signal from the caller, so tests run servers on port 0.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod labels;
+pub mod metrics;
+pub mod models;
+pub mod pipeline;
+pub mod repository;
+
+use anyhow::{anyhow, bail, Context, Result};
+use backend::{ModelHandle, SpawnOptions};
+use config::Config;
+use error::LoadError;
+use metrics::Metrics;
+use pipeline::batcher::BatcherConfig;
+use pipeline::decode::DecodeOptions;
+use repository::{ModelFiles, ModelSpec};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Process-wide tuning that must happen before libtorch allocates (call first in `main`).
+pub fn tune_process() {
+    backend::device::tune_allocator();
+    backend::device::flush_denormals();
+}
+
+/// Serve until `shutdown` resolves, then drain: stop accepting, answer every admitted request,
+/// stop the models, all within `--shutdown-timeout`. Returns an error if a model fails to load.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    config.validate().map_err(|e| anyhow!(e))?;
+    let specs = model_specs(&config)?;
+    let device = backend::device::resolve(config.device_choice().map_err(|e| anyhow!(e))?)?;
+    let max_batch_size = config
+        .max_batch_size
+        .unwrap_or(if device.is_cuda() { 32 } else { 8 });
+    tracing::info!("{}", backend::device::summary(device));
+
+    let metrics = Arc::new(Metrics::new());
+    let mut models = Vec::with_capacity(specs.len());
+    let mut loads = JoinSet::new();
+    for spec in specs {
+        let files = locate(&spec)?;
+        let model_config =
+            files
+                .config
+                .resolve(&spec.options)
+                .map_err(|message| LoadError::Invalid {
+                    model: spec.name.clone(),
+                    message,
+                })?;
+        let options = SpawnOptions {
+            device,
+            dtype: config.dtype,
+            max_batch_size,
+            batcher: BatcherConfig {
+                max_batch_size,
+                max_batch_delay: config.max_batch_delay(),
+            },
+            max_queue_images: config.max_queue_images,
+            intra_op_threads: config.intra_op_threads,
+        };
+        let model_metrics = metrics.for_model(&spec.name);
+        let (handle, loaded) = ModelHandle::spawn(
+            spec.name.clone(),
+            spec.source,
+            files,
+            model_config,
+            model_metrics,
+            options,
+        )?;
+        tracing::info!(
+            model = %spec.name,
+            architecture = %handle.info.architecture,
+            device = %handle.info.device,
+            input = ?handle.info.preprocess.input_size,
+            "loading model"
+        );
+        models.push(handle);
+        loads.spawn(wait_loaded(spec.name, loaded));
+    }
+
+    let default_model = config
+        .default_model
+        .clone()
+        .unwrap_or_else(|| models[0].name().to_owned());
+    if !models.iter().any(|m| m.name() == default_model) {
+        bail!("--default-model {default_model:?} is not among the served models");
+    }
+    let limits = http::RequestLimits {
+        max_images_per_request: config.max_images_per_request,
+        max_body_bytes: config.max_body_bytes,
+        decode: DecodeOptions {
+            max_pixels: config.max_image_pixels,
+            exif_transpose: config.exif_transpose,
+        },
+    };
+    let pool = pipeline::DecodePool::new(config.decode_threads());
+    let state = Arc::new(http::AppState::new(
+        models.clone(),
+        default_model,
+        limits,
+        pool,
+        metrics,
+    ));
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let address = listener.local_addr()?;
+    let app = http::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(%address, "listening");
+
+    tokio::pin!(shutdown);
+    let mut failure = None;
+    let mut loading = true;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            loaded = loads.join_next(), if loading => match loaded {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => { failure = Some(e); break; }
+                Some(Err(join)) => { failure = Some(LoadError::Invalid { model: "?".into(), message: join.to_string() }); break; }
+                None => { loading = false; tracing::info!("all models ready"); }
+            },
+        }
+    }
+
+    let deadline = Instant::now() + config.shutdown_timeout();
+    tracing::info!("shutting down: no new connections, finishing admitted requests");
+    state.begin_shutdown();
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout_at(deadline.into(), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
+    }
+    stop_models(&models, deadline).await;
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn wait_loaded(model: String, loaded: backend::LoadOutcome) -> Result<(), LoadError> {
+    match loaded.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(LoadError::Invalid { model, message }),
+        Err(_) => Err(LoadError::Invalid {
+            model,
+            message: "the model thread exited while loading".into(),
+        }),
+    }
+}
+
+async fn stop_models(models: &[Arc<ModelHandle>], deadline: Instant) {
+    for model in models {
+        model.close();
+    }
+    let models = models.to_vec();
+    let joined = tokio::task::spawn_blocking(move || models.iter().for_each(|m| m.join()));
+    if tokio::time::timeout_at(deadline.into(), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout reached while models were still running");
+    }
+}
+
+fn model_specs(config: &Config) -> Result<Vec<ModelSpec>> {
+    let mut specs: Vec<ModelSpec> = config
+        .models
+        .iter()
+        .map(|m| ModelSpec::parse(m))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!(e))?;
+    if let Some(root) = &config.model_repository {
+        let found = repository::scan_repository(root).map_err(|e| anyhow!(e))?;
+        if found.is_empty() {
+            bail!(
+                "--model-repository {}: no subfolder holds a config.json",
+                root.display()
+            );
+        }
+        specs.extend(found);
+    }
+    let mut names = std::collections::HashSet::new();
+    for spec in &specs {
+        if !names.insert(spec.name.as_str()) {
+            bail!(
+                "two models are named {:?}; name them with NAME=SOURCE",
+                spec.name
+            );
+        }
+    }
+    Ok(specs)
+}
+
+fn locate(spec: &ModelSpec) -> Result<ModelFiles> {
+    ModelFiles::locate(Path::new(&spec.source))
+        .map_err(|message| LoadError::Invalid {
+            model: spec.name.clone(),
+            message,
+        })
+        .with_context(|| format!("locating model {:?}", spec.name))
+}

@@ -1,0 +1,323 @@
+//! Prometheus metrics: names, label sets, buckets and the registry, in one place.
+//!
+//! Durations are histograms in seconds (aggregatable across replicas, unlike summaries);
+//! counters get `_total` from the encoder. Per-model handles are resolved once when a model is
+//! registered so the request path does no label hashing beyond the outcome label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+pub const PREFIX: &str = "visionserve";
+pub const REQUESTS: &str = "requests";
+pub const IMAGES: &str = "images";
+pub const FAILURES: &str = "request_failures";
+pub const DROPPED_IMAGES: &str = "dropped_images";
+pub const REQUEST_DURATION: &str = "request_duration_seconds";
+pub const QUEUE_WAIT: &str = "queue_wait_seconds";
+pub const PREPROCESS_DURATION: &str = "preprocess_duration_seconds";
+pub const INFERENCE_DURATION: &str = "inference_duration_seconds";
+pub const BATCH_SIZE: &str = "batch_size";
+pub const QUEUE_DEPTH: &str = "queue_depth";
+pub const MODEL_READY: &str = "model_ready";
+
+/// Label used for requests naming a model we do not serve (never the client's string: that
+/// would let clients create unbounded series).
+pub const UNKNOWN_MODEL: &str = "_unknown";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub model: String,
+    pub reason: &'static str,
+}
+
+/// Request outcomes (`outcome` label).
+pub const OUTCOME_SUCCESS: &str = "success";
+pub const OUTCOME_CLIENT_ERROR: &str = "client_error";
+pub const OUTCOME_SERVER_ERROR: &str = "server_error";
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn batch_histogram() -> Histogram {
+    // 1, 2, 4, ... 256 images
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    images: Family<OutcomeLabels, Counter>,
+    failures: Family<ReasonLabels, Counter>,
+    dropped: Family<ReasonLabels, Counter>,
+    request_duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    queue_wait: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    preprocess: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    inference: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    batch_size: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    queue_depth: Family<ModelLabel, Gauge>,
+    model_ready: Family<ModelLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let requests = Family::default();
+        let images = Family::default();
+        let failures = Family::default();
+        let dropped = Family::default();
+        let request_duration = Family::new_with_constructor(latency_histogram as fn() -> _);
+        let queue_wait = Family::new_with_constructor(latency_histogram as fn() -> _);
+        let preprocess = Family::new_with_constructor(latency_histogram as fn() -> _);
+        let inference = Family::new_with_constructor(latency_histogram as fn() -> _);
+        let batch_size = Family::new_with_constructor(batch_histogram as fn() -> _);
+        let queue_depth = Family::default();
+        let model_ready = Family::default();
+        registry.register(
+            REQUESTS,
+            "Classification requests by model and outcome",
+            requests.clone(),
+        );
+        registry.register(IMAGES, "Images by model and outcome", images.clone());
+        registry.register(
+            FAILURES,
+            "Failed requests by model and reason (the error_type)",
+            failures.clone(),
+        );
+        registry.register(
+            DROPPED_IMAGES,
+            "Queued images dropped before inference, by reason (client_gone: the client disconnected)",
+            dropped.clone(),
+        );
+        registry.register(
+            REQUEST_DURATION,
+            "End-to-end request latency",
+            request_duration.clone(),
+        );
+        registry.register(
+            QUEUE_WAIT,
+            "Time an image waited between queueing and its batch starting",
+            queue_wait.clone(),
+        );
+        registry.register(
+            PREPROCESS_DURATION,
+            "Decode plus resize/crop time per image",
+            preprocess.clone(),
+        );
+        registry.register(
+            INFERENCE_DURATION,
+            "Model time per batch (input upload, forward, top-k)",
+            inference.clone(),
+        );
+        registry.register(
+            BATCH_SIZE,
+            "Images per batch run by the model",
+            batch_size.clone(),
+        );
+        registry.register(
+            QUEUE_DEPTH,
+            "Images queued for the model, not yet in a batch",
+            queue_depth.clone(),
+        );
+        registry.register(
+            MODEL_READY,
+            "1 once the model is loaded and warmed up",
+            model_ready.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            images,
+            failures,
+            dropped,
+            request_duration,
+            queue_wait,
+            preprocess,
+            inference,
+            batch_size,
+            queue_depth,
+            model_ready,
+        }
+    }
+
+    /// Handles for one model, resolved once.
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
+        ModelMetrics {
+            model: model.to_owned(),
+            queue_wait: self.queue_wait.get_or_create(&label).clone(),
+            preprocess: self.preprocess.get_or_create(&label).clone(),
+            inference: self.inference.get_or_create(&label).clone(),
+            batch_size: self.batch_size.get_or_create(&label).clone(),
+            request_duration: self.request_duration.get_or_create(&label).clone(),
+            queue_depth: self.queue_depth.get_or_create(&label).clone(),
+            ready: self.model_ready.get_or_create(&label).clone(),
+            dropped_client_gone: self
+                .dropped
+                .get_or_create(&ReasonLabels {
+                    model: model.to_owned(),
+                    reason: "client_gone",
+                })
+                .clone(),
+            requests: self.requests.clone(),
+            images: self.images.clone(),
+            failures: self.failures.clone(),
+        }
+    }
+
+    /// Count a request that failed before a model was resolved (unknown model).
+    pub fn unknown_model_request(&self, reason: &'static str) {
+        let model = UNKNOWN_MODEL.to_owned();
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                model: model.clone(),
+                outcome: OUTCOME_CLIENT_ERROR,
+            })
+            .inc();
+        self.failures
+            .get_or_create(&ReasonLabels { model, reason })
+            .inc();
+    }
+
+    /// Text exposition format 0.0.4 (what Prometheus and `promtool check metrics` expect).
+    pub fn encode_prometheus(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// OpenMetrics text, for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One model's metric handles (cheap to clone: each is an Arc inside).
+#[derive(Clone)]
+pub struct ModelMetrics {
+    model: String,
+    pub queue_wait: Histogram,
+    pub preprocess: Histogram,
+    pub inference: Histogram,
+    pub batch_size: Histogram,
+    pub request_duration: Histogram,
+    pub queue_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub dropped_client_gone: Counter<u64, AtomicU64>,
+    requests: Family<OutcomeLabels, Counter>,
+    images: Family<OutcomeLabels, Counter>,
+    failures: Family<ReasonLabels, Counter>,
+}
+
+impl ModelMetrics {
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub fn request_succeeded(&self, images: usize, elapsed: Duration) {
+        self.request_duration.observe(elapsed.as_secs_f64());
+        self.outcome(&self.requests, OUTCOME_SUCCESS).inc();
+        self.outcome(&self.images, OUTCOME_SUCCESS)
+            .inc_by(images as u64);
+    }
+
+    /// `server_error` is true for 5xx outcomes.
+    pub fn request_failed(
+        &self,
+        reason: &'static str,
+        images: usize,
+        server_error: bool,
+        elapsed: Duration,
+    ) {
+        self.request_duration.observe(elapsed.as_secs_f64());
+        let outcome = if server_error {
+            OUTCOME_SERVER_ERROR
+        } else {
+            OUTCOME_CLIENT_ERROR
+        };
+        self.outcome(&self.requests, outcome).inc();
+        if images > 0 {
+            self.outcome(&self.images, outcome).inc_by(images as u64);
+        }
+        self.failures
+            .get_or_create(&ReasonLabels {
+                model: self.model.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    fn outcome(&self, family: &Family<OutcomeLabels, Counter>, outcome: &'static str) -> Counter {
+        family
+            .get_or_create(&OutcomeLabels {
+                model: self.model.clone(),
+                outcome,
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_counters_histograms_and_gauges() {
+        let metrics = Metrics::new();
+        let m = metrics.for_model("lite0");
+        m.request_succeeded(3, Duration::from_millis(12));
+        m.request_failed("undecodable_image", 1, false, Duration::from_millis(1));
+        m.batch_size.observe(3.0);
+        m.queue_depth.set(2);
+        metrics.unknown_model_request("model_not_found");
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains(r#"visionserve_requests_total{model="lite0",outcome="success"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"visionserve_images_total{model="lite0",outcome="success"} 3"#));
+        assert!(text.contains(
+            r#"visionserve_request_failures_total{model="lite0",reason="undecodable_image"} 1"#
+        ));
+        assert!(text.contains(
+            r#"visionserve_request_failures_total{model="_unknown",reason="model_not_found"} 1"#
+        ));
+        assert!(
+            text.contains(r#"visionserve_batch_size_bucket{model="lite0",le="4"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"visionserve_queue_depth{model="lite0"} 2"#));
+        assert!(!text.contains("# EOF"));
+        assert!(metrics.encode_openmetrics().ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,265 @@
+//! The per-model queue of preprocessed images and the batching decision, as plain state.
+//!
+//! The batcher task (`batcher.rs`) owns one `BatchQueue` and asks it what to do whenever
+//! something changes; keeping the policy here, free of channels and clocks, lets the unit tests
+//! below pin it down exactly.
+//!
+//! Policy (one queue entry per image, so any image can join any batch):
+//! - a full batch (`max_batch_size` images) is sent as soon as the model can take it: while a
+//!   batch runs, the next full one waits in the one-slot hand-off, prepared;
+//! - an idle model takes what is queued at once when nothing more is on its way;
+//! - when images are still being decoded, an idle model waits for them, but never longer than
+//!   `max_batch_delay` after the oldest queued image arrived;
+//! - while the model is busy, a partial batch stays open so that it fills up: those images
+//!   could not run sooner anyway;
+//! - entries whose client has gone are dropped before they reach the model.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Something queued that may be abandoned by its client.
+pub trait Abandonable {
+    fn is_abandoned(&self) -> bool;
+}
+
+#[derive(Debug)]
+pub struct Queued<T> {
+    pub item: T,
+    pub enqueued_at: Instant,
+}
+
+/// What the model thread is doing, as the batcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelState {
+    /// Batches handed to the model thread and not finished: 0 = idle, 1 = running,
+    /// 2 = running with the next one waiting in the hand-off slot.
+    pub outstanding_batches: usize,
+    /// Images admitted for this model that are still being decoded and will be queued soon.
+    pub images_incoming: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the oldest `n` entries now.
+    Dispatch(usize),
+    /// Nothing to send; re-decide on the next arrival, completion, or at this instant.
+    Wait(Option<Instant>),
+}
+
+#[derive(Debug)]
+pub struct BatchQueue<T> {
+    entries: VecDeque<Queued<T>>,
+    max_batch_size: usize,
+    max_batch_delay: Duration,
+}
+
+/// How many batches may be outstanding: one running plus one prepared in the hand-off slot.
+const MAX_OUTSTANDING: usize = 2;
+
+impl<T: Abandonable> BatchQueue<T> {
+    pub fn new(max_batch_size: usize, max_batch_delay: Duration) -> Self {
+        assert!(max_batch_size > 0);
+        Self {
+            entries: VecDeque::new(),
+            max_batch_size,
+            max_batch_delay,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn push(&mut self, item: T, now: Instant) {
+        self.entries.push_back(Queued {
+            item,
+            enqueued_at: now,
+        });
+    }
+
+    /// Remove entries whose client has gone; returns how many were dropped.
+    pub fn drop_abandoned(&mut self) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|e| !e.item.is_abandoned());
+        before - self.entries.len()
+    }
+
+    pub fn decide(&self, now: Instant, model: ModelState) -> Decision {
+        let Some(oldest) = self.entries.front() else {
+            return Decision::Wait(None);
+        };
+        if model.outstanding_batches >= MAX_OUTSTANDING {
+            return Decision::Wait(None);
+        }
+        let queued = self.entries.len();
+        if queued >= self.max_batch_size {
+            return Decision::Dispatch(self.max_batch_size);
+        }
+        if model.outstanding_batches > 0 {
+            // Busy: keep the batch open so it fills; it is sent when full or when the model
+            // finishes (a completion triggers a new decision).
+            return Decision::Wait(None);
+        }
+        if model.images_incoming == 0 {
+            return Decision::Dispatch(queued);
+        }
+        let deadline = oldest.enqueued_at + self.max_batch_delay;
+        if now >= deadline {
+            Decision::Dispatch(queued)
+        } else {
+            Decision::Wait(Some(deadline))
+        }
+    }
+
+    /// Take the oldest `n` entries, in arrival order.
+    pub fn take(&mut self, n: usize) -> Vec<Queued<T>> {
+        let n = n.min(self.entries.len());
+        self.entries.drain(..n).collect()
+    }
+
+    /// Take everything, for shutdown paths that must answer every entry.
+    pub fn drain(&mut self) -> Vec<Queued<T>> {
+        self.entries.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[derive(Debug)]
+    struct Job {
+        id: usize,
+        gone: Rc<Cell<bool>>,
+    }
+
+    impl Abandonable for Job {
+        fn is_abandoned(&self) -> bool {
+            self.gone.get()
+        }
+    }
+
+    fn job(id: usize) -> Job {
+        Job {
+            id,
+            gone: Rc::new(Cell::new(false)),
+        }
+    }
+
+    const IDLE: ModelState = ModelState {
+        outstanding_batches: 0,
+        images_incoming: 0,
+    };
+    const DELAY: Duration = Duration::from_millis(5);
+
+    fn queue_with(n: usize, now: Instant) -> BatchQueue<Job> {
+        let mut q = BatchQueue::new(4, DELAY);
+        for i in 0..n {
+            q.push(job(i), now);
+        }
+        q
+    }
+
+    #[test]
+    fn empty_queue_waits_without_deadline() {
+        let q = queue_with(0, Instant::now());
+        assert_eq!(q.decide(Instant::now(), IDLE), Decision::Wait(None));
+    }
+
+    #[test]
+    fn idle_model_with_nothing_incoming_runs_at_once() {
+        let now = Instant::now();
+        let q = queue_with(1, now);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1));
+    }
+
+    #[test]
+    fn idle_model_waits_for_images_still_decoding_until_the_deadline() {
+        let t0 = Instant::now();
+        let q = queue_with(2, t0);
+        let state = ModelState {
+            outstanding_batches: 0,
+            images_incoming: 3,
+        };
+        assert_eq!(q.decide(t0, state), Decision::Wait(Some(t0 + DELAY)));
+        assert_eq!(q.decide(t0 + DELAY, state), Decision::Dispatch(2));
+    }
+
+    #[test]
+    fn deadline_counts_from_the_oldest_entry() {
+        let t0 = Instant::now();
+        let mut q = queue_with(1, t0);
+        q.push(job(9), t0 + Duration::from_millis(4));
+        let state = ModelState {
+            outstanding_batches: 0,
+            images_incoming: 1,
+        };
+        assert_eq!(
+            q.decide(t0 + Duration::from_millis(4), state),
+            Decision::Wait(Some(t0 + DELAY))
+        );
+    }
+
+    #[test]
+    fn full_batch_goes_even_while_images_are_incoming() {
+        let now = Instant::now();
+        let q = queue_with(6, now);
+        let state = ModelState {
+            outstanding_batches: 0,
+            images_incoming: 10,
+        };
+        assert_eq!(q.decide(now, state), Decision::Dispatch(4));
+    }
+
+    #[test]
+    fn busy_model_gets_only_full_batches_prefetched() {
+        let now = Instant::now();
+        let busy = ModelState {
+            outstanding_batches: 1,
+            images_incoming: 0,
+        };
+        assert_eq!(
+            queue_with(3, now).decide(now + DELAY * 10, busy),
+            Decision::Wait(None)
+        );
+        assert_eq!(queue_with(4, now).decide(now, busy), Decision::Dispatch(4));
+    }
+
+    #[test]
+    fn full_hand_off_slot_blocks_dispatch() {
+        let now = Instant::now();
+        let full = ModelState {
+            outstanding_batches: 2,
+            images_incoming: 0,
+        };
+        assert_eq!(queue_with(8, now).decide(now, full), Decision::Wait(None));
+    }
+
+    #[test]
+    fn take_keeps_arrival_order_and_never_exceeds_the_queue() {
+        let mut q = queue_with(6, Instant::now());
+        let ids: Vec<usize> = q.take(4).into_iter().map(|e| e.item.id).collect();
+        assert_eq!(ids, vec![0, 1, 2, 3]);
+        assert_eq!(q.take(10).len(), 2);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn abandoned_entries_are_dropped() {
+        let mut q = queue_with(0, Instant::now());
+        let gone = job(1);
+        gone.gone.set(true);
+        q.push(job(0), Instant::now());
+        q.push(gone, Instant::now());
+        q.push(job(2), Instant::now());
+        assert_eq!(q.drop_abandoned(), 1);
+        let ids: Vec<usize> = q.drain().into_iter().map(|e| e.item.id).collect();
+        assert_eq!(ids, vec![0, 2]);
+    }
+}

@@ -1,0 +1,85 @@
+//! Dynamic batching through HTTP: many concurrent single-image requests share batches, and
+//! every client gets its own image's answer.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_are_batched_and_answered_correctly() {
+    const MAX_BATCH: usize = 8;
+    let lite0 = lite0_dir();
+    let mut config = config_for(&[format!("lite0={}", lite0.join("model.pt").display())]);
+    config.max_batch_size = Some(MAX_BATCH);
+    config.max_batch_delay_ms = 20;
+    let server = TestServer::start(config);
+
+    let cases: Vec<(Vec<u8>, Ranked)> = json("batch.json")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (read(c["file"].as_str().unwrap()), reference(&c["top5"])))
+        .collect();
+    assert_eq!(cases.len(), 64);
+
+    let client = reqwest::Client::new();
+    let url = server.url("/v1/classify");
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (jpeg, _)) in cases.iter().enumerate() {
+        let (client, url, jpeg) = (client.clone(), url.clone(), jpeg.clone());
+        tasks.spawn(async move {
+            let response = client
+                .post(url)
+                .header("content-type", "image/jpeg")
+                .body(jpeg)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            (i, response.json::<serde_json::Value>().await.unwrap())
+        });
+    }
+    let mut batch_sizes = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, body) = done.unwrap();
+        let result = &body["results"][0];
+        assert_same_top5(
+            &predictions(result),
+            &cases[i].1,
+            1e-4,
+            &format!("batch image {i}"),
+        );
+        batch_sizes.push(result["batch_size"].as_u64().unwrap() as usize);
+    }
+    assert!(
+        batch_sizes.iter().all(|&b| (1..=MAX_BATCH).contains(&b)),
+        "{batch_sizes:?}"
+    );
+
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
+    };
+    let batches = value(r#"visionserve_batch_size_count{model="lite0"}"#);
+    let images = value(r#"visionserve_batch_size_sum{model="lite0"}"#);
+    let at_most_max = value(r#"visionserve_batch_size_bucket{model="lite0",le="8"}"#);
+    assert_eq!(images, 64.0, "every image ran exactly once");
+    assert!(
+        batches < 64.0,
+        "the model ran {batches} batches for 64 requests: nothing was batched"
+    );
+    assert_eq!(
+        at_most_max, batches,
+        "a batch exceeded the maximum of {MAX_BATCH}"
+    );
+    println!("64 requests ran in {batches} batches; batch sizes seen by clients: {batch_sizes:?}");
+    server.stop().unwrap();
+}

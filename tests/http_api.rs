@@ -1,0 +1,471 @@
+//! The HTTP API against a real server (port 0) serving the real EfficientNet-Lite0 weights,
+//! compared with timm on Pillow (tests/fixtures/make_test_data.py).
+
+mod common;
+
+use common::*;
+use reqwest::multipart::{Form, Part};
+use std::sync::OnceLock;
+
+/// Probabilities may differ from timm's by float rounding only.
+const TOL: f64 = 1e-4;
+
+fn server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let lite0 = lite0_dir();
+        let mut config = config_for(&[format!("lite0_ts={}", lite0.join("model.pt").display())]);
+        config.max_body_bytes = 4 << 20;
+        config.max_images_per_request = 8;
+        TestServer::start(config)
+    })
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn classify_raw(path: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+    client()
+        .post(server().url(path))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+async fn assert_error(
+    response: reqwest::Response,
+    status: u16,
+    error_type: &str,
+    message_part: &str,
+) {
+    assert_eq!(
+        response.status().as_u16(),
+        status,
+        "status for {error_type}"
+    );
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error_type"], error_type, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains(message_part),
+        "{message:?} should mention {message_part:?}"
+    );
+}
+
+async fn assert_chelsea_still_classified() {
+    let response = classify_raw("/v1/classify", "image/png", read("photos/chelsea.png")).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let want = reference(&json("lite0.json")["chelsea.png"]);
+    assert_same_top5(
+        &predictions(&body["results"][0]),
+        &want,
+        TOL,
+        "chelsea after bad input",
+    );
+}
+
+#[tokio::test]
+async fn every_photo_matches_timm_on_pillow() {
+    let references = json("lite0.json");
+    for (photo, want) in references.as_object().unwrap() {
+        let response = classify_raw(
+            "/v1/models/lite0_ts/classify",
+            "application/octet-stream",
+            read(&format!("photos/{photo}")),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{photo}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["model"], "lite0_ts");
+        assert_same_top5(
+            &predictions(&body["results"][0]),
+            &reference(want),
+            TOL,
+            photo,
+        );
+    }
+}
+
+#[tokio::test]
+async fn chelsea_is_a_cat_as_png_and_jpeg() {
+    for (photo, content_type) in [("chelsea.png", "image/png"), ("chelsea.jpg", "image/jpeg")] {
+        let response = classify_raw(
+            "/v1/classify",
+            content_type,
+            read(&format!("photos/{photo}")),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let timing = response.headers()["server-timing"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            timing.contains("inference;dur=") && timing.contains("total;dur="),
+            "{timing}"
+        );
+        assert!(response.headers().contains_key("x-request-id"));
+        let body: serde_json::Value = response.json().await.unwrap();
+        let top = &body["results"][0]["predictions"][0];
+        assert_eq!(top["index"], 282, "{photo}: {body}");
+        assert_eq!(top["label"], "tiger cat");
+        for stage in ["decode", "preprocess", "queue", "inference", "total"] {
+            assert!(body["timing_ms"][stage].as_f64().unwrap() >= 0.0, "{stage}");
+        }
+        assert!(body["timing_ms"]["inference"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[tokio::test]
+async fn multipart_photos_come_back_in_order() {
+    let photos = ["chelsea.png", "coffee.png", "rocket.jpg"];
+    let mut form = Form::new();
+    for photo in photos {
+        form = form.part(
+            "image",
+            Part::bytes(read(&format!("photos/{photo}"))).file_name(photo),
+        );
+    }
+    let response = client()
+        .post(server().url("/v1/classify?top_k=5"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    let references = json("lite0.json");
+    for (result, photo) in results.iter().zip(photos) {
+        assert_same_top5(
+            &predictions(result),
+            &reference(&references[photo]),
+            TOL,
+            photo,
+        );
+    }
+}
+
+#[tokio::test]
+async fn base64_json_works_with_top_k() {
+    use base64::Engine;
+    let encode =
+        |p: &str| base64::engine::general_purpose::STANDARD.encode(read(&format!("photos/{p}")));
+    let body = serde_json::json!({
+        "images": [encode("coffee.png"), format!("data:image/jpeg;base64,{}", encode("rocket.jpg"))],
+        "top_k": 3
+    });
+    let response = client()
+        .post(server().url("/v1/classify"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let references = json("lite0.json");
+    for (result, photo) in body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["coffee.png", "rocket.jpg"])
+    {
+        let got = predictions(result);
+        assert_eq!(got.len(), 3);
+        assert_same_top5(&got, &reference(&references[photo])[..3], TOL, photo);
+    }
+    assert_eq!(body["results"][0]["predictions"][0]["label"], "espresso");
+}
+
+#[tokio::test]
+async fn top_k_is_validated() {
+    let png = read("photos/chelsea.png");
+    let response = classify_raw("/v1/classify?top_k=1", "image/png", png.clone()).await;
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["results"][0]["predictions"].as_array().unwrap().len(),
+        1
+    );
+    for bad in ["0", "1001", "abc"] {
+        let response = classify_raw(
+            &format!("/v1/classify?top_k={bad}"),
+            "image/png",
+            png.clone(),
+        )
+        .await;
+        assert_error(response, 400, "bad_request", "top_k").await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_working() {
+    assert_error(
+        classify_raw("/v1/classify", "image/jpeg", Vec::new()).await,
+        400,
+        "empty_image",
+        "empty",
+    )
+    .await;
+    assert_error(
+        classify_raw("/v1/classify", "image/jpeg", read("bad/truncated.jpg")).await,
+        422,
+        "undecodable_image",
+        "truncated",
+    )
+    .await;
+    assert_error(
+        classify_raw(
+            "/v1/classify",
+            "application/octet-stream",
+            read("bad/text.txt"),
+        )
+        .await,
+        415,
+        "unsupported_image_format",
+        "JPEG, PNG",
+    )
+    .await;
+    assert_error(
+        classify_raw("/v1/classify", "text/plain", read("bad/text.txt")).await,
+        415,
+        "unsupported_media_type",
+        "image/jpeg",
+    )
+    .await;
+    assert_error(
+        classify_raw("/v1/classify", "image/png", read("bad/huge.png")).await,
+        413,
+        "image_too_large",
+        "100000x100000",
+    )
+    .await;
+    let too_big = vec![0u8; (4 << 20) + 1];
+    assert_error(
+        classify_raw("/v1/classify", "image/jpeg", too_big).await,
+        413,
+        "body_too_large",
+        "4194304",
+    )
+    .await;
+    assert_error(
+        classify_raw(
+            "/v1/models/nope/classify",
+            "image/png",
+            read("photos/chelsea.png"),
+        )
+        .await,
+        404,
+        "model_not_found",
+        "lite0_ts",
+    )
+    .await;
+    let response = client()
+        .post(server().url("/v1/classify"))
+        .header("content-type", "application/json")
+        .body("{\"images\": 3}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "bad_request", "images").await;
+    let mut form = Form::new();
+    for _ in 0..9 {
+        form = form.part(
+            "image",
+            Part::bytes(read("photos/chelsea_tiny.png")).file_name("x.png"),
+        );
+    }
+    let response = client()
+        .post(server().url("/v1/classify"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 413, "too_many_images", "limit of 8").await;
+    // One bad image fails its request and names it, without touching the others.
+    let form = Form::new()
+        .part(
+            "a",
+            Part::bytes(read("photos/chelsea.png")).file_name("a.png"),
+        )
+        .part(
+            "b",
+            Part::bytes(read("bad/truncated.jpg")).file_name("b.jpg"),
+        );
+    let response = client()
+        .post(server().url("/v1/classify"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 422, "undecodable_image", "image 1").await;
+    let response = client()
+        .get(server().url("/v2/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "not_found", "/v1/classify").await;
+    assert_chelsea_still_classified().await;
+}
+
+#[tokio::test]
+async fn models_endpoint_describes_each_model() {
+    let body: serde_json::Value = client()
+        .get(server().url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = &body["models"][0];
+    assert_eq!(model["name"], "lite0_ts");
+    assert_eq!(model["architecture"], "tf_efficientnet_lite0");
+    assert_eq!(model["backend"], "torchscript");
+    assert_eq!(model["device"], "cpu");
+    assert_eq!(model["dtype"], "f32");
+    assert_eq!(model["num_classes"], 1000);
+    assert_eq!(model["input_size"], serde_json::json!([3, 224, 224]));
+    assert_eq!(model["preprocess"]["interpolation"], "bicubic");
+    assert_eq!(model["preprocess"]["crop_pct"], 0.875);
+    assert_eq!(
+        model["preprocess"]["mean"],
+        serde_json::json!([0.5, 0.5, 0.5])
+    );
+    assert_eq!(model["max_batch_size"], 4);
+    assert_eq!(model["ready"], true);
+    assert_eq!(model["default"], true);
+    assert_eq!(
+        model["warmup_ms"].as_array().unwrap().len(),
+        4,
+        "every batch size warmed up"
+    );
+    let one: serde_json::Value = client()
+        .get(server().url("/v1/models/lite0_ts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["name"], "lite0_ts");
+}
+
+#[tokio::test]
+async fn health_endpoints() {
+    let live = client()
+        .get(server().url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    let ready = client()
+        .get(server().url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["models"]["lite0_ts"], "ready");
+}
+
+/// `name{labels} value` lines of the text format, keyed by name+labels.
+fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("malformed sample {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(series.starts_with("visionserve_"), "{line:?}");
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+async fn scrape() -> (String, std::collections::HashMap<String, f64>) {
+    let response = client().get(server().url("/metrics")).send().await.unwrap();
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    let parsed = parse_metrics(&text);
+    (text, parsed)
+}
+
+#[tokio::test]
+async fn metrics_move_and_parse() {
+    let (_, before) = scrape().await;
+    let png = read("photos/coffee.png");
+    assert_eq!(
+        classify_raw("/v1/classify", "image/png", png)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        classify_raw("/v1/classify", "image/jpeg", read("bad/truncated.jpg"))
+            .await
+            .status(),
+        422
+    );
+    let (text, after) = scrape().await;
+    let get =
+        |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    let moved = |k: &str| {
+        let (b, a) = (get(&before, k), get(&after, k));
+        assert!(a > b, "{k} did not move ({b} -> {a})\n{text}");
+    };
+    moved(r#"visionserve_requests_total{model="lite0_ts",outcome="success"}"#);
+    moved(r#"visionserve_images_total{model="lite0_ts",outcome="success"}"#);
+    moved(r#"visionserve_request_failures_total{model="lite0_ts",reason="undecodable_image"}"#);
+    moved(r#"visionserve_request_duration_seconds_count{model="lite0_ts"}"#);
+    moved(r#"visionserve_preprocess_duration_seconds_count{model="lite0_ts"}"#);
+    moved(r#"visionserve_inference_duration_seconds_count{model="lite0_ts"}"#);
+    moved(r#"visionserve_queue_wait_seconds_count{model="lite0_ts"}"#);
+    moved(r#"visionserve_batch_size_count{model="lite0_ts"}"#);
+    assert_eq!(
+        get(&after, r#"visionserve_model_ready{model="lite0_ts"}"#),
+        1.0
+    );
+    assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0_ts"}"#));
+    // `make test` installs promtool and sets VISIONSERVE_REQUIRE_PROMTOOL=1 so this cannot be
+    // skipped there; a bare `cargo test` without promtool checks the parse above only.
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        });
+    match promtool {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check metrics: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => assert!(
+            std::env::var_os("VISIONSERVE_REQUIRE_PROMTOOL").is_none(),
+            "promtool not runnable: {e}"
+        ),
+    }
+}
