@@ -7,8 +7,9 @@
 //! (Python's `round`), padding with zeros if the crop is larger than the image. Normalisation
 //! (`/255`, `-mean`, `/std`) happens on the model's device, see `backend`.
 
-use super::resize::{resize, Filter, RgbImage};
+use super::resize::{resize_window, Filter, RgbImage};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// How the image is fitted to the input size before the center crop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,38 +79,74 @@ fn keep_ratio_to(width: usize, height: usize, target_w: usize, target_h: usize) 
     (w.max(1), h.max(1))
 }
 
-/// Resize and center-crop `image` into the model's input size (HWC u8).
+/// Resize and center-crop `image` into the model's input size (HWC u8). Only the part of the
+/// resized image inside the crop is computed (see `resize_window`).
 pub fn preprocess(image: &RgbImage, cfg: &PreprocessConfig) -> RgbImage {
     let (width, height) = cfg.resized_size(image.width, image.height);
-    let resized = resize(image, width.max(1), height.max(1), cfg.interpolation);
+    let (width, height) = (width.max(1), height.max(1));
     let (crop_h, crop_w) = cfg.input_size;
-    center_crop(&resized, crop_w, crop_h)
+    crop_window(width, height, crop_w, crop_h, |columns, rows| {
+        resize_window(image, width, height, columns, rows, cfg.interpolation)
+    })
 }
 
 /// torchvision `center_crop`: offsets `int(round((size - crop) / 2))` with Python's
 /// half-to-even rounding; a crop larger than the image is zero-padded, with the odd pixel of
 /// padding on the right/bottom.
 pub fn center_crop(image: &RgbImage, crop_w: usize, crop_h: usize) -> RgbImage {
-    let left = crop_offset(image.width, crop_w);
-    let top = crop_offset(image.height, crop_h);
+    // A "resize" to the image's own size is a plain copy of the window.
+    crop_window(
+        image.width,
+        image.height,
+        crop_w,
+        crop_h,
+        |columns, rows| {
+            resize_window(
+                image,
+                image.width,
+                image.height,
+                columns,
+                rows,
+                Filter::Bilinear,
+            )
+        },
+    )
+}
+
+/// Center-crop a `width` x `height` image that `window(columns, rows)` produces piecewise.
+fn crop_window(
+    width: usize,
+    height: usize,
+    crop_w: usize,
+    crop_h: usize,
+    window: impl FnOnce(Range<usize>, Range<usize>) -> RgbImage,
+) -> RgbImage {
+    let left = crop_offset(width, crop_w);
+    let top = crop_offset(height, crop_h);
+    let columns = visible(left, crop_w, width);
+    let rows = visible(top, crop_h, height);
+    let (dst_x, dst_y) = (
+        (columns.start as i64 - left) as usize,
+        (rows.start as i64 - top) as usize,
+    );
+    let inside = window(columns, rows);
+    if inside.width == crop_w && inside.height == crop_h {
+        return inside;
+    }
     let mut out = vec![0u8; crop_w * crop_h * 3];
-    for y in 0..crop_h {
-        let src_y = y as i64 + top;
-        if src_y < 0 || src_y >= image.height as i64 {
-            continue;
-        }
-        let x0 = left.max(0);
-        let x1 = (left + crop_w as i64).min(image.width as i64);
-        if x1 <= x0 {
-            continue;
-        }
-        let src_start = (src_y as usize * image.width + x0 as usize) * 3;
-        let src_end = (src_y as usize * image.width + x1 as usize) * 3;
-        let dst_start = (y * crop_w + (x0 - left) as usize) * 3;
-        out[dst_start..dst_start + (src_end - src_start)]
-            .copy_from_slice(&image.pixels[src_start..src_end]);
+    let row_bytes = inside.width * 3;
+    for (i, src) in inside.pixels.chunks_exact(row_bytes.max(1)).enumerate() {
+        let dst = ((dst_y + i) * crop_w + dst_x) * 3;
+        out[dst..dst + row_bytes].copy_from_slice(src);
     }
     RgbImage::new(crop_w, crop_h, out)
+}
+
+/// The part of `[offset, offset + len)` inside `[0, size)`.
+fn visible(offset: i64, len: usize, size: usize) -> Range<usize> {
+    let end = (offset + len as i64).clamp(0, size as i64) as usize;
+    let start = (offset.max(0) as usize).min(end);
+    start..end
 }
 
 /// Where the crop starts in image coordinates (negative when the crop is padded).

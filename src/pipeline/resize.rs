@@ -54,6 +54,8 @@ impl Filter {
 
 /// Fixed-point precision of the filter coefficients: 8 bits of pixel value and 2 bits of
 /// headroom for negative lobes and sums above 1.0 leave 22 fractional bits in an i32.
+use std::ops::Range;
+
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
@@ -151,36 +153,88 @@ fn clip8(acc: i32) -> u8 {
 
 /// Resize `src` to `width` x `height` exactly as `PIL.Image.resize((width, height), filter)`.
 pub fn resize(src: &RgbImage, width: usize, height: usize, filter: Filter) -> RgbImage {
-    assert!(width > 0 && height > 0, "cannot resize to an empty image");
-    let need_horizontal = width != src.width;
-    let need_vertical = height != src.height;
-    if !need_horizontal && !need_vertical {
-        return src.clone();
-    }
-    let vertical = Taps::new(src.height, height, filter);
-    if !need_horizontal {
-        return resample_vertical(src, &vertical, 0);
-    }
-    // Only the source rows the vertical pass reads are resampled horizontally.
-    let first_row = vertical.bounds[0].0;
-    let (last_first, last_taps) = vertical.bounds[height - 1];
-    let last_row = last_first + last_taps;
-    let horizontal = Taps::new(src.width, width, filter);
-    let temp = resample_horizontal(src, &horizontal, first_row, last_row);
-    if !need_vertical {
-        return temp;
-    }
-    resample_vertical(&temp, &vertical, first_row)
+    resize_window(src, width, height, 0..width, 0..height, filter)
 }
 
-fn resample_horizontal(src: &RgbImage, taps: &Taps, first_row: usize, last_row: usize) -> RgbImage {
-    let out_width = taps.bounds.len();
+/// The `columns` x `rows` window of `resize(src, width, height, filter)`, computed without
+/// the rest of the image. Every output pixel depends only on its own taps, so the window is
+/// bit-identical to cropping the full resize; a center crop thus skips the discarded border
+/// (for a 4:3 photo cropped square, about 40 % of the work).
+pub fn resize_window(
+    src: &RgbImage,
+    width: usize,
+    height: usize,
+    columns: Range<usize>,
+    rows: Range<usize>,
+    filter: Filter,
+) -> RgbImage {
+    assert!(width > 0 && height > 0, "cannot resize to an empty image");
+    assert!(
+        columns.end <= width && rows.end <= height,
+        "window outside the resized image"
+    );
+    let need_horizontal = width != src.width;
+    let need_vertical = height != src.height;
+    // Source rows the window reads: all of `rows` when there is no vertical pass.
+    let vertical = need_vertical.then(|| Taps::new(src.height, height, filter));
+    let (first_row, last_row) = match &vertical {
+        Some(taps) => taps.span(rows.clone()),
+        None => (rows.start, rows.end),
+    };
+    let temp = if need_horizontal {
+        let horizontal = Taps::new(src.width, width, filter);
+        resample_horizontal(src, &horizontal, columns, first_row, last_row)
+    } else {
+        copy_window(src, columns, first_row, last_row)
+    };
+    match &vertical {
+        Some(taps) => resample_vertical(&temp, taps, rows, first_row),
+        None => temp,
+    }
+}
+
+fn copy_window(
+    src: &RgbImage,
+    columns: Range<usize>,
+    first_row: usize,
+    last_row: usize,
+) -> RgbImage {
+    let width = columns.len();
+    let mut out = Vec::with_capacity(width * (last_row - first_row) * 3);
+    for y in first_row..last_row {
+        let row = (y * src.width + columns.start) * 3;
+        out.extend_from_slice(&src.pixels[row..row + width * 3]);
+    }
+    RgbImage::new(width, last_row - first_row, out)
+}
+
+impl Taps {
+    /// The source index range the output range `outputs` reads.
+    fn span(&self, outputs: Range<usize>) -> (usize, usize) {
+        let first = outputs.clone().map(|o| self.bounds[o].0).min().unwrap_or(0);
+        let last = outputs
+            .map(|o| self.bounds[o].0 + self.bounds[o].1)
+            .max()
+            .unwrap_or(0);
+        (first, last)
+    }
+}
+
+/// Horizontal pass over source rows `first_row..last_row`, producing output `columns`.
+fn resample_horizontal(
+    src: &RgbImage,
+    taps: &Taps,
+    columns: Range<usize>,
+    first_row: usize,
+    last_row: usize,
+) -> RgbImage {
+    let out_width = columns.len();
     let rows = last_row - first_row;
     let mut out = vec![0u8; out_width * rows * 3];
     let src_stride = src.width * 3;
     for (y, out_row) in out.chunks_exact_mut(out_width * 3).enumerate() {
         let in_row = &src.pixels[(first_row + y) * src_stride..(first_row + y + 1) * src_stride];
-        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+        for (xx, px) in columns.clone().zip(out_row.chunks_exact_mut(3)) {
             let (first, weights) = taps.of(xx);
             let input = &in_row[first * 3..(first + weights.len()) * 3];
             let (mut r, mut g, mut b) = (HALF, HALF, HALF);
@@ -197,14 +251,18 @@ fn resample_horizontal(src: &RgbImage, taps: &Taps, first_row: usize, last_row: 
     RgbImage::new(out_width, rows, out)
 }
 
-/// `row_offset` is the source row that `src`'s row 0 corresponds to (the horizontal pass only
-/// produced the rows the vertical taps need).
-fn resample_vertical(src: &RgbImage, taps: &Taps, row_offset: usize) -> RgbImage {
-    let out_height = taps.bounds.len();
+/// Vertical pass producing output `rows`; `row_offset` is the source row that `src`'s row 0
+/// corresponds to (the horizontal pass only produced the rows the taps need).
+fn resample_vertical(
+    src: &RgbImage,
+    taps: &Taps,
+    rows: Range<usize>,
+    row_offset: usize,
+) -> RgbImage {
     let stride = src.width * 3;
-    let mut out = vec![0u8; stride * out_height];
+    let mut out = vec![0u8; stride * rows.len()];
     let mut acc = vec![0i32; stride];
-    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+    for (yy, out_row) in rows.zip(out.chunks_exact_mut(stride)) {
         let (first, weights) = taps.of(yy);
         acc.fill(HALF);
         // Row-at-a-time accumulation reads the source sequentially and vectorises; the sum
@@ -220,7 +278,8 @@ fn resample_vertical(src: &RgbImage, taps: &Taps, row_offset: usize) -> RgbImage
             *dst = clip8(a);
         }
     }
-    RgbImage::new(src.width, out_height, out)
+    let height = out.len() / stride.max(1);
+    RgbImage::new(src.width, height, out)
 }
 
 #[cfg(test)]
@@ -249,6 +308,23 @@ mod tests {
                 let out = resize(&img, w, h, filter);
                 assert_eq!((out.width, out.height), (w, h));
                 assert!(out.pixels.iter().all(|&p| p == 200), "{filter:?} {w}x{h}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_equals_the_crop_of_the_full_resize() {
+        let img = gradient(97, 61);
+        for filter in [Filter::Bilinear, Filter::Bicubic] {
+            for (w, h) in [(40, 30), (97, 25), (30, 61), (150, 90)] {
+                let full = resize(&img, w, h, filter);
+                let (cols, rows) = (w / 4..w - w / 5, h / 3..h - 1);
+                let window = resize_window(&img, w, h, cols.clone(), rows.clone(), filter);
+                for (i, y) in rows.clone().enumerate() {
+                    let want = &full.pixels[(y * w + cols.start) * 3..(y * w + cols.end) * 3];
+                    let got = &window.pixels[i * cols.len() * 3..(i + 1) * cols.len() * 3];
+                    assert_eq!(got, want, "{filter:?} {w}x{h} row {y}");
+                }
             }
         }
     }
