@@ -1,6 +1,8 @@
 # visionserve: two commands on a fresh machine.
 #   make run    install what is missing, build (release), export the default model, serve on 127.0.0.1:8080
 #   make test   the same set-up, then every test (unit, HTTP, parity) on CPU
+#   make test-all   parity of every native variant at its full resolution (slow)
+#   make bench      end-to-end and model-alone throughput of the default model
 #
 # libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (tch 0.24 builds against exactly
 # this version; bump both together). The venv lives outside the checkout and is shared by every
@@ -24,11 +26,18 @@ TEST_DATA     ?= $(CURDIR)/target/test-data
 export VISIONSERVE_TEST_DATA := $(TEST_DATA)
 export VISIONSERVE_TEST_MODEL := $(CURDIR)/$(DEFAULT_MODEL)
 
+# Parity checkpoints (random weights written by timm/torchvision) are large: keep them in the
+# cache, keyed by the generator, and shared by clones and CI runs.
+PARITY_HASH   := $(shell cat tests/fixtures/make_parity.py $(REQUIREMENTS) | sha1sum | cut -c1-12)
+PARITY_FAST   ?= $(CACHE_DIR)/parity-fast-$(PARITY_HASH)
+PARITY_FULL   ?= $(CACHE_DIR)/parity-full-$(PARITY_HASH)
+PARITY_FAMILIES := efficientnet
+
 HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: run test test-all bench build lint deps test-deps venv weights test-data docker clean help
+.PHONY: run test test-all bench build lint deps test-deps venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -36,8 +45,11 @@ help:
 run: deps venv weights
 	cargo run --release -- --host $(HOST) --port $(PORT) --model lite0=$(DEFAULT_MODEL) $(ARGS)
 
-test: deps test-deps venv weights test-data
-	VISIONSERVE_REQUIRE_PROMTOOL=1 cargo test --release
+test: deps test-deps venv weights test-data parity-data
+	VISIONSERVE_REQUIRE_PROMTOOL=1 VISIONSERVE_PARITY_DATA=$(PARITY_FAST) cargo test --release
+
+test-all: deps venv parity-full
+	VISIONSERVE_PARITY_DATA=$(PARITY_FULL) cargo test --release --test parity -- --nocapture
 
 build: deps venv
 	cargo build --release
@@ -84,6 +96,20 @@ test-data: $(TEST_DATA)/.stamp
 
 $(TEST_DATA)/.stamp: tests/fixtures/make_test_data.py $(DEFAULT_MODEL)/config.json | $(VENV_STAMP)
 	$(PYTHON) tests/fixtures/make_test_data.py --model $(DEFAULT_MODEL) --out $(TEST_DATA)
+	@touch $@
+
+parity-data: $(PARITY_FAST)/.stamp
+
+parity-full: $(PARITY_FULL)/.stamp
+
+# No file prerequisites: the directory name carries the generator's hash, and a fresh clone's
+# newer mtimes must not trigger a rebuild.
+$(CACHE_DIR)/parity-%-$(PARITY_HASH)/.stamp: | $(VENV_STAMP)
+	@# Drop fixtures of older generator versions: they are gigabytes.
+	@find $(CACHE_DIR) -maxdepth 1 -name 'parity-$*-*' ! -name 'parity-$*-$(PARITY_HASH)' -exec rm -rf {} +
+	for family in $(PARITY_FAMILIES); do \
+	  $(PYTHON) tests/fixtures/make_parity.py --out $(CACHE_DIR)/parity-$*-$(PARITY_HASH) --family $$family --mode $* || exit 1; \
+	done
 	@touch $@
 
 clean:

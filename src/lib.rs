@@ -19,6 +19,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod hub;
 pub mod labels;
 pub mod metrics;
 pub mod models;
@@ -34,7 +35,6 @@ use pipeline::batcher::BatcherConfig;
 use pipeline::decode::DecodeOptions;
 use repository::{ModelFiles, ModelSpec};
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -66,7 +66,7 @@ pub async fn run(
     let mut models = Vec::with_capacity(specs.len());
     let mut loads = JoinSet::new();
     for spec in specs {
-        let files = locate(&spec)?;
+        let files = locate(&spec).await?;
         let model_config =
             files
                 .config
@@ -228,11 +228,23 @@ fn model_specs(config: &Config) -> Result<Vec<ModelSpec>> {
     Ok(specs)
 }
 
-fn locate(spec: &ModelSpec) -> Result<ModelFiles> {
-    ModelFiles::locate(Path::new(&spec.source))
-        .map_err(|message| LoadError::Invalid {
-            model: spec.name.clone(),
-            message,
-        })
-        .with_context(|| format!("locating model {:?}", spec.name))
+/// Find a model's files; `hf-hub:` sources may download (blocking), so this runs off the
+/// async workers.
+async fn locate(spec: &ModelSpec) -> Result<ModelFiles> {
+    let spec = spec.clone();
+    let name = spec.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let path = if spec.source.starts_with(hub::PREFIX) {
+            hub::resolve(&spec.source)?
+        } else {
+            std::path::PathBuf::from(&spec.source)
+        };
+        ModelFiles::locate_with(&path, spec.options.arch.as_deref())
+    })
+    .await?
+    .map_err(|message| LoadError::Invalid {
+        model: name.clone(),
+        message,
+    })
+    .with_context(|| format!("locating model {name:?}"))
 }

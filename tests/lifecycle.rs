@@ -3,9 +3,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_queue_answers_429_with_retry_after() {
@@ -108,47 +106,20 @@ async fn a_model_that_does_not_load_fails_start_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_answers_requests_in_flight() {
     let lite0 = lite0_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_visionserve"))
-        .args([
-            "--model",
-            &format!("lite0={}", lite0.join("model.pt").display()),
-        ])
-        .args([
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--max-batch-size",
-            "1",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let log_thread = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                if event["message"] == "listening" {
-                    let _ = addr_tx.send(event["address"].as_str().unwrap().to_owned());
-                }
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server logs its address");
-    let base = format!("http://{addr}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while http_status(&format!("{base}/health/ready")) != Some(200) {
-        assert!(Instant::now() < deadline, "not ready in time");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let args: Vec<String> = [
+        "--model",
+        &format!("lite0={}", lite0.join("model.pt").display()),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = ChildServer::start(&args, &[]).expect("server starts");
+    server.wait_ready();
+    let base = server.base.clone();
 
     let client = reqwest::Client::new();
     let photo = read("photos/astronaut.png");
@@ -164,7 +135,7 @@ async fn sigterm_answers_requests_in_flight() {
                 .await
         });
     }
-    // Wait until the server has admitted requests, then ask it to stop.
+    // Wait until the server has run a batch, so the others are admitted and queued.
     let metrics_url = format!("{base}/metrics");
     loop {
         let text = reqwest::get(&metrics_url)
@@ -188,8 +159,7 @@ async fn sigterm_answers_requests_in_flight() {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // SAFETY: sending SIGTERM to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let terminated = tokio::task::spawn_blocking(move || server.terminate());
     let want = reference(&json("lite0.json")["astronaut.png"]);
     while let Some(response) = tasks.join_next().await {
         let response = response
@@ -204,9 +174,8 @@ async fn sigterm_answers_requests_in_flight() {
             "request in flight at SIGTERM",
         );
     }
-    let status = child.wait().unwrap();
+    let (status, logs) = terminated.await.unwrap();
     assert!(status.success(), "exit status {status}");
-    let logs = log_thread.join().unwrap();
     assert!(
         logs.iter().any(|l| l.contains("SIGTERM received")),
         "{logs:#?}"

@@ -40,6 +40,7 @@ pub struct Runner {
     mean: Tensor,
     std: Tensor,
     num_classes: usize,
+    channels_last: bool,
 }
 
 impl Runner {
@@ -51,6 +52,7 @@ impl Runner {
                 .f_to_device(spec.device)?)
         };
         Ok(Self {
+            channels_last: model.wants_channels_last(),
             model,
             device: spec.device,
             kind: spec.kind,
@@ -71,11 +73,18 @@ impl Runner {
         for image in images {
             pixels.extend_from_slice(image);
         }
-        let x = Tensor::from_slice(&pixels)
+        // The u8 buffer is NHWC; permuting gives an NCHW view with channels-last strides,
+        // which native models keep, and TorchScript exports get as a contiguous copy.
+        let nchw = Tensor::from_slice(&pixels)
             .f_view([n, self.height, self.width, 3])?
             .f_to_device(self.device)?
-            .f_permute([0, 3, 1, 2])?
-            .f_contiguous()?
+            .f_permute([0, 3, 1, 2])?;
+        let nchw = if self.channels_last {
+            nchw
+        } else {
+            nchw.f_contiguous()?
+        };
+        let x = nchw
             .f_to_kind(Kind::Float)?
             .f_div_scalar(255)?
             .f_sub(&self.mean)?
@@ -164,7 +173,7 @@ pub fn run(
 
 fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     let start = Instant::now();
-    let model = models::load(&spec.files, spec.device, spec.kind)?;
+    let model = models::load(&spec.files, spec.num_classes, spec.device, spec.kind)?;
     status.set_backend(model.backend());
     let runner = Runner::new(model, spec)?;
     let loaded_in = start.elapsed();

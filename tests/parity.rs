@@ -1,0 +1,139 @@
+//! Native architectures against their reference implementation: checkpoints written by timm
+//! (Hub layout) or torchvision with seeded random weights and randomised norm statistics, the
+//! same input through both, top-5 identical and max |diff| / max |logit| <= 1e-4 in f32 on
+//! CPU, at an even and an odd input size (tests/fixtures/make_parity.py).
+
+mod common;
+
+use common::parity_data;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+use visionserve::models::{self, Classifier};
+use visionserve::repository::{ModelFiles, ModelOptions};
+
+const TOLERANCE: f64 = 1e-4;
+
+struct Outcome {
+    unit: String,
+    size: i64,
+    max_rel: f64,
+    same_top5: bool,
+}
+
+fn load_unit(unit: &Path, meta: &serde_json::Value) -> Box<dyn Classifier> {
+    let architecture = meta["architecture"].as_str().unwrap();
+    let (source, arch) = match meta["weights"].as_str() {
+        Some(file) => (unit.join(file), Some(architecture)),
+        None => (unit.to_path_buf(), None),
+    };
+    let files = ModelFiles::locate_with(&source, arch).unwrap();
+    let config = files.config.resolve(&ModelOptions::default()).unwrap();
+    assert_eq!(
+        config.num_classes as u64,
+        meta["num_classes"].as_u64().unwrap(),
+        "{}",
+        unit.display()
+    );
+    assert_eq!(
+        config.labels.len(),
+        config.num_classes,
+        "every class has a label"
+    );
+    models::load(&files, config.num_classes, Device::Cpu, Kind::Float)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", unit.display()))
+}
+
+fn top5(logits: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(logits.topk(5, -1, true, true).1.flatten(0, -1)).unwrap()
+}
+
+fn check_unit(unit: &Path) -> Vec<Outcome> {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(unit.join("meta.json")).unwrap()).unwrap();
+    let model = load_unit(unit, &meta);
+    let references: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(unit.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let _guard = tch::no_grad_guard();
+    meta["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|size| {
+            let size = size.as_i64().unwrap();
+            let input = &references[&format!("input_{size}")];
+            let want = &references[&format!("logits_{size}")];
+            let input = if model.wants_channels_last() {
+                models::layers::channels_last(input.shallow_clone()).unwrap()
+            } else {
+                input.shallow_clone()
+            };
+            let got = model.forward(&input).unwrap();
+            assert_eq!(got.size(), want.size());
+            let max_diff = (&got - want).abs().max().double_value(&[]);
+            let max_logit = want.abs().max().double_value(&[]);
+            Outcome {
+                unit: meta["name"].as_str().unwrap().to_owned(),
+                size,
+                max_rel: max_diff / max_logit,
+                same_top5: top5(&got) == top5(want),
+            }
+        })
+        .collect()
+}
+
+/// Check every unit of a family, and that every native preset of it has a unit.
+fn check_family(family: &str, presets: &[&str]) {
+    visionserve::backend::device::flush_denormals();
+    let root = parity_data().join(family);
+    let mut units: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("meta.json").is_file())
+        .collect();
+    units.sort();
+    let names: Vec<String> = units
+        .iter()
+        .map(|u| u.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let missing: Vec<&&str> = presets
+        .iter()
+        .filter(|p| !names.iter().any(|n| n == *p))
+        .collect();
+    assert!(missing.is_empty(), "no parity fixture for {missing:?}");
+
+    let mut failures = Vec::new();
+    for unit in &units {
+        for o in check_unit(unit) {
+            println!(
+                "{:<28} {:>4}px  max|diff|/max|logit| = {:.2e}  top-5 {}",
+                o.unit,
+                o.size,
+                o.max_rel,
+                if o.same_top5 { "same" } else { "DIFFERENT" }
+            );
+            if !(o.max_rel <= TOLERANCE && o.same_top5) {
+                failures.push(format!(
+                    "{} at {}px: rel {:.2e}, top-5 same: {}",
+                    o.unit, o.size, o.max_rel, o.same_top5
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn efficientnet_family_matches_timm_and_torchvision() {
+    let presets: Vec<&str> = models::efficientnet::PRESETS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    check_family("efficientnet", &presets);
+}
