@@ -31,7 +31,7 @@ export VISIONSERVE_TEST_MODEL := $(CURDIR)/$(DEFAULT_MODEL)
 PARITY_HASH   := $(shell cat tests/fixtures/make_parity.py $(REQUIREMENTS) | sha1sum | cut -c1-12)
 PARITY_FAST   ?= $(CACHE_DIR)/parity-fast-$(PARITY_HASH)
 PARITY_FULL   ?= $(CACHE_DIR)/parity-full-$(PARITY_HASH)
-PARITY_FAMILIES := efficientnet
+PARITY_FAMILIES := efficientnet coatnet
 
 HOST ?= 127.0.0.1
 PORT ?= 8080

@@ -64,7 +64,13 @@ fn main() -> anyhow::Result<()> {
         intra_op_threads: None,
         files,
     };
-    let model = visionserve::models::load(&spec.files, spec.num_classes, spec.device, spec.kind)?;
+    let model = visionserve::models::load(
+        &spec.files,
+        spec.num_classes,
+        spec.preprocess.input_size,
+        spec.device,
+        spec.kind,
+    )?;
     let backend = model.backend();
     let runner = Runner::new(model, &spec)?;
     let (h, w) = config.preprocess.input_size;

@@ -170,6 +170,9 @@ pub struct PretrainedCfg {
     pub interpolation: String,
     #[serde(default = "default_crop_pct")]
     pub crop_pct: f64,
+    /// Crop fraction for evaluation at `test_input_size` (timm's `use_test_size`).
+    #[serde(default)]
+    pub test_crop_pct: Option<f64>,
     #[serde(default)]
     pub crop_mode: Option<String>,
     pub mean: [f64; 3],
@@ -220,6 +223,12 @@ impl HubConfig {
             Some(test) if !cfg.fixed_input_size => test,
             _ => cfg.input_size,
         };
+        // As timm's resolve_data_config(use_test_size=True): the test-time crop goes with the
+        // test-time size; an explicit size gets the training crop.
+        let crop_pct = match options.input_size {
+            None => cfg.test_crop_pct.unwrap_or(cfg.crop_pct),
+            Some(_) => cfg.crop_pct,
+        };
         let (height, width) = match options.input_size {
             Some(size) => {
                 if cfg.fixed_input_size && size != cfg.input_size[1] {
@@ -256,8 +265,8 @@ impl HubConfig {
                 ))
             }
         };
-        if !(cfg.crop_pct > 0.0 && cfg.crop_pct <= 4.0) {
-            return Err(format!("crop_pct {} is out of range", cfg.crop_pct));
+        if !(crop_pct > 0.0 && crop_pct <= 4.0) {
+            return Err(format!("crop_pct {crop_pct} is out of range"));
         }
         if cfg.std.iter().any(|&s| s <= 0.0) {
             return Err("std must be positive".into());
@@ -272,7 +281,7 @@ impl HubConfig {
             preprocess: PreprocessConfig {
                 input_size: (height, width),
                 interpolation,
-                crop_pct: cfg.crop_pct,
+                crop_pct,
                 crop_mode,
                 mean: cfg.mean.map(|v| v as f32),
                 std: cfg.std.map(|v| v as f32),
@@ -340,6 +349,7 @@ fn builtin_config(architecture: &str) -> Option<HubConfig> {
             fixed_input_size: false,
             interpolation: interpolation.to_owned(),
             crop_pct,
+            test_crop_pct: None,
             crop_mode: Some("center".into()),
             mean,
             std,
@@ -482,6 +492,27 @@ mod tests {
             cfg.resolve(&opts).unwrap().preprocess.input_size,
             (300, 300)
         );
+    }
+
+    #[test]
+    fn the_test_crop_goes_with_the_test_size() {
+        let json = V2S.replace(
+            r#""crop_pct":1.0,"#,
+            r#""crop_pct":0.9,"test_crop_pct":0.95,"#,
+        );
+        let cfg = config(&json);
+        assert_eq!(
+            cfg.resolve(&ModelOptions::default())
+                .unwrap()
+                .preprocess
+                .crop_pct,
+            0.95
+        );
+        let opts = ModelOptions {
+            input_size: Some(300),
+            arch: None,
+        };
+        assert_eq!(cfg.resolve(&opts).unwrap().preprocess.crop_pct, 0.9);
     }
 
     #[test]

@@ -173,7 +173,13 @@ pub fn run(
 
 fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     let start = Instant::now();
-    let model = models::load(&spec.files, spec.num_classes, spec.device, spec.kind)?;
+    let model = models::load(
+        &spec.files,
+        spec.num_classes,
+        spec.preprocess.input_size,
+        spec.device,
+        spec.kind,
+    )?;
     status.set_backend(model.backend());
     let runner = Runner::new(model, spec)?;
     let loaded_in = start.elapsed();

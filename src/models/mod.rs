@@ -5,6 +5,7 @@
 //! ([`efficientnet`]), with module paths equal to the checkpoint keys and presets named after
 //! the checkpoints, sharing the inference-only layers in [`layers`].
 
+pub mod coatnet;
 pub mod efficientnet;
 pub mod layers;
 pub mod torchscript;
@@ -32,13 +33,18 @@ pub trait Classifier: Send {
 
 /// The architectures implemented natively.
 pub fn native_architectures() -> impl Iterator<Item = &'static str> {
-    efficientnet::PRESETS.iter().map(|(name, _)| *name)
+    efficientnet::PRESETS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(coatnet::PRESETS.iter().map(|(name, _)| *name))
 }
 
-/// Load the classifier described by `files` onto `device` in precision `kind`.
+/// Load the classifier described by `files` onto `device` in precision `kind`. `input_size`
+/// is the (height, width) it will be served at: CoAtNet's attention windows are built for it.
 pub fn load(
     files: &ModelFiles,
     num_classes: usize,
+    input_size: (usize, usize),
     device: Device,
     kind: Kind,
 ) -> Result<Box<dyn Classifier>> {
@@ -51,8 +57,8 @@ pub fn load(
         WeightsFormat::SafeTensors | WeightsFormat::Pickle => {
             let architecture = files.config.architecture.as_str();
             let mut weights = Weights::load(&files.weights, files.format, device, kind)?;
-            let model =
-                load_native(architecture, num_classes as i64, &mut weights).with_context(|| {
+            let model = load_native(architecture, num_classes as i64, input_size, &mut weights)
+                .with_context(|| {
                     format!("building {architecture} from {}", files.weights.display())
                 })?;
             weights
@@ -66,11 +72,20 @@ pub fn load(
 fn load_native(
     architecture: &str,
     num_classes: i64,
+    input_size: (usize, usize),
     weights: &mut Weights,
 ) -> Result<Box<dyn Classifier>> {
     if let Some(mut cfg) = efficientnet::Config::by_name(architecture) {
         cfg.num_classes = num_classes;
         return Ok(Box::new(efficientnet::EfficientNet::load(&cfg, weights)?));
+    }
+    if let Some(mut cfg) = coatnet::Config::by_name(architecture) {
+        if input_size.0 != input_size.1 {
+            bail!("{architecture} needs a square input, not {input_size:?}");
+        }
+        cfg.num_classes = num_classes;
+        cfg.img_size = input_size.0 as i64;
+        return Ok(Box::new(coatnet::CoAtNet::load(&cfg, weights)?));
     }
     bail!(
         "architecture {architecture:?} has no native implementation (native: {}); export it to \
