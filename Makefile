@@ -3,6 +3,7 @@
 #   make test   the same set-up, then every test (unit, HTTP, parity) on CPU
 #   make test-all   parity of every native variant at its full resolution (slow)
 #   make bench      end-to-end and model-alone throughput of the default model
+#   make bench-models   native vs TorchScript vs timm eager for four models
 #
 # libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (tch 0.24 builds against exactly
 # this version; bump both together). The venv lives outside the checkout and is shared by every
@@ -37,7 +38,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: run test test-all bench build lint deps test-deps venv weights test-data parity-data parity-full docker clean help
+
+.PHONY: run test test-all bench bench-models build lint deps test-deps venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -111,6 +113,27 @@ $(CACHE_DIR)/parity-%-$(PARITY_HASH)/.stamp: | $(VENV_STAMP)
 	  $(PYTHON) tests/fixtures/make_parity.py --out $(CACHE_DIR)/parity-$*-$(PARITY_HASH) --family $$family --mode $* || exit 1; \
 	done
 	@touch $@
+
+# End-to-end: the release server under closed-loop load, then the model alone at the same
+# batch sizes. See BENCHMARKS.md.
+BENCH_SECONDS ?= 10
+bench: deps venv weights test-data
+	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
+	  --seconds $(BENCH_SECONDS) --server --model lite0=$(DEFAULT_MODEL)
+	cargo bench --bench model -- --model $(DEFAULT_MODEL) --batch-sizes 1,8
+
+# Native vs TorchScript vs timm eager, same threads and batch sizes (random-weight checkpoints
+# from the parity fixtures; the allocator tuned alike for all).
+BENCH_DIR := $(CURDIR)/target/bench-models
+BENCH_THREADS ?= 2
+bench-models: deps venv weights parity-data
+	$(PYTHON) weights/export.py --timm tf_efficientnetv2_b0 --checkpoint $(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0/model.safetensors \
+	  --torchscript --out $(BENCH_DIR)/tf_efficientnetv2_b0
+	@for model in $(BENCH_DIR)/tf_efficientnetv2_b0 $(DEFAULT_MODEL) $(PARITY_FAST)/coatnet/coatnet_nano_rw_224 $(PARITY_FAST)/coatnet/coatnet_0_rw_224; do \
+	  cargo bench -q --bench model -- --model $$model --batch-sizes 1,8 --threads $(BENCH_THREADS) --seconds 5 || exit 1; \
+	  if [ -f $$model/model.pt ]; then cargo bench -q --bench model -- --model $$model/model.pt --batch-sizes 1,8 --threads $(BENCH_THREADS) --seconds 5 || exit 1; fi; \
+	  MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 $(PYTHON) benches/timm_eager.py --model $$model --batch-sizes 1,8 --threads $(BENCH_THREADS) --seconds 5 || exit 1; \
+	done
 
 clean:
 	cargo clean

@@ -145,6 +145,11 @@ pub fn run(
     loaded: oneshot::Sender<Result<(), String>>,
 ) {
     flush_denormals();
+    if spec.device.is_cuda() {
+        // Let cuDNN pick the fastest kernels per shape; every batch size is warmed up below,
+        // so no client pays for the search.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     if let Some(threads) = spec.intra_op_threads {
         tch::set_num_threads(threads as i32);
     }

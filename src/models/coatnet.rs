@@ -16,7 +16,7 @@
 //! as timm does by default.
 
 use super::layers::{
-    Act, BatchNorm2d, Conv2d, ConvSpec, LayerNorm2d, Linear, Padding, SqueezeExcite,
+    make_divisible, Act, BatchNorm2d, Conv2d, ConvSpec, LayerNorm2d, Linear, Padding, SqueezeExcite,
 };
 use super::weights::Weights;
 use super::Classifier;
@@ -372,17 +372,13 @@ impl Config {
         Self { depths, ..self }
     }
 
+    /// The preset named `architecture` (timm's model name).
     pub fn by_name(architecture: &str) -> Option<Self> {
-        PRESETS
-            .iter()
-            .find(|(name, _)| *name == architecture)
-            .map(|(_, make)| make())
+        super::find_preset(PRESETS, architecture)
     }
 }
 
-type Preset = (&'static str, fn() -> Config);
-
-pub const PRESETS: &[Preset] = &[
+pub const PRESETS: &[super::Preset<Config>] = &[
     ("coatnet_pico_rw_224", Config::coatnet_pico_rw_224),
     ("coatnet_nano_rw_224", Config::coatnet_nano_rw_224),
     ("coatnet_0_rw_224", Config::coatnet_0_rw_224),
@@ -405,16 +401,6 @@ pub const PRESETS: &[Preset] = &[
     ("coatnet_4_224", Config::coatnet_4_224),
     ("coatnet_5_224", Config::coatnet_5_224),
 ];
-
-/// timm's `make_divisible` (divisor 8, round limit 0.9).
-fn make_divisible(value: f64) -> i64 {
-    let rounded = ((value + 4.0) as i64 / 8 * 8).max(8);
-    if (rounded as f64) < 0.9 * value {
-        rounded + 8
-    } else {
-        rounded
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Layers
@@ -554,9 +540,8 @@ impl MbConv {
         out_ch: i64,
         stride: i64,
     ) -> Result<Self> {
-        let mid = make_divisible(
-            (if cfg.expand_output { out_ch } else { in_ch }) as f64 * cfg.expand_ratio,
-        );
+        let base = if cfg.expand_output { out_ch } else { in_ch };
+        let mid = make_divisible(base as f64 * cfg.expand_ratio, 8, 0.9);
         let eps = cfg.norm_eps;
         let shortcut = (stride == 2)
             .then(|| {
@@ -1179,8 +1164,8 @@ mod tests {
 
     #[test]
     fn mbconv_widths_match_timm() {
-        assert_eq!(make_divisible(64.0 * 4.0), 256);
-        assert_eq!(make_divisible(96.0 * 4.0), 384);
+        assert_eq!(make_divisible(64.0 * 4.0, 8, 0.9), 256);
+        assert_eq!(make_divisible(96.0 * 4.0, 8, 0.9), 384);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! `model.safetensors` loads without a renaming table. Presets are named after timm's models.
 
 use super::layers::{
-    timm_padding, Act, Conv2d, ConvSpec, GlobalContext, Linear, Padding, SqueezeExcite,
+    make_divisible, timm_padding, Act, Conv2d, ConvSpec, GlobalContext, Linear, Padding,
+    SqueezeExcite,
 };
 use super::weights::Weights;
 use super::Classifier;
@@ -321,17 +322,12 @@ impl Config {
     /// The preset named `architecture` (timm's model name, or torchvision's for
     /// `efficientnet_v2_*`).
     pub fn by_name(architecture: &str) -> Option<Self> {
-        PRESETS
-            .iter()
-            .find(|(name, _)| *name == architecture)
-            .map(|(_, make)| make())
+        super::find_preset(PRESETS, architecture)
     }
 }
 
-type Preset = (&'static str, fn() -> Config);
-
 /// Every architecture this file implements.
-pub const PRESETS: &[Preset] = &[
+pub const PRESETS: &[super::Preset<Config>] = &[
     ("efficientnet_b0", Config::efficientnet_b0),
     ("efficientnet_b1", Config::efficientnet_b1),
     ("efficientnet_b2", Config::efficientnet_b2),
@@ -436,16 +432,6 @@ fn parse_block(def: &str) -> Result<BlockDef> {
         }
     }
     Ok(block)
-}
-
-/// timm's `make_divisible`.
-fn make_divisible(value: f64, divisor: i64, round_limit: f64) -> i64 {
-    let rounded = ((value + divisor as f64 / 2.0) as i64 / divisor * divisor).max(divisor);
-    if (rounded as f64) < round_limit * value {
-        rounded + divisor
-    } else {
-        rounded
-    }
 }
 
 /// Python's `round` (half to even), as timm uses for SE widths.

@@ -39,6 +39,17 @@ pub fn channels_last(t: Tensor) -> Result<Tensor> {
         .f_permute([0, 3, 1, 2])?)
 }
 
+/// timm's `make_divisible`: round `value` to a multiple of `divisor` (at least `divisor`),
+/// going one step up when rounding down lost more than `1 - round_limit` of it.
+pub fn make_divisible(value: f64, divisor: i64, round_limit: f64) -> i64 {
+    let rounded = ((value + divisor as f64 / 2.0) as i64 / divisor * divisor).max(divisor);
+    if (rounded as f64) < round_limit * value {
+        rounded + divisor
+    } else {
+        rounded
+    }
+}
+
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Padding {

@@ -31,6 +31,17 @@ pub trait Classifier: Send {
     }
 }
 
+/// A named architecture preset: timm's model name and the function building its config.
+pub type Preset<C> = (&'static str, fn() -> C);
+
+/// The preset named `name` in `table`.
+pub fn find_preset<C>(table: &[Preset<C>], name: &str) -> Option<C> {
+    table
+        .iter()
+        .find(|(preset, _)| *preset == name)
+        .map(|(_, make)| make())
+}
+
 /// The architectures implemented natively.
 pub fn native_architectures() -> impl Iterator<Item = &'static str> {
     efficientnet::PRESETS
