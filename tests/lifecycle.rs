@@ -185,3 +185,105 @@ async fn sigterm_answers_requests_in_flight() {
         "server still accepting after exit"
     );
 }
+
+/// Clients that give up while their image is queued: the image is dropped before it reaches
+/// the model, counted, and the clients still waiting get their answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnected_clients_are_dropped_before_inference() {
+    let lite0 = lite0_dir();
+    let mut config = config_for(&[format!("lite0={}", lite0.display())]);
+    config.max_batch_size = Some(1);
+    let server = tokio::task::spawn_blocking(move || TestServer::start(config))
+        .await
+        .unwrap();
+    let photo = read("photos/astronaut.png");
+    let url = server.url("/v1/classify");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(40))
+        .build()
+        .unwrap();
+    let patient = reqwest::Client::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        // Every fourth client waits; the others hang up after 40 ms, long before a batch-1
+        // queue of 16 images drains.
+        let client = if i % 4 == 0 {
+            patient.clone()
+        } else {
+            impatient.clone()
+        };
+        let (url, photo) = (url.clone(), photo.clone());
+        tasks.spawn(async move {
+            (
+                i % 4 == 0,
+                client
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(photo)
+                    .send()
+                    .await,
+            )
+        });
+    }
+    let mut answered = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (patient, response) = done.unwrap();
+        if patient {
+            assert_eq!(
+                response.expect("patient clients are answered").status(),
+                200
+            );
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 4);
+    // Abandoned images still queued behind the last answer are dropped when the batcher
+    // reaches them; give it until the counts stop moving.
+    let mut last = (-1.0, -1.0);
+    let mut settled = 0;
+    for _ in 0..100 {
+        let metrics = reqwest::get(server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |series: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0.0)
+        };
+        let dropped =
+            value(r#"visionserve_dropped_images_total{model="lite0",reason="client_gone"} "#);
+        let ran = value(r#"visionserve_batch_size_sum{model="lite0"} "#);
+        settled = if (ran, dropped) == last {
+            settled + 1
+        } else {
+            0
+        };
+        last = (ran, dropped);
+        if settled == 5 {
+            assert!(
+                dropped >= 1.0,
+                "no abandoned image was dropped before inference\n{metrics}"
+            );
+            // Images whose client left during decoding never reach the queue at all.
+            assert!(
+                ran >= 4.0 && ran + dropped <= 16.0,
+                "ran {ran}, dropped {dropped}\n{metrics}"
+            );
+            assert!(ran < 16.0, "abandoned images ran anyway\n{metrics}");
+            let gone =
+                value(r#"visionserve_request_failures_total{model="lite0",reason="client_gone"} "#);
+            assert_eq!(
+                gone, 12.0,
+                "every client that hung up is counted\n{metrics}"
+            );
+            server.stop().unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the queue never settled");
+}

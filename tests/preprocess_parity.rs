@@ -83,3 +83,44 @@ fn pixels_are_identical_to_timm_on_pillow() {
         failures.join("\n")
     );
 }
+
+/// `--exif-transpose` rotates as Pillow's `ImageOps.exif_transpose` does; without it the EXIF
+/// tag is ignored, as timm ignores it.
+#[test]
+fn exif_orientation_is_applied_only_when_asked() {
+    let jpeg = read("exif/orientation6.jpg");
+    let want = json("exif/orientation6.json");
+    let plain = decode(
+        &jpeg,
+        &DecodeOptions {
+            max_pixels: 100_000_000,
+            exif_transpose: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (plain.width, plain.height),
+        (451, 300),
+        "EXIF ignored by default"
+    );
+    let rotated = decode(
+        &jpeg,
+        &DecodeOptions {
+            max_pixels: 100_000_000,
+            exif_transpose: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (rotated.width as u64, rotated.height as u64),
+        (
+            want["width"].as_u64().unwrap(),
+            want["height"].as_u64().unwrap()
+        )
+    );
+    assert_eq!(
+        rotated.pixels,
+        read("exif/orientation6.transposed.bin"),
+        "same pixels as Pillow's exif_transpose"
+    );
+}

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -60,9 +61,17 @@ async fn classify(
         state.metrics.unknown_model_request(err.error_type());
         return err.into_response();
     };
-    let mut images = 0;
-    let outcome = classify_images(&state, &model, query, request, started, &mut images).await;
-    match outcome {
+    // Atomics only because the handler future must be Send; nothing else touches them.
+    let outcome = RequestOutcome {
+        model: &model,
+        started,
+        images: AtomicUsize::new(0),
+        recorded: AtomicBool::new(false),
+    };
+    let result = classify_images(&state, &model, query, request, started, &outcome.images).await;
+    outcome.recorded.store(true, Ordering::Relaxed);
+    let images = outcome.images.load(Ordering::Relaxed);
+    match result {
         Ok(response) => {
             model.metrics.request_succeeded(images, started.elapsed());
             response
@@ -85,6 +94,32 @@ async fn classify(
         }
     }
 }
+
+/// Counts a request whose handler is dropped before it finishes: hyper drops it when the
+/// client disconnects. Its queued images are dropped by the batcher; this records the request.
+struct RequestOutcome<'a> {
+    model: &'a ModelHandle,
+    started: Instant,
+    images: AtomicUsize,
+    recorded: AtomicBool,
+}
+
+impl Drop for RequestOutcome<'_> {
+    fn drop(&mut self) {
+        if !self.recorded.load(Ordering::Relaxed) {
+            tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
+            self.model.metrics.request_failed(
+                CLIENT_GONE,
+                self.images.load(Ordering::Relaxed),
+                false,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
+/// `reason` label of requests whose client left before the answer.
+pub const CLIENT_GONE: &str = "client_gone";
 
 fn parse_top_k(
     query: QueryResult,
@@ -118,7 +153,7 @@ async fn classify_images(
     query: QueryResult,
     request: Request,
     started: Instant,
-    image_count: &mut usize,
+    image_count: &AtomicUsize,
 ) -> Result<Response, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
@@ -128,7 +163,7 @@ async fn classify_images(
         images,
         top_k: body_top_k,
     } = read_images(request, state.limits.max_body_bytes).await?;
-    *image_count = images.len();
+    image_count.store(images.len(), Ordering::Relaxed);
     let top_k = parse_top_k(query, body_top_k, model.info.num_classes)?;
     if images.is_empty() {
         return Err(ApiError::BadRequest("the request holds no image".into()));
