@@ -22,9 +22,13 @@ tar --numeric-owner -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"
 toolchain=$(rustup toolchain list | awk '/default/ {print $1}')
 mkdir -p "$workdir/rust"
 cp -a "$HOME/.rustup/toolchains/$toolchain" "$workdir/rust/toolchain"
+# Hosts behind a TLS-inspecting proxy trust its CA; the build stage must too (pip, cargo).
+cp /etc/ssl/certs/ca-certificates.crt "$workdir/rust/host-ca-bundle.crt"
 cat > "$workdir/rust/Dockerfile" <<DOCKERFILE
 FROM localhost/debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential ca-certificates pkg-config && rm -rf /var/lib/apt/lists/*
+COPY host-ca-bundle.crt /usr/local/share/ca-certificates/host-ca-bundle.crt
+RUN update-ca-certificates && printf '[global]\\ncert = /etc/ssl/certs/ca-certificates.crt\\n' > /etc/pip.conf
 COPY toolchain /usr/local/rust
 ENV PATH=/usr/local/rust/bin:\$PATH CARGO_HOME=/usr/local/cargo
 DOCKERFILE
