@@ -71,6 +71,19 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Seconds a client may take to send its request body (408 after that).
+    #[arg(long, env = "VISIONSERVE_BODY_TIMEOUT", default_value_t = 30)]
+    pub body_timeout: u64,
+
+    /// Classification requests handled at once, all models together (429 beyond): with
+    /// --max-body-bytes it bounds the memory request bodies can take.
+    #[arg(
+        long,
+        env = "VISIONSERVE_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 512
+    )]
+    pub max_concurrent_requests: usize,
+
     /// Largest image (width x height) accepted; checked from the header before decoding.
     #[arg(
         long,
@@ -181,6 +194,9 @@ impl Config {
                  such a request could never be admitted",
                 self.max_images_per_request, self.max_queue_images
             ));
+        }
+        if self.max_concurrent_requests == 0 || self.body_timeout == 0 {
+            return Err("--max-concurrent-requests and --body-timeout must be at least 1".into());
         }
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());

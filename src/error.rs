@@ -19,8 +19,12 @@ pub enum ApiError {
     UnsupportedMediaType { message: String },
     #[error("image {index}: {source}")]
     Image { index: usize, source: DecodeError },
-    #[error("{count} images in one request, above the limit of {limit}; split the request")]
-    TooManyImages { count: usize, limit: usize },
+    #[error("more than {limit} images in one request; split the request")]
+    TooManyImages { limit: usize },
+    #[error("the request body did not arrive within {seconds} s")]
+    BodyTimeout { seconds: u64 },
+    #[error("the server is handling its limit of {limit} requests; retry shortly")]
+    TooManyRequests { limit: usize },
     #[error("model {name:?} is not served here; available: {available}")]
     ModelNotFound { name: String, available: String },
     #[error(
@@ -49,9 +53,13 @@ impl ApiError {
                 DecodeError::Empty => StatusCode::BAD_REQUEST,
                 DecodeError::Unsupported { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                DecodeError::Corrupt { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                DecodeError::Corrupt { .. } | DecodeError::AspectRatio { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
             },
             ApiError::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -70,8 +78,11 @@ impl ApiError {
                 DecodeError::Unsupported { .. } => "unsupported_image_format",
                 DecodeError::TooManyPixels { .. } => "image_too_large",
                 DecodeError::Corrupt { .. } => "undecodable_image",
+                DecodeError::AspectRatio { .. } => "unsupported_aspect_ratio",
             },
             ApiError::TooManyImages { .. } => "too_many_images",
+            ApiError::BodyTimeout { .. } => "body_timeout",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotReady { .. } => "not_ready",
@@ -95,10 +106,17 @@ impl IntoResponse for ApiError {
             error_type: self.error_type(),
         };
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::Overloaded { retry_after_s, .. } = self {
+        let retry_after = match self {
+            ApiError::Overloaded { retry_after_s, .. } => Some(retry_after_s.max(1)),
+            ApiError::TooManyRequests { .. } => Some(1),
+            // Loading or warming up takes seconds, not milliseconds.
+            ApiError::NotReady { .. } => Some(5),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s.max(1)));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -116,6 +116,8 @@ pub async fn run(
     let limits = http::RequestLimits {
         max_images_per_request: config.max_images_per_request,
         max_body_bytes: config.max_body_bytes,
+        body_timeout: std::time::Duration::from_secs(config.body_timeout),
+        max_concurrent_requests: config.max_concurrent_requests,
         decode: DecodeOptions {
             max_pixels: config.max_image_pixels,
             exif_transpose: config.exif_transpose,

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shutdown_timeout = config.shutdown_timeout();
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
             .await
@@ -29,6 +30,9 @@ fn main() -> ExitCode {
             })?;
         visionserve::run(config, listener, shutdown_signal()).await
     });
+    // `run` has already waited up to --shutdown-timeout; blocking work still running (a model
+    // thread's join, a decode) must not keep the process alive past it.
+    runtime.shutdown_timeout(shutdown_timeout.min(std::time::Duration::from_secs(1)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

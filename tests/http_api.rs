@@ -257,6 +257,13 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_working() {
         "100000x100000",
     )
     .await;
+    assert_error(
+        classify_raw("/v1/classify", "image/png", read("bad/needle.png")).await,
+        422,
+        "unsupported_aspect_ratio",
+        "1x4000000",
+    )
+    .await;
     let too_big = vec![0u8; (4 << 20) + 1];
     assert_error(
         classify_raw("/v1/classify", "image/jpeg", too_big).await,
@@ -298,7 +305,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_working() {
         .send()
         .await
         .unwrap();
-    assert_error(response, 413, "too_many_images", "limit of 8").await;
+    assert_error(response, 413, "too_many_images", "more than 8 images").await;
     // One bad image fails its request and names it, without touching the others.
     let form = Form::new()
         .part(

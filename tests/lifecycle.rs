@@ -89,6 +89,34 @@ async fn a_model_that_does_not_load_fails_start_up() {
         "{message}"
     );
 
+    // A TorchScript model whose output does not match its config's class count.
+    let mut config_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lite0_dir().join("config.json")).unwrap()).unwrap();
+    config_json["num_classes"] = 10.into();
+    config_json["pretrained_cfg"]["num_classes"] = 10.into();
+    config_json
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("label_"));
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec(&config_json).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(lite0_dir().join("model.pt"), dir.join("model.pt")).unwrap();
+    let config = config_for(&[format!("mismatch={}", dir.display())]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let message = format!(
+        "{:#}",
+        visionserve::run(config, listener, std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        message.contains("[1, 1000]") && message.contains("num_classes = 10"),
+        "{message}"
+    );
+
     let config = config_for(&["missing=/nonexistent/model/folder".to_owned()]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let message = format!(
@@ -286,4 +314,56 @@ async fn disconnected_clients_are_dropped_before_inference() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the queue never settled");
+}
+
+/// A client that trickles its body holds one of the --max-concurrent-requests slots until
+/// --body-timeout ends it with 408; meanwhile other requests get 429, then service resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_bodies_time_out_and_concurrency_is_bounded() {
+    use std::io::{Read, Write};
+    let mut config = config_for(&[format!("lite0={}", lite0_dir().display())]);
+    config.max_concurrent_requests = 1;
+    config.body_timeout = 1;
+    let server = tokio::task::spawn_blocking(move || TestServer::start(config))
+        .await
+        .unwrap();
+    let addr = server.base.strip_prefix("http://").unwrap().to_owned();
+    let slow = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(stream, "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n").unwrap();
+        stream.write_all(&[0x89, b'P', b'N', b'G']).unwrap();
+        let mut response = String::new();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let _ = stream.read_to_string(&mut response);
+        response
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy = reqwest::Client::new()
+        .post(server.url("/v1/classify"))
+        .header("content-type", "image/png")
+        .body(read("photos/chelsea.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 429);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let body: serde_json::Value = busy.json().await.unwrap();
+    assert_eq!(body["error_type"], "too_many_requests");
+
+    let response = tokio::task::spawn_blocking(move || slow.join().unwrap())
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("body_timeout"), "{response}");
+    let ok = reqwest::Client::new()
+        .post(server.url("/v1/classify"))
+        .header("content-type", "image/png")
+        .body(read("photos/chelsea.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    server.stop().unwrap();
 }

@@ -11,10 +11,10 @@ use crate::pipeline::preprocess::PreprocessConfig;
 use crate::pipeline::queue::Abandonable;
 use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError};
 use crate::repository::ModelFiles;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
@@ -100,6 +100,14 @@ impl Runner {
     pub fn classify(&self, images: &[&[u8]], k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
         let k = k.min(self.num_classes).max(1);
         let logits = self.model.forward(&self.input(images)?)?;
+        let expected = [images.len() as i64, self.num_classes as i64];
+        if logits.size() != expected {
+            bail!(
+                "the model returned logits of shape {:?}, but its config.json says num_classes = {}",
+                logits.size(),
+                self.num_classes
+            );
+        }
         let probs = logits.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?;
         let (values, indices) = probs.f_topk(k as i64, -1, true, true)?;
         let values = Vec::<f32>::try_from(values.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
@@ -170,7 +178,16 @@ pub fn run(
     let _ = loaded.send(Ok(()));
 
     while let Some(batch) = batches.blocking_recv() {
-        run_batch(&runner, batch, &link, &metrics, &spec.name);
+        // Whatever happens in the batch, the batcher must learn that it finished, or it would
+        // count the model as busy forever.
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            run_batch(&runner, batch, &metrics, &spec.name)
+        }));
+        let (images, elapsed) = ran.unwrap_or_else(|panic| {
+            tracing::error!(model = %spec.name, error = %panic_message(&panic), "batch bookkeeping panicked");
+            (0, Duration::ZERO)
+        });
+        link.batch_finished(images, elapsed);
     }
     metrics.ready.set(0);
     tracing::info!(model = %spec.name, "model thread stopped");
@@ -200,13 +217,13 @@ fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     Ok(runner)
 }
 
+/// Run one batch and answer its images; returns (images run, model time).
 fn run_batch(
     runner: &Runner,
     batch: Batch,
-    link: &BatcherLink,
     metrics: &ModelMetrics,
     name: &str,
-) {
+) -> (usize, Duration) {
     // Clients may have gone while the batch waited in the hand-off slot.
     let (live, abandoned): (Vec<_>, Vec<_>) =
         batch.into_iter().partition(|e| !e.item.is_abandoned());
@@ -214,8 +231,7 @@ fn run_batch(
         metrics.dropped_client_gone.inc_by(abandoned.len() as u64);
     }
     if live.is_empty() {
-        link.batch_finished(0, Default::default());
-        return;
+        return (0, Duration::ZERO);
     }
     let start = Instant::now();
     for entry in &live {
@@ -258,7 +274,7 @@ fn run_batch(
             }
         }
     }
-    link.batch_finished(batch_size, elapsed);
+    (batch_size, elapsed)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -106,6 +106,17 @@ struct RequestOutcome<'a> {
 
 impl Drop for RequestOutcome<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // CatchPanicLayer answers 500; record it as the server's failure, not the client's.
+            let elapsed = self.started.elapsed();
+            self.model.metrics.request_failed(
+                "internal",
+                self.images.load(Ordering::Relaxed),
+                true,
+                elapsed,
+            );
+            return;
+        }
         if !self.recorded.load(Ordering::Relaxed) {
             tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
             self.model.metrics.request_failed(
@@ -159,42 +170,62 @@ async fn classify_images(
         return Err(ApiError::ShuttingDown);
     }
     model.ensure_ready()?;
+    let _request_permit =
+        state
+            .requests
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyRequests {
+                limit: state.limits.max_concurrent_requests,
+            })?;
     let RequestImages {
         images,
         top_k: body_top_k,
-    } = read_images(request, state.limits.max_body_bytes).await?;
-    image_count.store(images.len(), Ordering::Relaxed);
+    } = read_images(request, &state.limits, &state.pool).await?;
     let top_k = parse_top_k(query, body_top_k, model.info.num_classes)?;
     if images.is_empty() {
         return Err(ApiError::BadRequest("the request holds no image".into()));
     }
-    let limit = state.limits.max_images_per_request;
-    if images.len() > limit {
+    if images.len() > state.limits.max_images_per_request {
         return Err(ApiError::TooManyImages {
-            count: images.len(),
-            limit,
+            limit: state.limits.max_images_per_request,
         });
     }
+    image_count.store(images.len(), Ordering::Relaxed);
 
     let mut admission = model.admit(images.len())?;
     let prepared = prepare_all(state, model, images).await?;
     let mut pending = Vec::with_capacity(prepared.len());
+    let mut submit_error = None;
     for image in prepared {
         let (reply, answer) = oneshot::channel();
-        model.submit(ImageJob {
+        if let Err(e) = model.submit(ImageJob {
             pixels: image.pixels,
             top_k,
             reply,
-        })?;
+        }) {
+            submit_error = Some(e);
+            break;
+        }
         pending.push((answer, image.decode, image.preprocess));
     }
     admission.images_queued();
 
-    let mut results = Vec::with_capacity(pending.len());
-    let mut request_timing = Timing::default();
+    // Wait for every queued image, even once one has failed: dropping the others' receivers
+    // would make them look abandoned by the client, and releasing the admission early would
+    // under-count the images still in flight.
+    let mut answers = Vec::with_capacity(pending.len());
     for (answer, decode, preprocess) in pending {
+        answers.push((answer.await, decode, preprocess));
+    }
+    drop(admission);
+    if let Some(e) = submit_error {
+        return Err(e);
+    }
+    let mut results = Vec::with_capacity(answers.len());
+    let mut request_timing = Timing::default();
+    for (answer, decode, preprocess) in answers {
         let prediction = answer
-            .await
             .map_err(|_| ApiError::Internal)?
             .map_err(|e| match e {
                 InferenceError::Failed => ApiError::Internal,
@@ -204,7 +235,6 @@ async fn classify_images(
         request_timing = request_timing.max(result.timing_ms);
         results.push(result);
     }
-    drop(admission);
     request_timing.total = millis(started.elapsed());
     let server_timing = request_timing.server_timing();
     let body = ClassifyResponse {
@@ -281,7 +311,10 @@ fn image_result(
         .iter()
         .map(|&(index, score)| Prediction {
             index,
-            label: labels[index].clone(),
+            label: labels
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| format!("class_{index}")),
             score,
         })
         .collect();

@@ -1,12 +1,21 @@
 //! Turning a request body into images: raw image bytes, multipart/form-data or JSON+base64.
+//!
+//! Every path is bounded: the body by `--max-body-bytes` and `--body-timeout`, the number of
+//! images by `--max-images-per-request` while parsing (a 32 MB JSON body of empty strings would
+//! otherwise become ten million allocations before any check), and JSON parsing plus base64
+//! decoding run on the decode pool, not on the async workers.
 
+use super::RequestLimits;
 use crate::error::ApiError;
 use crate::pipeline::decode::ACCEPTED_FORMATS;
+use crate::pipeline::DecodePool;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
 use base64::Engine;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+use std::future::Future;
 
 pub const ACCEPTED_CONTENT_TYPES: &str =
     "image/jpeg, image/png, image/webp, image/gif, image/bmp, \
@@ -19,17 +28,10 @@ pub struct RequestImages {
     pub top_k: Option<usize>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRequest {
-    images: Vec<String>,
-    #[serde(default)]
-    top_k: Option<usize>,
-}
-
 pub async fn read_images(
     request: Request,
-    max_body_bytes: usize,
+    limits: &RequestLimits,
+    pool: &DecodePool,
 ) -> Result<RequestImages, ApiError> {
     let content_type = request
         .headers()
@@ -44,20 +46,37 @@ pub async fn read_images(
         .trim()
         .to_owned();
     match media_type.as_str() {
-        "multipart/form-data" => read_multipart(request, max_body_bytes).await,
-        "application/json" => read_json(request, max_body_bytes).await,
+        "multipart/form-data" => within_body_timeout(limits, read_multipart(request, limits)).await,
+        "application/json" => {
+            let body =
+                within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
+            let max_images = limits.max_images_per_request;
+            pool.run(move || parse_json(&body, max_images)).await
+        }
         // curl --data-binary sends form-urlencoded unless told otherwise; the bytes are sniffed
         // like any raw upload, so a wrong label on an image is no reason to refuse it.
         "application/octet-stream" | "application/x-www-form-urlencoded" | "" => {
-            read_raw(request, max_body_bytes).await
+            read_raw(request, limits).await
         }
-        t if t.starts_with("image/") => read_raw(request, max_body_bytes).await,
+        t if t.starts_with("image/") => read_raw(request, limits).await,
         other => Err(ApiError::UnsupportedMediaType {
             message: format!(
                 "Content-Type {other:?} is not accepted; send {ACCEPTED_CONTENT_TYPES}"
             ),
         }),
     }
+}
+
+/// A client that trickles its body must not hold a handler (and delay shutdown) forever.
+async fn within_body_timeout<T>(
+    limits: &RequestLimits,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(limits.body_timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            seconds: limits.body_timeout.as_secs(),
+        })?
 }
 
 async fn body_bytes(request: Request, limit: usize) -> Result<Bytes, ApiError> {
@@ -83,33 +102,106 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-async fn read_raw(request: Request, limit: usize) -> Result<RequestImages, ApiError> {
-    let body = body_bytes(request, limit).await?;
+async fn read_raw(request: Request, limits: &RequestLimits) -> Result<RequestImages, ApiError> {
+    let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
     Ok(RequestImages {
         images: vec![body],
         top_k: None,
     })
 }
 
-async fn read_json(request: Request, limit: usize) -> Result<RequestImages, ApiError> {
-    let body = body_bytes(request, limit).await?;
-    let parsed: JsonRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "invalid JSON body ({e}); expected {{\"images\": [\"<base64>\", ...], \"top_k\": k}}"
-        ))
-    })?;
-    let images = parsed
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            decode_base64(text).map_err(|e| ApiError::BadRequest(format!("images[{i}]: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RequestImages {
-        images,
-        top_k: parsed.top_k,
+/// Marks the serde error raised when the images array is longer than allowed.
+const TOO_MANY_IMAGES: &str = "too many images";
+
+/// Parse `{"images": [...], "top_k": k}`, decoding each image as it is read and stopping at the
+/// first image beyond `max_images`.
+fn parse_json(body: &[u8], max_images: usize) -> Result<RequestImages, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = JsonRequestSeed { max_images }
+        .deserialize(&mut deserializer)
+        .and_then(|request| deserializer.end().map(|()| request));
+    parsed.map_err(|e| {
+        let message = e.to_string();
+        if message.starts_with(TOO_MANY_IMAGES) {
+            ApiError::TooManyImages { limit: max_images }
+        } else {
+            ApiError::BadRequest(format!(
+                "invalid JSON body ({message}); expected {{\"images\": [\"<base64>\", ...], \"top_k\": k}}"
+            ))
+        }
     })
+}
+
+struct JsonRequestSeed {
+    max_images: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for JsonRequestSeed {
+    type Value = RequestImages;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonRequestSeed {
+    type Value = RequestImages;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with \"images\" and optionally \"top_k\"")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestImages, A::Error> {
+        let (mut images, mut top_k) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "images" => {
+                    images = Some(map.next_value_seed(ImagesSeed {
+                        max_images: self.max_images,
+                    })?)
+                }
+                "top_k" => top_k = Some(map.next_value::<usize>()?),
+                other => return Err(A::Error::custom(format!("unknown field {other:?}"))),
+            }
+        }
+        let images = images.ok_or_else(|| A::Error::missing_field("images"))?;
+        Ok(RequestImages { images, top_k })
+    }
+}
+
+struct ImagesSeed {
+    max_images: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ImagesSeed {
+    type Value = Vec<Bytes>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ImagesSeed {
+    type Value = Vec<Bytes>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of base64-encoded images")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Bytes>, A::Error> {
+        let mut images = Vec::new();
+        while let Some(text) = seq.next_element::<String>()? {
+            if images.len() == self.max_images {
+                return Err(A::Error::custom(TOO_MANY_IMAGES));
+            }
+            let index = images.len();
+            images.push(
+                decode_base64(&text)
+                    .map_err(|e| A::Error::custom(format!("images[{index}]: {e}")))?,
+            );
+        }
+        Ok(images)
+    }
 }
 
 /// Standard base64, with or without padding, optionally as a `data:` URL.
@@ -125,19 +217,19 @@ fn decode_base64(text: &str) -> Result<Bytes, String> {
         .chars()
         .filter(|c| !c.is_ascii_whitespace())
         .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(payload.trim_end_matches('='))
-        .or_else(|_| {
-            base64::engine::general_purpose::STANDARD_NO_PAD.decode(payload.trim_end_matches('='))
-        })
-        .or_else(|_| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
-        })
+    let payload = payload.trim_end_matches('=');
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(payload)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload))
         .map(Bytes::from)
         .map_err(|e| format!("not valid base64 ({e})"))
 }
 
-async fn read_multipart(request: Request, limit: usize) -> Result<RequestImages, ApiError> {
+async fn read_multipart(
+    request: Request,
+    limits: &RequestLimits,
+) -> Result<RequestImages, ApiError> {
+    let limit = limits.max_body_bytes;
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid multipart/form-data request: {}",
@@ -146,12 +238,11 @@ async fn read_multipart(request: Request, limit: usize) -> Result<RequestImages,
     })?;
     let mut images = Vec::new();
     let mut top_k = None;
-    loop {
-        let field = multipart
-            .next_field()
-            .await
-            .map_err(|e| multipart_error(e, limit))?;
-        let Some(field) = field else { break };
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
         let name = field.name().unwrap_or("").to_owned();
         let is_file = field.file_name().is_some();
         let data = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
@@ -161,6 +252,11 @@ async fn read_multipart(request: Request, limit: usize) -> Result<RequestImages,
                 ApiError::BadRequest(format!("top_k must be a positive integer, not {text:?}"))
             })?);
         } else {
+            if images.len() == limits.max_images_per_request {
+                return Err(ApiError::TooManyImages {
+                    limit: limits.max_images_per_request,
+                });
+            }
             images.push(data);
         }
     }
@@ -196,5 +292,30 @@ mod tests {
             Bytes::from_static(b"hi")
         );
         assert!(decode_base64("***").is_err());
+    }
+
+    #[test]
+    fn json_images_are_bounded_while_parsing() {
+        let request = parse_json(br#"{"top_k": 3, "images": ["aGk=", "aGk"]}"#, 2).unwrap();
+        assert_eq!(request.images.len(), 2);
+        assert_eq!(request.top_k, Some(3));
+        let many = format!("{{\"images\": [{}]}}", vec!["\"\""; 1000].join(","));
+        assert!(matches!(
+            parse_json(many.as_bytes(), 2),
+            Err(ApiError::TooManyImages { limit: 2 })
+        ));
+        for bad in [
+            &br#"{"images": 3}"#[..],
+            br#"{"top_k": 1}"#,
+            br#"{"images": [], "x": 1}"#,
+            b"[1]",
+            br#"{"images": ["***"]}"#,
+        ] {
+            assert!(
+                matches!(parse_json(bad, 2), Err(ApiError::BadRequest(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -28,6 +28,8 @@ pub use input::ACCEPTED_CONTENT_TYPES;
 pub struct RequestLimits {
     pub max_images_per_request: usize,
     pub max_body_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub max_concurrent_requests: usize,
     pub decode: DecodeOptions,
 }
 
@@ -38,6 +40,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     pub pool: DecodePool,
     pub metrics: Arc<Metrics>,
+    /// One permit per classification request being handled (`--max-concurrent-requests`).
+    pub requests: Arc<tokio::sync::Semaphore>,
     shutting_down: AtomicBool,
 }
 
@@ -52,6 +56,7 @@ impl AppState {
         Self {
             models,
             default_model,
+            requests: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             limits,
             pool,
             metrics,

@@ -44,7 +44,14 @@ pub enum DecodeError {
         format: &'static str,
         reason: String,
     },
+    #[error("image is {width}x{height}, an aspect ratio above {MAX_ASPECT_RATIO}:1; crop it before sending")]
+    AspectRatio { width: u64, height: u64 },
 }
+
+/// Longest side over shortest side accepted. Far beyond any photograph, and it bounds the work a
+/// small file can cause: a 1 x 40,000,000 PNG passes the pixel limit in 160 KB, and resizing
+/// its short side to 256 would make a 10-gigapixel axis.
+pub const MAX_ASPECT_RATIO: u64 = 100;
 
 /// Decode `bytes` into RGB, refusing images above `opts.max_pixels`.
 pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, DecodeError> {
@@ -98,6 +105,9 @@ fn check_pixels(width: u64, height: u64, limit: u64) -> Result<(), DecodeError> 
             format: "image",
             reason: format!("it declares an empty size {width}x{height}"),
         });
+    }
+    if width.max(height) > MAX_ASPECT_RATIO * width.min(height) {
+        return Err(DecodeError::AspectRatio { width, height });
     }
     Ok(())
 }
@@ -311,6 +321,18 @@ mod tests {
             }) => {}
             other => panic!("expected TooManyPixels, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn refuses_extreme_aspect_ratios_before_decoding() {
+        assert!(matches!(
+            decode(&png_bytes(202, 2), &OPTS),
+            Err(DecodeError::AspectRatio {
+                width: 202,
+                height: 2
+            })
+        ));
+        assert!(decode(&png_bytes(200, 2), &OPTS).is_ok());
     }
 
     #[test]

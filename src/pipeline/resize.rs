@@ -84,27 +84,31 @@ impl RgbImage {
 
 /// The taps of one output pixel along one axis: `weights[i]` multiplies input `first + i`.
 struct Taps {
-    /// Row-major `[out_size][ksize]` fixed-point weights.
+    /// Row-major `[outputs][ksize]` fixed-point weights.
     weights: Vec<i32>,
     /// Per output pixel: (first input index, number of taps).
     bounds: Vec<(usize, usize)>,
     ksize: usize,
+    /// The first output these taps are for (only the window's outputs are computed).
+    first_output: usize,
 }
 
 impl Taps {
     /// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for a box that spans
-    /// the whole input axis.
-    fn new(in_size: usize, out_size: usize, filter: Filter) -> Self {
+    /// the whole input axis, computed only for `outputs` (each output's taps depend on its
+    /// index alone, so this equals the matching slice of Pillow's table).
+    fn new(in_size: usize, out_size: usize, outputs: Range<usize>, filter: Filter) -> Self {
         let scale = in_size as f64 / out_size as f64;
         let filterscale = scale.max(1.0);
         let support = filter.support() * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
         let inv_filterscale = 1.0 / filterscale;
 
-        let mut weights = vec![0i32; out_size * ksize];
-        let mut bounds = Vec::with_capacity(out_size);
+        let first_output = outputs.start;
+        let mut weights = vec![0i32; outputs.len() * ksize];
+        let mut bounds = Vec::with_capacity(outputs.len());
         let mut row = vec![0f64; ksize];
-        for xx in 0..out_size {
+        for (i, xx) in outputs.enumerate() {
             let center = (xx as f64 + 0.5) * scale;
             // `(int)` in C truncates toward zero; `as i64` does the same.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -115,7 +119,7 @@ impl Taps {
                 *w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * inv_filterscale);
                 total += *w;
             }
-            let out = &mut weights[xx * ksize..xx * ksize + taps];
+            let out = &mut weights[i * ksize..i * ksize + taps];
             for (dst, &w) in out.iter_mut().zip(&row[..taps]) {
                 let w = if total != 0.0 { w / total } else { w };
                 *dst = quantize(w);
@@ -126,12 +130,14 @@ impl Taps {
             weights,
             bounds,
             ksize,
+            first_output,
         }
     }
 
     fn of(&self, out_index: usize) -> (usize, &[i32]) {
-        let (first, taps) = self.bounds[out_index];
-        let start = out_index * self.ksize;
+        let i = out_index - self.first_output;
+        let (first, taps) = self.bounds[i];
+        let start = i * self.ksize;
         (first, &self.weights[start..start + taps])
     }
 }
@@ -176,13 +182,13 @@ pub fn resize_window(
     let need_horizontal = width != src.width;
     let need_vertical = height != src.height;
     // Source rows the window reads: all of `rows` when there is no vertical pass.
-    let vertical = need_vertical.then(|| Taps::new(src.height, height, filter));
+    let vertical = need_vertical.then(|| Taps::new(src.height, height, rows.clone(), filter));
     let (first_row, last_row) = match &vertical {
         Some(taps) => taps.span(rows.clone()),
         None => (rows.start, rows.end),
     };
     let temp = if need_horizontal {
-        let horizontal = Taps::new(src.width, width, filter);
+        let horizontal = Taps::new(src.width, width, columns.clone(), filter);
         resample_horizontal(src, &horizontal, columns, first_row, last_row)
     } else {
         copy_window(src, columns, first_row, last_row)
@@ -211,11 +217,9 @@ fn copy_window(
 impl Taps {
     /// The source index range the output range `outputs` reads.
     fn span(&self, outputs: Range<usize>) -> (usize, usize) {
-        let first = outputs.clone().map(|o| self.bounds[o].0).min().unwrap_or(0);
-        let last = outputs
-            .map(|o| self.bounds[o].0 + self.bounds[o].1)
-            .max()
-            .unwrap_or(0);
+        let taps = || outputs.clone().map(|o| self.bounds[o - self.first_output]);
+        let first = taps().map(|(first, _)| first).min().unwrap_or(0);
+        let last = taps().map(|(first, n)| first + n).max().unwrap_or(0);
         (first, last)
     }
 }
@@ -331,7 +335,7 @@ mod tests {
 
     #[test]
     fn downscale_support_grows_with_ratio() {
-        let taps = Taps::new(100, 10, Filter::Bicubic);
+        let taps = Taps::new(100, 10, 0..10, Filter::Bicubic);
         // scale 10: support 20, so each output pixel reads up to 41 inputs.
         assert_eq!(taps.ksize, 41);
         let (first, weights) = taps.of(5);
