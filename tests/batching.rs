@@ -56,17 +56,9 @@ async fn concurrent_requests_are_batched_and_answered_correctly() {
         "{batch_sizes:?}"
     );
 
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
-            .unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
+    let metrics = scrape(&server.base).await;
+    let value = |series: &str| {
+        metric(&metrics, series).unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
     };
     let batches = value(r#"visionserve_batch_size_count{model="lite0"}"#);
     let images = value(r#"visionserve_batch_size_sum{model="lite0"}"#);

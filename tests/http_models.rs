@@ -71,23 +71,16 @@ async fn efficientnet_and_coatnet_side_by_side() {
         done.unwrap();
     }
 
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server.base).await;
     for (name, _) in MODELS {
-        let images = metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("visionserve_batch_size_sum{{model=\"{name}\"}} "))
-            })
-            .unwrap_or_else(|| panic!("{name} has its own batch metrics"));
+        let images = metric(
+            &metrics,
+            &format!("visionserve_batch_size_sum{{model=\"{name}\"}}"),
+        );
         assert_eq!(
-            images.trim().parse::<f64>().unwrap(),
-            9.0,
-            "{name} ran its 9 images itself"
+            images,
+            Some(9.0),
+            "{name} ran its 9 images on its own batcher"
         );
     }
     let models: serde_json::Value = reqwest::get(server.url("/v1/models"))

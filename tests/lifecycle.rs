@@ -164,20 +164,13 @@ async fn sigterm_answers_requests_in_flight() {
         });
     }
     // Wait until the server has run a batch, so the others are admitted and queued.
-    let metrics_url = format!("{base}/metrics");
     loop {
-        let text = reqwest::get(&metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let batches_run = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(r#"visionserve_inference_duration_seconds_count{model="lite0"} "#)
-            })
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+        let text = scrape(&base).await;
+        let batches_run = metric(
+            &text,
+            r#"visionserve_inference_duration_seconds_count{model="lite0"}"#,
+        )
+        .unwrap_or(0.0);
         assert!(
             batches_run < 8.0,
             "all requests finished before SIGTERM: the test proves nothing"
@@ -270,21 +263,11 @@ async fn disconnected_clients_are_dropped_before_inference() {
     let mut last = (-1.0, -1.0);
     let mut settled = 0;
     for _ in 0..100 {
-        let metrics = reqwest::get(server.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |series: &str| -> f64 {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
-                .unwrap_or(0.0)
-        };
+        let metrics = scrape(&server.base).await;
+        let value = |series: &str| metric(&metrics, series).unwrap_or(0.0);
         let dropped =
-            value(r#"visionserve_dropped_images_total{model="lite0",reason="client_gone"} "#);
-        let ran = value(r#"visionserve_batch_size_sum{model="lite0"} "#);
+            value(r#"visionserve_dropped_images_total{model="lite0",reason="client_gone"}"#);
+        let ran = value(r#"visionserve_batch_size_sum{model="lite0"}"#);
         settled = if (ran, dropped) == last {
             settled + 1
         } else {
@@ -303,7 +286,7 @@ async fn disconnected_clients_are_dropped_before_inference() {
             );
             assert!(ran < 16.0, "abandoned images ran anyway\n{metrics}");
             let gone =
-                value(r#"visionserve_request_failures_total{model="lite0",reason="client_gone"} "#);
+                value(r#"visionserve_request_failures_total{model="lite0",reason="client_gone"}"#);
             assert_eq!(
                 gone, 12.0,
                 "every client that hung up is counted\n{metrics}"

@@ -296,3 +296,22 @@ pub fn parity_data() -> PathBuf {
     );
     dir
 }
+
+/// The server's `/metrics` text.
+pub async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the series `name{labels}` in metrics text, if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')
+            .map(|v| v.trim().parse().unwrap())
+    })
+}
