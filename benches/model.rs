@@ -64,15 +64,8 @@ fn main() -> anyhow::Result<()> {
         intra_op_threads: None,
         files,
     };
-    let model = visionserve::models::load(
-        &spec.files,
-        spec.num_classes,
-        spec.preprocess.input_size,
-        spec.device,
-        spec.kind,
-    )?;
-    let backend = model.backend();
-    let runner = Runner::new(model, &spec)?;
+    let runner = Runner::load(&spec)?;
+    let backend = runner.backend();
     let (h, w) = config.preprocess.input_size;
     let image: Vec<u8> = (0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect();
     for batch in &args.batch_sizes {

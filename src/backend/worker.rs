@@ -44,6 +44,22 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Load the model `spec` describes and wrap it.
+    pub fn load(spec: &WorkerSpec) -> Result<Self> {
+        let model = models::load(
+            &spec.files,
+            spec.num_classes,
+            spec.preprocess.input_size,
+            spec.device,
+            spec.kind,
+        )?;
+        Self::new(model, spec)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.model.backend()
+    }
+
     pub fn new(model: Box<dyn Classifier>, spec: &WorkerSpec) -> Result<Self> {
         let (height, width) = spec.preprocess.input_size;
         let channel_tensor = |v: [f32; 3]| -> Result<Tensor> {
@@ -195,15 +211,8 @@ pub fn run(
 
 fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     let start = Instant::now();
-    let model = models::load(
-        &spec.files,
-        spec.num_classes,
-        spec.preprocess.input_size,
-        spec.device,
-        spec.kind,
-    )?;
-    status.set_backend(model.backend());
-    let runner = Runner::new(model, spec)?;
+    let runner = Runner::load(spec)?;
+    status.set_backend(runner.backend());
     let loaded_in = start.elapsed();
     let timings = runner.warm_up(spec.max_batch_size)?;
     tracing::info!(

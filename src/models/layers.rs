@@ -322,17 +322,6 @@ impl LayerNorm2d {
             )
             .permute([0, 3, 1, 2])
     }
-
-    /// LayerNorm over the last dimension (channels-last input).
-    pub fn forward_last_dim(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
-            [self.channels],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            false,
-        )
-    }
 }
 
 /// An eval-mode BatchNorm that cannot be folded into a neighbouring convolution.

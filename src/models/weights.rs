@@ -78,10 +78,6 @@ impl Weights {
         self.tensors.contains_key(key)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
-    }
-
     /// The tensor `key` as CPU f32, checked against `shape`. A 1x1 convolution weight
     /// `[o, i, 1, 1]` and a linear weight `[o, i]` are accepted for each other, as timm
     /// checkpoints use both layouts for the same layers.

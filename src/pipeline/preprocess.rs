@@ -90,29 +90,6 @@ pub fn preprocess(image: &RgbImage, cfg: &PreprocessConfig) -> RgbImage {
     })
 }
 
-/// torchvision `center_crop`: offsets `int(round((size - crop) / 2))` with Python's
-/// half-to-even rounding; a crop larger than the image is zero-padded, with the odd pixel of
-/// padding on the right/bottom.
-pub fn center_crop(image: &RgbImage, crop_w: usize, crop_h: usize) -> RgbImage {
-    // A "resize" to the image's own size is a plain copy of the window.
-    crop_window(
-        image.width,
-        image.height,
-        crop_w,
-        crop_h,
-        |columns, rows| {
-            resize_window(
-                image,
-                image.width,
-                image.height,
-                columns,
-                rows,
-                Filter::Bilinear,
-            )
-        },
-    )
-}
-
 /// Center-crop a `width` x `height` image that `window(columns, rows)` produces piecewise.
 fn crop_window(
     width: usize,
@@ -162,6 +139,29 @@ fn crop_offset(size: usize, crop: usize) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// torchvision `center_crop`: offsets `int(round((size - crop) / 2))` with Python's
+    /// half-to-even rounding; a crop larger than the image is zero-padded, with the odd pixel of
+    /// padding on the right/bottom.
+    fn center_crop(image: &RgbImage, crop_w: usize, crop_h: usize) -> RgbImage {
+        // A "resize" to the image's own size is a plain copy of the window.
+        crop_window(
+            image.width,
+            image.height,
+            crop_w,
+            crop_h,
+            |columns, rows| {
+                resize_window(
+                    image,
+                    image.width,
+                    image.height,
+                    columns,
+                    rows,
+                    Filter::Bilinear,
+                )
+            },
+        )
+    }
 
     fn cfg(size: usize, crop_pct: f64, crop_mode: CropMode) -> PreprocessConfig {
         PreprocessConfig {
