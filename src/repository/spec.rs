@@ -1,0 +1,126 @@
+//! The `--model` spec grammar: `NAME=SOURCE?opt=value&...` parsed into a [`ModelSpec`].
+
+use super::layout::WeightsFormat;
+use std::path::Path;
+
+/// One `--model` argument: `NAME=SOURCE?opt=value&...` or `SOURCE`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub source: String,
+    pub options: ModelOptions,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOptions {
+    /// Serve at this square input size instead of the checkpoint's default.
+    pub input_size: Option<usize>,
+    /// The architecture, for weight files that come without a config.json.
+    pub arch: Option<String>,
+}
+
+impl ModelSpec {
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name_and_source, query) = match spec.split_once('?') {
+            Some((head, query)) => (head, Some(query)),
+            None => (spec, None),
+        };
+        let (name, source) = match name_and_source.split_once('=') {
+            Some((name, source)) if !name.contains('/') && !name.contains(':') => {
+                (name.to_owned(), source.to_owned())
+            }
+            _ => (default_name(name_and_source), name_and_source.to_owned()),
+        };
+        if name.is_empty() || source.is_empty() {
+            return Err(format!("--model {spec:?}: expected NAME=SOURCE or SOURCE"));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "--model {spec:?}: model names may only use letters, digits, '-', '_' and '.'"
+            ));
+        }
+        let options = query.map(parse_options).transpose()?.unwrap_or_default();
+        Ok(Self {
+            name,
+            source,
+            options,
+        })
+    }
+}
+
+fn parse_options(query: &str) -> Result<ModelOptions, String> {
+    let mut options = ModelOptions::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("model option {pair:?} is not key=value"))?;
+        match key {
+            "input_size" => {
+                let size: usize = value
+                    .parse()
+                    .map_err(|_| format!("input_size must be a positive integer, not {value:?}"))?;
+                if !(16..=4096).contains(&size) {
+                    return Err(format!("input_size {size} is outside 16..=4096"));
+                }
+                options.input_size = Some(size);
+            }
+            "arch" => options.arch = Some(value.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown model option {key:?} (known: input_size, arch)"
+                ))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// A name for a model given only by its source: the folder name, or the Hub repo's model name
+/// without its tag (`hf-hub:timm/tf_efficientnetv2_s.in1k` -> `tf_efficientnetv2_s`).
+pub(super) fn default_name(source: &str) -> String {
+    if let Some(repo) = source.strip_prefix("hf-hub:") {
+        let repo = repo.split('@').next().unwrap_or(repo);
+        let model = repo.rsplit('/').next().unwrap_or(repo);
+        return model.split('.').next().unwrap_or(model).to_owned();
+    }
+    let path = Path::new(source.trim_end_matches('/'));
+    let path = if WeightsFormat::from_path(path).is_some() {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_model_specs() {
+        let s = ModelSpec::parse("lite0=weights/tf_efficientnet_lite0").unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.source.as_str()),
+            ("lite0", "weights/tf_efficientnet_lite0")
+        );
+        let s = ModelSpec::parse("weights/tf_efficientnet_lite0/").unwrap();
+        assert_eq!(s.name, "tf_efficientnet_lite0");
+        let s = ModelSpec::parse("weights/tf_efficientnet_lite0/model.pt").unwrap();
+        assert_eq!(s.name, "tf_efficientnet_lite0");
+        let s = ModelSpec::parse("hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k?input_size=300")
+            .unwrap();
+        assert_eq!(s.name, "tf_efficientnetv2_s");
+        assert_eq!(s.source, "hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k");
+        assert_eq!(s.options.input_size, Some(300));
+        assert!(ModelSpec::parse("m=x?size=3")
+            .unwrap_err()
+            .contains("unknown model option"));
+        assert!(ModelSpec::parse("bad name=x").is_err());
+    }
+}
