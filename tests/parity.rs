@@ -1,7 +1,8 @@
 //! Native architectures against their reference implementation: checkpoints written by timm
 //! (Hub layout) or torchvision with seeded random weights and randomised norm statistics, the
 //! same input through both, top-5 identical and max |diff| / max |logit| <= 1e-4 in f32 on
-//! CPU, at an even and an odd input size (tests/fixtures/make_parity.py).
+//! CPU, at an even and an odd input size (tests/fixtures/make_parity.py). The embeddings (timm's
+//! `forward_head(x, pre_logits=True)`) are held to the same relative tolerance.
 
 mod common;
 
@@ -17,7 +18,16 @@ struct Outcome {
     unit: String,
     size: i64,
     max_rel: f64,
+    /// The same for the embeddings; `None` for units with no timm reference (torchvision).
+    embeddings_rel: Option<f64>,
     same_top5: bool,
+}
+
+/// max |got - want| / max |want|.
+fn relative_difference(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.size(), want.size());
+    let max_diff = (got - want).abs().max().double_value(&[]);
+    max_diff / want.abs().max().double_value(&[])
 }
 
 fn load_unit(unit: &Path, meta: &serde_json::Value) -> Box<dyn Classifier> {
@@ -76,15 +86,16 @@ fn check_unit(unit: &Path) -> Vec<Outcome> {
             } else {
                 input.shallow_clone()
             };
-            let got = model.forward(&input).unwrap();
-            assert_eq!(got.size(), want.size());
-            let max_diff = (&got - want).abs().max().double_value(&[]);
-            let max_logit = want.abs().max().double_value(&[]);
+            let got = model.forward_with_embeddings(&input).unwrap();
+            let embeddings_rel = references
+                .get(&format!("pre_logits_{size}"))
+                .map(|want| relative_difference(got.embeddings.as_ref().unwrap(), want));
             Outcome {
                 unit: meta["name"].as_str().unwrap().to_owned(),
                 size,
-                max_rel: max_diff / max_logit,
-                same_top5: top5(&got) == top5(want),
+                max_rel: relative_difference(&got.logits, want),
+                embeddings_rel,
+                same_top5: top5(&got.logits) == top5(want),
             }
         })
         .collect()
@@ -121,23 +132,33 @@ fn check_family(family: &str, presets: &[&str]) {
     }
 
     let mut failures = Vec::new();
+    let mut embeddings_checked = 0;
     for unit in &units {
         for o in check_unit(unit) {
+            embeddings_checked += usize::from(o.embeddings_rel.is_some());
+            let embeddings = o
+                .embeddings_rel
+                .map_or("-".to_owned(), |rel| format!("{rel:.2e}"));
             println!(
-                "{:<28} {:>4}px  max|diff|/max|logit| = {:.2e}  top-5 {}",
+                "{:<28} {:>4}px  max|diff|/max|logit| = {:.2e}  embeddings {embeddings}  top-5 {}",
                 o.unit,
                 o.size,
                 o.max_rel,
                 if o.same_top5 { "same" } else { "DIFFERENT" }
             );
-            if !(o.max_rel <= TOLERANCE && o.same_top5) {
+            let embeddings_ok = o.embeddings_rel.is_none_or(|rel| rel <= TOLERANCE);
+            if !(o.max_rel <= TOLERANCE && o.same_top5 && embeddings_ok) {
                 failures.push(format!(
-                    "{} at {}px: rel {:.2e}, top-5 same: {}",
+                    "{} at {}px: rel {:.2e}, embeddings rel {embeddings}, top-5 same: {}",
                     o.unit, o.size, o.max_rel, o.same_top5
                 ));
             }
         }
     }
+    assert!(
+        embeddings_checked > 0,
+        "no {family} unit has timm's embeddings (pre_logits_<size>): regenerate the fixtures"
+    );
     assert!(
         failures.is_empty(),
         "parity failures:\n{}",

@@ -19,7 +19,7 @@ use super::layers::{
     make_divisible, Act, BatchNorm2d, Conv2d, ConvSpec, LayerNorm2d, Linear, Padding, SqueezeExcite,
 };
 use super::weights::Weights;
-use super::Classifier;
+use super::{Classifier, Forward};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -1099,7 +1099,7 @@ impl CoAtNet {
 }
 
 impl Classifier for CoAtNet {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward> {
         let x = self.stem_conv1.forward(input);
         let x = match &self.stem_norm {
             StemNorm::Folded(act) => act.apply(x),
@@ -1109,18 +1109,25 @@ impl Classifier for CoAtNet {
         for block in &self.blocks {
             x = block.forward(&x);
         }
-        Ok(match &self.head {
-            Head::Classifier { norm, fc } => {
-                fc.forward(&norm.forward(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1))
-            }
+        // timm's `forward_head(x, pre_logits=True)` stops before the last `fc`: after the
+        // pooling for the rw/coatnext head, after `pre_logits` (fc + tanh) for the paper head.
+        let (embeddings, fc) = match &self.head {
+            Head::Classifier { norm, fc } => (
+                norm.forward(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1),
+                fc,
+            ),
             Head::NormMlp {
                 norm,
                 pre_logits,
                 fc,
             } => {
                 let pooled = norm.forward(&x.adaptive_avg_pool2d([1, 1])).flatten(1, -1);
-                fc.forward(&pre_logits.forward(&pooled).tanh())
+                (pre_logits.forward(&pooled).tanh(), fc)
             }
+        };
+        Ok(Forward {
+            logits: fc.forward(&embeddings),
+            embeddings: Some(embeddings),
         })
     }
 

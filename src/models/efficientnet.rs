@@ -17,7 +17,7 @@ use super::layers::{
     SqueezeExcite,
 };
 use super::weights::Weights;
-use super::Classifier;
+use super::{Classifier, Forward};
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
@@ -761,14 +761,19 @@ impl EfficientNet {
 }
 
 impl Classifier for EfficientNet {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+    /// timm's `forward_features`, then `forward_head`: the embeddings are the pooled features
+    /// (`pre_logits=True`), the logits the classifier applied to them.
+    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward> {
         let mut x = self.act.apply(self.conv_stem.forward(input));
         for block in &self.blocks {
             x = block.forward(&x);
         }
         let x = self.act.apply(self.conv_head.forward(&x));
         let pooled = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        Ok(self.classifier.forward(&pooled))
+        Ok(Forward {
+            logits: self.classifier.forward(&pooled),
+            embeddings: Some(pooled),
+        })
     }
 
     fn backend(&self) -> &'static str {

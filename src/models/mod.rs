@@ -16,11 +16,25 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 use weights::Weights;
 
+/// What a forward pass gives: the logits, and for native models the embeddings they came from.
+pub struct Forward {
+    /// `[batch, num_classes]`.
+    pub logits: Tensor,
+    /// `[batch, features]`: the pooled features before the classifier, as timm's
+    /// `forward_head(x, pre_logits=True)` returns them. `None` where the model is opaque.
+    pub embeddings: Option<Tensor>,
+}
+
 /// A loaded image classifier. Only the model thread calls it.
 pub trait Classifier: Send {
     /// `input`: `[batch, 3, height, width]` in the model's dtype on its device. Returns logits
     /// `[batch, num_classes]`.
-    fn forward(&self, input: &Tensor) -> Result<Tensor>;
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_embeddings(input)?.logits)
+    }
+
+    /// Logits and, where the architecture is known, the embeddings (one pass for both).
+    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward>;
 
     /// What runs, for `/v1/models` ("torchscript" or "native").
     fn backend(&self) -> &'static str;

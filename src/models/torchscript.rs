@@ -1,7 +1,7 @@
 //! Any TorchScript classifier (`torch.jit.save`), e.g. a timm or torchvision model exported by
 //! `weights/export.py`. The module is run as is, in eval mode.
 
-use super::Classifier;
+use super::{Classifier, Forward};
 use anyhow::{Context, Result};
 use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
@@ -23,8 +23,13 @@ impl TorchScriptModel {
 }
 
 impl Classifier for TorchScriptModel {
-    fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        Ok(self.module.forward_ts(&[input])?)
+    /// A TorchScript module is opaque: its `forward` gives logits, and nothing says which of its
+    /// inner values are the embeddings.
+    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward> {
+        Ok(Forward {
+            logits: self.module.forward_ts(&[input])?,
+            embeddings: None,
+        })
     }
 
     fn backend(&self) -> &'static str {
