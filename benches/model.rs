@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use visionserve::backend::device;
 use visionserve::backend::worker::{Runner, WorkerSpec};
+use visionserve::pipeline::{Outputs, Pixels};
 use visionserve::repository::{ModelFiles, ModelOptions};
 
 #[derive(Parser)]
@@ -67,15 +68,15 @@ fn main() -> anyhow::Result<()> {
     let runner = Runner::load(&spec)?;
     let backend = runner.backend();
     let (h, w) = config.preprocess.input_size;
-    let image: Vec<u8> = (0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect();
+    let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
     for batch in &args.batch_sizes {
-        let images = vec![image.as_slice(); *batch];
+        let images = vec![&image; *batch];
         for _ in 0..3 {
-            runner.classify(&images, 5)?;
+            runner.run(&images, Outputs::top_k(5))?;
         }
         let (mut runs, start) = (0u32, Instant::now());
         while start.elapsed() < Duration::from_secs_f64(args.seconds) {
-            runner.classify(&images, 5)?;
+            runner.run(&images, Outputs::top_k(5))?;
             runs += 1;
         }
         let per_batch = start.elapsed().as_secs_f64() / f64::from(runs);

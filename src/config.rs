@@ -3,7 +3,8 @@
 //! Each flag also reads a `VISIONSERVE_*` environment variable; the doc comment of each field is
 //! its `--help` text, and README.md's flag table is generated from `--help`.
 
-use clap::{Parser, ValueEnum};
+use clap::builder::Resettable;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ pub struct Config {
     /// Port to listen on (0 picks a free port).
     #[arg(long, env = "VISIONSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+
+    /// Port for the KServe v2 gRPC protocol (`inference.GRPCInferenceService` and
+    /// `grpc.health.v1.Health`) on --host; 0 picks a free port. Off when not given.
+    #[arg(long, env = "VISIONSERVE_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
 
     /// A model to serve, as NAME=SOURCE or just SOURCE (repeatable). SOURCE is a folder in the
     /// Hugging Face Hub layout (config.json + model.safetensors, pytorch_model.bin or a
@@ -208,8 +214,12 @@ impl Config {
     }
 
     /// A configuration for tests and embedding: every default, the given models, port 0.
+    /// `VISIONSERVE_*` variables are ignored, so a developer's environment cannot change what
+    /// a test runs.
     pub fn for_models<I: IntoIterator<Item = S>, S: Into<String>>(models: I) -> Self {
-        let mut config = Config::parse_from(["visionserve"]);
+        let command = Config::command().mut_args(|arg| arg.env(Resettable::Reset));
+        let matches = command.get_matches_from(["visionserve"]);
+        let mut config = Config::from_arg_matches(&matches).expect("the defaults parse");
         config.port = 0;
         config.models = models.into_iter().map(Into::into).collect();
         config
@@ -240,6 +250,16 @@ mod tests {
         let mut c = Config::for_models(["m=weights/x"]);
         c.max_images_per_request = 300;
         assert!(c.validate().unwrap_err().contains("--max-queue-images"));
+    }
+
+    #[test]
+    fn test_configs_ignore_the_environment() {
+        // A variable no test sets: what a developer might have exported.
+        std::env::set_var("VISIONSERVE_MAX_BATCH_DELAY_MS", "999");
+        let config = Config::for_models(["m=weights/x"]);
+        std::env::remove_var("VISIONSERVE_MAX_BATCH_DELAY_MS");
+        assert_eq!(config.max_batch_delay_ms, 5);
+        assert_eq!(config.port, 0);
     }
 
     #[test]

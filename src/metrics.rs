@@ -10,8 +10,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 pub const PREFIX: &str = "visionserve";
 pub const REQUESTS: &str = "requests";
@@ -171,6 +172,7 @@ impl Metrics {
         };
         ModelMetrics {
             model: model.to_owned(),
+            stats: Arc::default(),
             queue_wait: self.queue_wait.get_or_create(&label).clone(),
             preprocess: self.preprocess.get_or_create(&label).clone(),
             inference: self.inference.get_or_create(&label).clone(),
@@ -222,14 +224,91 @@ impl Metrics {
     }
 }
 
+/// How long the model thread's three phases of one batch took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchPhases {
+    /// Building the input tensor: upload and normalisation.
+    pub input: Duration,
+    /// The forward pass.
+    pub infer: Duration,
+    /// Softmax, top-k and copying outputs off the device.
+    pub output: Duration,
+}
+
+/// A count and the time it took, as the v2 statistics extension reports them.
+#[derive(Debug, Default)]
+pub struct DurationCounter {
+    count: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl DurationCounter {
+    fn add(&self, count: u64, each: Duration) {
+        self.count.fetch_add(count, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(count * each.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// (count, total nanoseconds).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The batch sizes `BatchStats` keeps apart; larger batches share the last slot.
+pub const MAX_TRACKED_BATCH: usize = 256;
+
+/// Per-model totals in the shape of the v2 statistics extension (Triton's `ModelStatistics`),
+/// counted by the same `ModelMetrics` calls that feed the histograms, so `/v2/.../stats` and
+/// `/metrics` never disagree.
+#[derive(Debug)]
+pub struct InferStats {
+    pub success: DurationCounter,
+    pub fail: DurationCounter,
+    /// Per image: from queueing to its batch starting.
+    pub queue: DurationCounter,
+    /// Per image, each charged its whole batch's time (Triton's convention).
+    pub compute_input: DurationCounter,
+    pub compute_infer: DurationCounter,
+    pub compute_output: DurationCounter,
+    /// Images run successfully, and batches.
+    pub inference_count: AtomicU64,
+    pub execution_count: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last batch (0: none yet).
+    pub last_inference_ms: AtomicU64,
+    /// Index `size - 1`: batches of that size, per phase.
+    pub batches: Vec<[DurationCounter; 3]>,
+}
+
+impl Default for InferStats {
+    fn default() -> Self {
+        Self {
+            success: DurationCounter::default(),
+            fail: DurationCounter::default(),
+            queue: DurationCounter::default(),
+            compute_input: DurationCounter::default(),
+            compute_infer: DurationCounter::default(),
+            compute_output: DurationCounter::default(),
+            inference_count: AtomicU64::new(0),
+            execution_count: AtomicU64::new(0),
+            last_inference_ms: AtomicU64::new(0),
+            batches: (0..MAX_TRACKED_BATCH).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
 /// One model's metric handles (cheap to clone: each is an Arc inside).
 #[derive(Clone)]
 pub struct ModelMetrics {
     model: String,
-    pub queue_wait: Histogram,
+    pub stats: Arc<InferStats>,
+    queue_wait: Histogram,
     pub preprocess: Histogram,
-    pub inference: Histogram,
-    pub batch_size: Histogram,
+    inference: Histogram,
+    batch_size: Histogram,
     pub request_duration: Histogram,
     pub queue_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -244,7 +323,41 @@ impl ModelMetrics {
         &self.model
     }
 
+    /// An image waited this long between queueing and its batch starting.
+    pub fn observe_queue_wait(&self, wait: Duration) {
+        self.queue_wait.observe(wait.as_secs_f64());
+        self.stats.queue.add(1, wait);
+    }
+
+    /// A batch of `size` images ran in `elapsed`.
+    pub fn batch_finished(&self, size: usize, elapsed: Duration, phases: BatchPhases) {
+        self.inference.observe(elapsed.as_secs_f64());
+        self.batch_size.observe(size as f64);
+        let stats = &self.stats;
+        let n = size as u64;
+        stats.compute_input.add(n, phases.input);
+        stats.compute_infer.add(n, phases.infer);
+        stats.compute_output.add(n, phases.output);
+        stats.inference_count.fetch_add(n, Ordering::Relaxed);
+        stats.execution_count.fetch_add(1, Ordering::Relaxed);
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        stats.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        let slot = &stats.batches[size.clamp(1, MAX_TRACKED_BATCH) - 1];
+        slot[0].add(1, phases.input);
+        slot[1].add(1, phases.infer);
+        slot[2].add(1, phases.output);
+    }
+
+    /// A batch of `size` images failed after `elapsed`.
+    pub fn batch_failed(&self, size: usize, elapsed: Duration) {
+        self.inference.observe(elapsed.as_secs_f64());
+        self.batch_size.observe(size as f64);
+    }
+
     pub fn request_succeeded(&self, images: usize, elapsed: Duration) {
+        self.stats.success.add(1, elapsed);
         self.request_duration.observe(elapsed.as_secs_f64());
         self.outcome(&self.requests, OUTCOME_SUCCESS).inc();
         self.outcome(&self.images, OUTCOME_SUCCESS)
@@ -259,6 +372,7 @@ impl ModelMetrics {
         server_error: bool,
         elapsed: Duration,
     ) {
+        self.stats.fail.add(1, elapsed);
         self.request_duration.observe(elapsed.as_secs_f64());
         let outcome = if server_error {
             OUTCOME_SERVER_ERROR
@@ -297,7 +411,7 @@ mod tests {
         let m = metrics.for_model("lite0");
         m.request_succeeded(3, Duration::from_millis(12));
         m.request_failed("undecodable_image", 1, false, Duration::from_millis(1));
-        m.batch_size.observe(3.0);
+        m.batch_finished(3, Duration::from_millis(30), BatchPhases::default());
         m.queue_depth.set(2);
         metrics.unknown_model_request("model_not_found");
         let text = metrics.encode_prometheus();

@@ -220,14 +220,17 @@ async fn disconnected_clients_are_dropped_before_inference() {
     let photo = read("photos/astronaut.png");
     let url = server.url("/v1/classify");
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(40))
+        // Long enough for every image to be decoded and queued even on a loaded machine (an
+        // image whose client leaves while it decodes never reaches the queue), short enough
+        // that a batch-1 queue of 16 images has not drained.
+        .timeout(Duration::from_millis(100))
         .build()
         .unwrap();
     let patient = reqwest::Client::new();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
-        // Every fourth client waits; the others hang up after 40 ms, long before a batch-1
-        // queue of 16 images drains.
+        // Every fourth client waits; the others hang up after 100 ms, before a batch-1 queue
+        // of 16 images drains.
         let client = if i % 4 == 0 {
             patient.clone()
         } else {

@@ -5,7 +5,7 @@ pub mod device;
 pub mod worker;
 
 use crate::config::DType;
-use crate::error::ApiError;
+use crate::error::InferError;
 use crate::metrics::ModelMetrics;
 use crate::pipeline::batcher::{self, BatcherConfig};
 use crate::pipeline::preprocess::PreprocessConfig;
@@ -52,6 +52,7 @@ pub struct ModelStatus {
     backend: OnceLock<&'static str>,
     failure: OnceLock<String>,
     warmup: OnceLock<Vec<WarmupTiming>>,
+    embedding_size: OnceLock<Option<usize>>,
 }
 
 impl ModelStatus {
@@ -77,6 +78,15 @@ impl ModelStatus {
 
     pub fn warmup(&self) -> &[WarmupTiming] {
         self.warmup.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// The length of the model's embeddings, once loaded (`None` before, or if it has none).
+    pub fn embedding_size(&self) -> Option<usize> {
+        self.embedding_size.get().copied().flatten()
+    }
+
+    fn set_embedding_size(&self, size: Option<usize>) {
+        let _ = self.embedding_size.set(size);
     }
 
     fn set_ready(&self) {
@@ -128,12 +138,8 @@ impl Admission {
 
     fn release_incoming(&mut self) {
         if self.incoming > 0 {
-            self.link
-                .incoming
-                .fetch_sub(self.incoming, Ordering::AcqRel);
+            self.link.images_arrived(self.incoming);
             self.incoming = 0;
-            // The batcher may be holding an idle model for these images: let it re-decide.
-            self.link.wake.notify_one();
         }
     }
 }
@@ -231,22 +237,22 @@ impl ModelHandle {
         &self.info.name
     }
 
-    pub fn ensure_ready(&self) -> Result<(), ApiError> {
+    pub fn ensure_ready(&self) -> Result<(), InferError> {
         if self.status.is_ready() {
             Ok(())
         } else {
-            Err(ApiError::NotReady {
+            Err(InferError::NotReady {
                 model: self.info.name.clone(),
             })
         }
     }
 
     /// Admit `images` images or refuse with 429 and a Retry-After estimate.
-    pub fn admit(&self, images: usize) -> Result<Admission, ApiError> {
+    pub fn admit(&self, images: usize) -> Result<Admission, InferError> {
         let permits = self.admission.clone().try_acquire_many_owned(images as u32);
         match permits {
             Ok(permits) => {
-                self.link.incoming.fetch_add(images, Ordering::AcqRel);
+                self.link.images_admitted(images);
                 Ok(Admission {
                     _permits: permits,
                     link: self.link.clone(),
@@ -254,7 +260,7 @@ impl ModelHandle {
                 })
             }
             Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
-                Err(ApiError::Overloaded {
+                Err(InferError::Overloaded {
                     model: self.info.name.clone(),
                     limit: self.info.max_queue_images,
                     retry_after_s: self.retry_after_secs(),
@@ -266,17 +272,17 @@ impl ModelHandle {
     /// Seconds until the admitted images have likely been served, from the recent per-image
     /// model time.
     fn retry_after_secs(&self) -> u64 {
-        let per_image_us = self.link.micros_per_image.load(Ordering::Relaxed).max(1);
+        let per_image_us = self.link.micros_per_image();
         let queued = (self.info.max_queue_images - self.admission.available_permits()) as u64;
         (queued * per_image_us).div_ceil(1_000_000).max(1)
     }
 
     /// Queue one preprocessed image.
-    pub fn submit(&self, job: ImageJob) -> Result<(), ApiError> {
+    pub fn submit(&self, job: ImageJob) -> Result<(), InferError> {
         self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Closed(_) => ApiError::ShuttingDown,
+            mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
             // Cannot happen while admission holds permits for every queued image.
-            mpsc::error::TrySendError::Full(_) => ApiError::Overloaded {
+            mpsc::error::TrySendError::Full(_) => InferError::Overloaded {
                 model: self.info.name.clone(),
                 limit: self.info.max_queue_images,
                 retry_after_s: self.retry_after_secs(),

@@ -5,11 +5,11 @@
 
 use super::device::flush_denormals;
 use super::{ModelStatus, WarmupTiming};
-use crate::metrics::ModelMetrics;
+use crate::metrics::{BatchPhases, ModelMetrics};
 use crate::models::{self, Classifier};
 use crate::pipeline::preprocess::PreprocessConfig;
 use crate::pipeline::queue::Abandonable;
-use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError};
+use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outputs, Pixels};
 use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -83,7 +83,38 @@ impl Runner {
     /// Normalise exactly as torchvision's `ToTensor` + `Normalize` do on a PIL image (u8 to
     /// f32, `/ 255`, `- mean`, `/ std`, each a separate f32 operation), on the model's device so
     /// that only u8 pixels cross to a GPU.
-    fn input(&self, images: &[&[u8]]) -> Result<Tensor> {
+    fn input(&self, images: &[&Pixels]) -> Result<Tensor> {
+        let rgb8: Option<Vec<&[u8]>> = images
+            .iter()
+            .map(|p| match p {
+                Pixels::Rgb8(pixels) => Some(pixels.as_slice()),
+                Pixels::Normalized(_) => None,
+            })
+            .collect();
+        let x = match rgb8 {
+            // The common case: one upload and one normalisation for the whole batch.
+            Some(rgb8) => self.normalize(&rgb8)?,
+            // A client sent normalised pixels: build the batch image by image.
+            None => {
+                let parts = images
+                    .iter()
+                    .map(|p| match p {
+                        Pixels::Rgb8(pixels) => self.normalize(&[pixels.as_slice()]),
+                        Pixels::Normalized(values) => self.normalized_nchw(values),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::f_cat(&parts, 0)?
+            }
+        };
+        Ok(if self.kind == Kind::Float {
+            x
+        } else {
+            x.f_to_kind(self.kind)?
+        })
+    }
+
+    /// `u8` HWC images to normalised `f32` NCHW.
+    fn normalize(&self, images: &[&[u8]]) -> Result<Tensor> {
         let n = images.len() as i64;
         let mut pixels = Vec::with_capacity(images.iter().map(|p| p.len()).sum());
         for image in images {
@@ -100,55 +131,113 @@ impl Runner {
         } else {
             nchw.f_contiguous()?
         };
-        let x = nchw
+        Ok(nchw
             .f_to_kind(Kind::Float)?
             .f_div_scalar(255)?
             .f_sub(&self.mean)?
-            .f_div(&self.std)?;
-        Ok(if self.kind == Kind::Float {
-            x
+            .f_div(&self.std)?)
+    }
+
+    /// One CHW image a client normalised itself, as `[1, 3, H, W]` with the strides the model
+    /// wants.
+    fn normalized_nchw(&self, values: &[f32]) -> Result<Tensor> {
+        let nchw = Tensor::from_slice(values)
+            .f_view([1, 3, self.height, self.width])?
+            .f_to_device(self.device)?;
+        Ok(if self.channels_last {
+            nchw.f_permute([0, 2, 3, 1])?
+                .f_contiguous()?
+                .f_permute([0, 3, 1, 2])?
         } else {
-            x.f_to_kind(self.kind)?
+            nchw
         })
     }
 
-    /// The `k` most probable classes of each image, as (index, probability).
-    pub fn classify(&self, images: &[&[u8]], k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
-        let k = k.min(self.num_classes).max(1);
-        let logits = self.model.forward(&self.input(images)?)?;
-        let expected = [images.len() as i64, self.num_classes as i64];
-        if logits.size() != expected {
+    /// Run a batch and copy off the device what `outputs` asks for, per image.
+    pub fn run(&self, images: &[&Pixels], outputs: Outputs) -> Result<Vec<ImagePrediction>> {
+        Ok(self.run_timed(images, outputs)?.0)
+    }
+
+    /// [`Runner::run`], and how long its three phases took. On a GPU, where kernels run
+    /// asynchronously, the forward pass is only waited for when outputs are copied off, so its
+    /// time shows up in `output`.
+    pub fn run_timed(
+        &self,
+        images: &[&Pixels],
+        outputs: Outputs,
+    ) -> Result<(Vec<ImagePrediction>, BatchPhases)> {
+        let n = images.len();
+        let start = Instant::now();
+        let input = self.input(images)?;
+        let input_done = Instant::now();
+        let forward = self.model.forward_with_embeddings(&input)?;
+        let forward_done = Instant::now();
+        let expected = [n as i64, self.num_classes as i64];
+        if forward.logits.size() != expected {
             bail!(
                 "the model returned logits of shape {:?}, but its config.json says num_classes = {}",
-                logits.size(),
+                forward.logits.size(),
                 self.num_classes
             );
         }
-        let probs = logits.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?;
-        let (values, indices) = probs.f_topk(k as i64, -1, true, true)?;
-        let values = Vec::<f32>::try_from(values.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-        let indices = Vec::<i64>::try_from(indices.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-        Ok(values
-            .chunks(k)
-            .zip(indices.chunks(k))
-            .map(|(v, i)| {
-                i.iter()
-                    .map(|&i| i as usize)
-                    .zip(v.iter().copied())
-                    .collect()
-            })
-            .collect())
+        let logits = forward.logits.f_to_kind(Kind::Float)?;
+        let probs = logits.f_softmax(-1, Kind::Float)?;
+        let mut predictions = vec![ImagePrediction::default(); n];
+        let k = outputs.top_k.min(self.num_classes);
+        if k > 0 {
+            let (values, indices) = probs.f_topk(k as i64, -1, true, true)?;
+            let values = to_rows(&values, n)?;
+            let indices =
+                Vec::<i64>::try_from(indices.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+            for ((prediction, v), i) in predictions.iter_mut().zip(values).zip(indices.chunks(k)) {
+                prediction.top = i.iter().map(|&i| i as usize).zip(v).collect();
+            }
+        }
+        if outputs.probabilities {
+            for (prediction, row) in predictions.iter_mut().zip(to_rows(&probs, n)?) {
+                prediction.probabilities = Some(row);
+            }
+        }
+        if outputs.logits {
+            for (prediction, row) in predictions.iter_mut().zip(to_rows(&logits, n)?) {
+                prediction.logits = Some(row);
+            }
+        }
+        if outputs.embeddings {
+            let embeddings = forward
+                .embeddings
+                .ok_or_else(|| anyhow::anyhow!("this model does not expose embeddings"))?
+                .f_to_kind(Kind::Float)?;
+            for (prediction, row) in predictions.iter_mut().zip(to_rows(&embeddings, n)?) {
+                prediction.embeddings = Some(row);
+            }
+        }
+        let phases = BatchPhases {
+            input: input_done - start,
+            infer: forward_done - input_done,
+            output: forward_done.elapsed(),
+        };
+        Ok((predictions, phases))
+    }
+
+    /// The length of the embeddings this model gives (`None`: it gives none).
+    pub fn embedding_size(&self) -> Result<Option<usize>> {
+        let image = Tensor::f_zeros([1, 3, self.height, self.width], (self.kind, self.device))?;
+        let forward = self.model.forward_with_embeddings(&image)?;
+        Ok(forward
+            .embeddings
+            .map(|e| e.size().last().copied().unwrap_or(0) as usize))
     }
 
     /// Run every batch size once so that no client pays for first-call costs (graph
     /// optimisation, allocator growth, cuDNN autotuning).
     fn warm_up(&self, max_batch_size: usize) -> Result<Vec<WarmupTiming>> {
-        let image = vec![0u8; (self.height * self.width * 3) as usize];
+        let image = Pixels::Rgb8(vec![0u8; (self.height * self.width * 3) as usize]);
         (1..=max_batch_size)
             .map(|batch| {
-                let images = vec![image.as_slice(); batch];
+                let images = vec![&image; batch];
                 let start = Instant::now();
-                self.classify(&images, 1)
+                self.run(&images, Outputs::top_k(1))
                     .with_context(|| format!("warm-up at batch size {batch}"))?;
                 Ok(WarmupTiming {
                     batch_size: batch,
@@ -215,6 +304,7 @@ fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     status.set_backend(runner.backend());
     let loaded_in = start.elapsed();
     let timings = runner.warm_up(spec.max_batch_size)?;
+    status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,
         backend = status.backend(),
@@ -244,46 +334,63 @@ fn run_batch(
     }
     let start = Instant::now();
     for entry in &live {
-        metrics.queue_wait.observe(
-            start
-                .saturating_duration_since(entry.enqueued_at)
-                .as_secs_f64(),
-        );
+        metrics.observe_queue_wait(start.saturating_duration_since(entry.enqueued_at));
     }
-    let k = live.iter().map(|e| e.item.top_k).max().unwrap_or(1);
-    let images: Vec<&[u8]> = live.iter().map(|e| e.item.pixels.as_slice()).collect();
+    let outputs = live
+        .iter()
+        .map(|e| e.item.outputs)
+        .fold(Outputs::top_k(0), Outputs::union);
+    let images: Vec<&Pixels> = live.iter().map(|e| &e.item.pixels).collect();
     // A libtorch error or a panic inside tch fails this batch only; the thread keeps serving.
-    let outcome = catch_unwind(AssertUnwindSafe(|| runner.classify(&images, k)));
+    let outcome = catch_unwind(AssertUnwindSafe(|| runner.run_timed(&images, outputs)));
     let elapsed = start.elapsed();
-    metrics.inference.observe(elapsed.as_secs_f64());
-    metrics.batch_size.observe(live.len() as f64);
     let batch_size = live.len();
     match outcome {
-        Ok(Ok(results)) => {
-            for (entry, mut top) in live.into_iter().zip(results) {
-                top.truncate(entry.item.top_k);
-                let prediction = ImagePrediction {
-                    top,
-                    queue_wait: start.saturating_duration_since(entry.enqueued_at),
-                    inference: elapsed,
-                    batch_size,
-                };
+        Ok(Ok((results, phases))) => {
+            metrics.batch_finished(batch_size, elapsed, phases);
+            for (entry, computed) in live.into_iter().zip(results) {
+                let mut prediction = answer_for(&entry.item.outputs, computed, elapsed, batch_size);
+                prediction.queue_wait = start.saturating_duration_since(entry.enqueued_at);
                 let _ = entry.item.reply.send(Ok(prediction));
             }
         }
         failure => {
+            metrics.batch_failed(batch_size, elapsed);
             let reason = match failure {
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(panic) => panic_message(&panic),
                 Ok(Ok(_)) => unreachable!(),
             };
-            tracing::error!(model = %name, batch_size, error = %reason, "batch failed");
+            // Logged once per image, inside its request's span, so that each request id of
+            // the failed batch appears in the log.
             for entry in live {
+                entry.item.span.in_scope(|| {
+                    tracing::error!(model = %name, batch_size, error = %reason, "batch failed");
+                });
                 let _ = entry.item.reply.send(Err(InferenceError::Failed));
             }
         }
     }
     (batch_size, elapsed)
+}
+
+/// Keep only what this image asked for out of what the batch computed for it.
+fn answer_for(
+    wanted: &Outputs,
+    mut computed: ImagePrediction,
+    inference: Duration,
+    batch_size: usize,
+) -> ImagePrediction {
+    computed.top.truncate(wanted.top_k);
+    ImagePrediction {
+        top: computed.top,
+        probabilities: computed.probabilities.filter(|_| wanted.probabilities),
+        logits: computed.logits.filter(|_| wanted.logits),
+        embeddings: computed.embeddings.filter(|_| wanted.embeddings),
+        queue_wait: Duration::ZERO,
+        inference,
+        batch_size,
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -292,4 +399,11 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_else(|| "panic".to_owned())
+}
+
+/// A `[n, m]` tensor as `n` rows of `f32` on the CPU.
+fn to_rows(tensor: &Tensor, n: usize) -> Result<Vec<Vec<f32>>> {
+    let flat = Vec::<f32>::try_from(tensor.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+    let width = flat.len() / n.max(1);
+    Ok(flat.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
 }

@@ -1,23 +1,20 @@
-//! Request handlers. A classify request is validated, admitted, decoded on the pool, split into
-//! one queue entry per image, and answered when every image has its prediction.
+//! The `/v1` API and the operational endpoints. A classify request's body is read into images
+//! here; the inference service does the rest, and the answer is rendered as `/v1` JSON.
 
+use super::error::{ApiError, ErrorBody};
 use super::input::{read_images, RequestImages};
 use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
-use crate::error::{ApiError, ErrorBody};
-use crate::pipeline::{self, ImageJob, ImagePrediction, InferenceError, Prepared};
+use crate::infer::{ImageInput, ImageOutput, InferRequest, Outputs};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use tokio::task::JoinSet;
+use std::time::Duration;
 
 pub const DEFAULT_TOP_K: usize = 5;
 
@@ -33,7 +30,7 @@ pub async fn classify_default(
     query: QueryResult,
     request: Request,
 ) -> Response {
-    let model = state.default_model.clone();
+    let model = state.inference.default_model().to_owned();
     classify(state, model, query, request).await
 }
 
@@ -52,85 +49,21 @@ async fn classify(
     query: QueryResult,
     request: Request,
 ) -> Response {
-    let started = Instant::now();
-    let Some(model) = state.model(&model_name).cloned() else {
-        let err = ApiError::ModelNotFound {
-            name: model_name,
-            available: state.model_names(),
-        };
-        state.metrics.unknown_model_request(err.error_type());
-        return err.into_response();
+    let mut infer = match state.inference.begin(&model_name) {
+        Ok(infer) => infer,
+        Err(err) => return ApiError::from(err).into_response(),
     };
-    // Atomics only because the handler future must be Send; nothing else touches them.
-    let outcome = RequestOutcome {
-        model: &model,
-        started,
-        images: AtomicUsize::new(0),
-        recorded: AtomicBool::new(false),
-    };
-    let result = classify_images(&state, &model, query, request, started, &outcome.images).await;
-    outcome.recorded.store(true, Ordering::Relaxed);
-    let images = outcome.images.load(Ordering::Relaxed);
-    match result {
+    match classify_images(&state, &mut infer, query, request).await {
         Ok(response) => {
-            model.metrics.request_succeeded(images, started.elapsed());
+            infer.succeeded();
             response
         }
         Err(err) => {
-            if err.status().is_server_error()
-                && !matches!(err, ApiError::NotReady { .. } | ApiError::ShuttingDown)
-            {
-                tracing::error!(model = %model.name(), error = %err, "request failed");
-            } else {
-                tracing::debug!(model = %model.name(), error = %err, "request rejected");
-            }
-            model.metrics.request_failed(
-                err.error_type(),
-                images,
-                err.status().is_server_error(),
-                started.elapsed(),
-            );
+            infer.failed(err.error_type(), err.is_server_error(), &err);
             err.into_response()
         }
     }
 }
-
-/// Counts a request whose handler is dropped before it finishes: hyper drops it when the
-/// client disconnects. Its queued images are dropped by the batcher; this records the request.
-struct RequestOutcome<'a> {
-    model: &'a ModelHandle,
-    started: Instant,
-    images: AtomicUsize,
-    recorded: AtomicBool,
-}
-
-impl Drop for RequestOutcome<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // CatchPanicLayer answers 500; record it as the server's failure, not the client's.
-            let elapsed = self.started.elapsed();
-            self.model.metrics.request_failed(
-                "internal",
-                self.images.load(Ordering::Relaxed),
-                true,
-                elapsed,
-            );
-            return;
-        }
-        if !self.recorded.load(Ordering::Relaxed) {
-            tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
-            self.model.metrics.request_failed(
-                CLIENT_GONE,
-                self.images.load(Ordering::Relaxed),
-                false,
-                self.started.elapsed(),
-            );
-        }
-    }
-}
-
-/// `reason` label of requests whose client left before the answer.
-pub const CLIENT_GONE: &str = "client_gone";
 
 fn parse_top_k(
     query: QueryResult,
@@ -160,82 +93,28 @@ fn parse_top_k(
 
 async fn classify_images(
     state: &AppState,
-    model: &Arc<ModelHandle>,
+    infer: &mut InferRequest,
     query: QueryResult,
     request: Request,
-    started: Instant,
-    image_count: &AtomicUsize,
 ) -> Result<Response, ApiError> {
-    if state.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
-    model.ensure_ready()?;
-    let _request_permit =
-        state
-            .requests
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::TooManyRequests {
-                limit: state.limits.max_concurrent_requests,
-            })?;
     let RequestImages {
         images,
         top_k: body_top_k,
-    } = read_images(request, &state.limits, &state.pool).await?;
+    } = read_images(request, &state.limits, state.inference.pool()).await?;
+    let model = infer.model().clone();
     let top_k = parse_top_k(query, body_top_k, model.info.num_classes)?;
-    if images.is_empty() {
-        return Err(ApiError::BadRequest("the request holds no image".into()));
-    }
-    if images.len() > state.limits.max_images_per_request {
-        return Err(ApiError::TooManyImages {
-            limit: state.limits.max_images_per_request,
-        });
-    }
-    image_count.store(images.len(), Ordering::Relaxed);
+    let images = images.into_iter().map(ImageInput::Encoded).collect();
+    let outputs = infer.run(images, Outputs::top_k(top_k)).await?;
 
-    let mut admission = model.admit(images.len())?;
-    let prepared = prepare_all(state, model, images).await?;
-    let mut pending = Vec::with_capacity(prepared.len());
-    let mut submit_error = None;
-    for image in prepared {
-        let (reply, answer) = oneshot::channel();
-        if let Err(e) = model.submit(ImageJob {
-            pixels: image.pixels,
-            top_k,
-            reply,
-        }) {
-            submit_error = Some(e);
-            break;
-        }
-        pending.push((answer, image.decode, image.preprocess));
-    }
-    admission.images_queued();
-
-    // Wait for every queued image, even once one has failed: dropping the others' receivers
-    // would make them look abandoned by the client, and releasing the admission early would
-    // under-count the images still in flight.
-    let mut answers = Vec::with_capacity(pending.len());
-    for (answer, decode, preprocess) in pending {
-        answers.push((answer.await, decode, preprocess));
-    }
-    drop(admission);
-    if let Some(e) = submit_error {
-        return Err(e);
-    }
-    let mut results = Vec::with_capacity(answers.len());
+    let labels = &model.info.labels;
+    let mut results = Vec::with_capacity(outputs.len());
     let mut request_timing = Timing::default();
-    for (answer, decode, preprocess) in answers {
-        let prediction = answer
-            .map_err(|_| ApiError::Internal)?
-            .map_err(|e| match e {
-                InferenceError::Failed => ApiError::Internal,
-                InferenceError::Stopped => ApiError::ShuttingDown,
-            })?;
-        let result = image_result(model, prediction, decode, preprocess);
+    for output in outputs {
+        let result = image_result(labels, output);
         request_timing = request_timing.max(result.timing_ms);
         results.push(result);
     }
-    request_timing.total = millis(started.elapsed());
+    request_timing.total = millis(infer.started().elapsed());
     let server_timing = request_timing.server_timing();
     let body = ClassifyResponse {
         model: model.name().to_owned(),
@@ -249,72 +128,23 @@ async fn classify_images(
     Ok(response)
 }
 
-/// Decode and preprocess every image on the pool, in parallel; the first failure (in image
-/// order) fails the request and names the image.
-async fn prepare_all(
-    state: &AppState,
-    model: &ModelHandle,
-    images: Vec<bytes::Bytes>,
-) -> Result<Vec<Prepared>, ApiError> {
-    let count = images.len();
-    let mut tasks = JoinSet::new();
-    for (index, bytes) in images.into_iter().enumerate() {
-        let pool = state.pool.clone();
-        let decode = state.limits.decode;
-        let cfg = model.info.preprocess.clone();
-        let metric = model.metrics.preprocess.clone();
-        tasks.spawn(async move {
-            let prepared = pool
-                .run(move || pipeline::prepare(&bytes, &decode, &cfg))
-                .await;
-            if let Ok(p) = &prepared {
-                metric.observe((p.decode + p.preprocess).as_secs_f64());
-            }
-            (index, prepared)
-        });
-    }
-    let mut slots: Vec<Option<Prepared>> = (0..count).map(|_| None).collect();
-    let mut first_error: Option<(usize, ApiError)> = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (index, prepared) = joined.map_err(|_| ApiError::Internal)?;
-        match prepared {
-            Ok(p) => slots[index] = Some(p),
-            Err(source) => {
-                if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
-                    first_error = Some((index, ApiError::Image { index, source }));
-                }
-            }
-        }
-    }
-    if let Some((_, err)) = first_error {
-        return Err(err);
-    }
-    Ok(slots
-        .into_iter()
-        .map(|s| s.expect("every image prepared"))
-        .collect())
-}
-
+/// Milliseconds, rounded to the microsecond (what a client can use; more digits are noise).
 fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn image_result(
-    model: &ModelHandle,
-    prediction: ImagePrediction,
-    decode: Duration,
-    preprocess: Duration,
-) -> ImageResult {
-    let labels = &model.info.labels;
+fn image_result(labels: &[String], output: ImageOutput) -> ImageResult {
+    let ImageOutput {
+        prediction,
+        decode,
+        preprocess,
+    } = output;
     let predictions = prediction
         .top
         .iter()
         .map(|&(index, score)| Prediction {
             index,
-            label: labels
-                .get(index)
-                .cloned()
-                .unwrap_or_else(|| format!("class_{index}")),
+            label: label_of(labels, index),
             score,
         })
         .collect();
@@ -329,6 +159,14 @@ fn image_result(
             total: millis(decode + preprocess + prediction.queue_wait + prediction.inference),
         },
     }
+}
+
+/// A class's label, or `class_N` where the model has none for it.
+pub fn label_of(labels: &[String], index: usize) -> String {
+    labels
+        .get(index)
+        .cloned()
+        .unwrap_or_else(|| format!("class_{index}"))
 }
 
 #[derive(Serialize)]
@@ -353,14 +191,19 @@ fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
         backend: model.status.backend(),
         state: model.status.state_name(),
         ready: model.status.is_ready(),
-        default: model.name() == state.default_model,
+        default: model.name() == state.inference.default_model(),
         failure: model.status.failure().map(str::to_owned),
         warmup_ms: model.status.warmup().to_vec(),
     }
 }
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let models: Vec<_> = state.models.iter().map(|m| describe(&state, m)).collect();
+    let models: Vec<_> = state
+        .inference
+        .models()
+        .iter()
+        .map(|m| describe(&state, m))
+        .collect();
     Json(serde_json::json!({ "models": models }))
 }
 
@@ -368,10 +211,7 @@ pub async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelDescription>, ApiError> {
-    let model = state.model(&name).ok_or_else(|| ApiError::ModelNotFound {
-        name,
-        available: state.model_names(),
-    })?;
+    let model = state.inference.model(&name)?;
     Ok(Json(describe(&state, model)))
 }
 
@@ -381,13 +221,14 @@ pub async fn live() -> Json<serde_json::Value> {
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let models: serde_json::Map<String, serde_json::Value> = state
-        .models
+        .inference
+        .models()
         .iter()
         .map(|m| (m.name().to_owned(), m.status.state_name().into()))
         .collect();
-    let (status, word) = if state.all_ready() {
+    let (status, word) = if state.inference.all_ready() {
         (StatusCode::OK, "ready")
-    } else if state.is_shutting_down() {
+    } else if state.inference.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
@@ -410,7 +251,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            state.metrics.encode_openmetrics(),
+            state.inference.metrics().encode_openmetrics(),
         )
             .into_response()
     } else {
@@ -419,7 +260,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            state.metrics.encode_prometheus(),
+            state.inference.metrics().encode_prometheus(),
         )
             .into_response()
     }
@@ -429,6 +270,7 @@ pub async fn not_found(request: Request) -> Response {
     let body = ErrorBody {
         error: format!(
             "no route for {} {}; see POST /v1/classify, POST /v1/models/{{model}}/classify, GET /v1/models, \
+             POST /v2/models/{{model}}/infer, GET /v2/models/{{model}}, GET /v2/health/ready, \
              GET /health/live, GET /health/ready, GET /metrics",
             request.method(),
             request.uri().path()
@@ -440,5 +282,5 @@ pub async fn not_found(request: Request) -> Response {
 
 pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("handler panicked");
-    ApiError::Internal.into_response()
+    ApiError::from(crate::error::InferError::Internal).into_response()
 }

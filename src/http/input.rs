@@ -5,8 +5,9 @@
 //! otherwise become ten million allocations before any check), and JSON parsing plus base64
 //! decoding run on the decode pool, not on the async workers.
 
+use super::error::ApiError;
 use super::RequestLimits;
-use crate::error::ApiError;
+use crate::error::InferError;
 use crate::pipeline::decode::ACCEPTED_FORMATS;
 use crate::pipeline::DecodePool;
 use axum::extract::{FromRequest, Multipart, Request};
@@ -68,7 +69,7 @@ pub async fn read_images(
 }
 
 /// A client that trickles its body must not hold a handler (and delay shutdown) forever.
-async fn within_body_timeout<T>(
+pub(super) async fn within_body_timeout<T>(
     limits: &RequestLimits,
     read: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
@@ -79,7 +80,7 @@ async fn within_body_timeout<T>(
         })?
 }
 
-async fn body_bytes(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn body_bytes(request: Request, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|e| {
@@ -123,7 +124,7 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<RequestImages, ApiError>
     parsed.map_err(|e| {
         let message = e.to_string();
         if message.starts_with(TOO_MANY_IMAGES) {
-            ApiError::TooManyImages { limit: max_images }
+            ApiError::Infer(InferError::TooManyImages { limit: max_images })
         } else {
             ApiError::BadRequest(format!(
                 "invalid JSON body ({message}); expected {{\"images\": [\"<base64>\", ...], \"top_k\": k}}"
@@ -253,9 +254,9 @@ async fn read_multipart(
             })?);
         } else {
             if images.len() == limits.max_images_per_request {
-                return Err(ApiError::TooManyImages {
+                return Err(ApiError::Infer(InferError::TooManyImages {
                     limit: limits.max_images_per_request,
-                });
+                }));
             }
             images.push(data);
         }
@@ -302,7 +303,7 @@ mod tests {
         let many = format!("{{\"images\": [{}]}}", vec!["\"\""; 1000].join(","));
         assert!(matches!(
             parse_json(many.as_bytes(), 2),
-            Err(ApiError::TooManyImages { limit: 2 })
+            Err(ApiError::Infer(InferError::TooManyImages { limit: 2 }))
         ));
         for bad in [
             &br#"{"images": 3}"#[..],

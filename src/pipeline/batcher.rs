@@ -1,14 +1,73 @@
 //! The batcher task: one per model. It queues images as they arrive, applies the policy in
 //! `queue.rs`, and hands batches to the model thread through a one-slot channel, so the next
 //! batch is ready the moment the current one finishes.
+//!
+//! It also owns [`BatcherLink`], the little state the batcher shares with the two sides it
+//! schedules between: admission (images on their way) and the model thread (batches running).
+//! Both only call its methods; the batcher alone reads the whole picture.
 
 use super::queue::{BatchQueue, Decision, ModelState};
-use super::{Batch, BatcherLink, ImageJob, InferenceError};
+use super::{Batch, ImageJob, InferenceError};
 use crate::metrics::ModelMetrics;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// What the batcher must know about a model besides its queue: shared with admission and with
+/// the model thread, each of which reports through a method.
+#[derive(Debug, Default)]
+pub struct BatcherLink {
+    /// Batches sent to the model thread and not finished.
+    outstanding: AtomicUsize,
+    /// Images admitted and still being decoded (they will be queued soon).
+    incoming: AtomicUsize,
+    /// Wakes the batcher when a batch finishes or incoming images are abandoned.
+    wake: Notify,
+    /// Recent model cost per image in microseconds, for Retry-After estimates.
+    micros_per_image: AtomicU64,
+}
+
+impl BatcherLink {
+    /// Admission let `images` images in: the batcher may hold an idle model for them.
+    pub fn images_admitted(&self, images: usize) {
+        self.incoming.fetch_add(images, Ordering::AcqRel);
+    }
+
+    /// `images` admitted images were queued or abandoned: they are no longer on their way.
+    pub fn images_arrived(&self, images: usize) {
+        self.incoming.fetch_sub(images, Ordering::AcqRel);
+        // The batcher may be holding an idle model for these images: let it re-decide.
+        self.wake.notify_one();
+    }
+
+    /// The model thread finished a batch of `images` (0 if every client had left).
+    pub fn batch_finished(&self, images: usize, elapsed: Duration) {
+        if images > 0 {
+            let per_image = elapsed.as_micros() as u64 / images as u64;
+            self.micros_per_image
+                .store(per_image.max(1), Ordering::Relaxed);
+        }
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// Recent model time per image.
+    pub fn micros_per_image(&self) -> u64 {
+        self.micros_per_image.load(Ordering::Relaxed).max(1)
+    }
+
+    fn model_state(&self) -> ModelState {
+        ModelState {
+            outstanding_batches: self.outstanding.load(Ordering::Acquire),
+            images_incoming: self.incoming.load(Ordering::Acquire),
+        }
+    }
+
+    fn batch_dispatched(&self) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatcherConfig {
@@ -38,14 +97,10 @@ pub async fn run(
         }
         metrics.queue_depth.set(queue.len() as i64);
 
-        let state = ModelState {
-            outstanding_batches: link.outstanding.load(Ordering::Acquire),
-            images_incoming: link.incoming.load(Ordering::Acquire),
-        };
-        let deadline = match queue.decide(Instant::now(), state) {
+        let deadline = match queue.decide(Instant::now(), link.model_state()) {
             Decision::Dispatch(n) => {
                 let batch = queue.take(n);
-                link.outstanding.fetch_add(1, Ordering::AcqRel);
+                link.batch_dispatched();
                 if let Err(mpsc::error::SendError(batch)) = to_model.send(batch).await {
                     tracing::error!(model = metrics.model(), "model thread is gone");
                     fail_all(batch);

@@ -13,18 +13,66 @@ pub mod resize;
 use decode::{DecodeError, DecodeOptions};
 use preprocess::PreprocessConfig;
 use queue::{Abandonable, Queued};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
-/// One image on its way to the model: preprocessed pixels (HWC u8 at the model's input size)
-/// and where to send its answer.
+pub use batcher::BatcherLink;
+
+/// Pixels ready for the model, at its input size.
+#[derive(Debug, Clone)]
+pub enum Pixels {
+    /// HWC RGB `u8`, as decoded and resized here (or sent preprocessed by a client): the model
+    /// thread normalises them with the model's mean and std.
+    Rgb8(Vec<u8>),
+    /// CHW `f32`, already normalised by the client.
+    Normalized(Vec<f32>),
+}
+
+/// What a caller wants back for one image. The model thread computes every output for the
+/// whole batch, but copies off the device only what some image asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outputs {
+    /// The `top_k` most probable classes (0: none).
+    pub top_k: usize,
+    /// Every class's probability (softmax of the logits).
+    pub probabilities: bool,
+    pub logits: bool,
+    /// The pooled features before the classifier (native models only).
+    pub embeddings: bool,
+}
+
+impl Outputs {
+    /// Just the top `k` classes: what `/v1` asks for.
+    pub fn top_k(k: usize) -> Self {
+        Self {
+            top_k: k,
+            probabilities: false,
+            logits: false,
+            embeddings: false,
+        }
+    }
+
+    /// What a batch must compute so that every image gets what it asked for.
+    pub fn union(self, other: Outputs) -> Outputs {
+        Outputs {
+            top_k: self.top_k.max(other.top_k),
+            probabilities: self.probabilities || other.probabilities,
+            logits: self.logits || other.logits,
+            embeddings: self.embeddings || other.embeddings,
+        }
+    }
+}
+
+/// One image on its way to the model: its pixels, what to compute and where to send the
+/// answer. `span` is the request's tracing span, so that the model thread's log lines about
+/// this image carry the request id.
 #[derive(Debug)]
 pub struct ImageJob {
-    pub pixels: Vec<u8>,
-    pub top_k: usize,
+    pub pixels: Pixels,
+    pub outputs: Outputs,
     pub reply: oneshot::Sender<Result<ImagePrediction, InferenceError>>,
+    pub span: tracing::Span,
 }
 
 impl Abandonable for ImageJob {
@@ -37,11 +85,14 @@ impl Abandonable for ImageJob {
 /// A batch as handed to the model thread, in queue order.
 pub type Batch = Vec<Queued<ImageJob>>;
 
-/// The answer for one image.
-#[derive(Debug, Clone)]
+/// The answer for one image: what its `Outputs` asked for, and how long it took.
+#[derive(Debug, Clone, Default)]
 pub struct ImagePrediction {
     /// (class index, probability), best first.
     pub top: Vec<(usize, f32)>,
+    pub probabilities: Option<Vec<f32>>,
+    pub logits: Option<Vec<f32>>,
+    pub embeddings: Option<Vec<f32>>,
     pub queue_wait: Duration,
     pub inference: Duration,
     pub batch_size: usize,
@@ -55,35 +106,10 @@ pub enum InferenceError {
     Stopped,
 }
 
-/// State shared by a model's request handlers, its batcher and its model thread.
-#[derive(Debug, Default)]
-pub struct BatcherLink {
-    /// Batches sent to the model thread and not finished (decremented by the model thread).
-    pub outstanding: AtomicUsize,
-    /// Images admitted and still being decoded (they will be queued soon).
-    pub incoming: AtomicUsize,
-    /// Wakes the batcher when a batch finishes or an incoming image is abandoned.
-    pub wake: Notify,
-    /// Recent model cost per image in microseconds, for Retry-After estimates.
-    pub micros_per_image: AtomicU64,
-}
-
-impl BatcherLink {
-    pub fn batch_finished(&self, images: usize, elapsed: Duration) {
-        if images > 0 {
-            let per_image = elapsed.as_micros() as u64 / images as u64;
-            self.micros_per_image
-                .store(per_image.max(1), Ordering::Relaxed);
-        }
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        self.wake.notify_one();
-    }
-}
-
 /// An image after decode and preprocess, with the time each stage took.
 #[derive(Debug)]
 pub struct Prepared {
-    pub pixels: Vec<u8>,
+    pub pixels: Pixels,
     pub decode: Duration,
     pub preprocess: Duration,
 }
@@ -99,7 +125,7 @@ pub fn prepare(
     let t1 = Instant::now();
     let input = preprocess::preprocess(&image, cfg);
     Ok(Prepared {
-        pixels: input.pixels,
+        pixels: Pixels::Rgb8(input.pixels),
         decode: t1 - t0,
         preprocess: t1.elapsed(),
     })

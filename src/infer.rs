@@ -1,0 +1,419 @@
+//! The inference service: the one core every front end (`/v1` REST, v2 REST, v2 gRPC) calls.
+//!
+//! A front end parses its protocol into [`ImageInput`]s and [`Outputs`], then:
+//! 1. [`Inference::begin`] makes the checks that need no request body (the model exists and is
+//!    ready, the server is not shutting down and has room for another request);
+//! 2. [`InferRequest::run`] admits the images against the model's queue limit, decodes and
+//!    preprocesses them on the decode pool, queues one entry per image and waits for every
+//!    answer;
+//! 3. the front end renders the [`ImageOutput`]s, or maps the [`InferError`] to its protocol's
+//!    status, and reports the outcome with [`InferRequest::succeeded`] or
+//!    [`InferRequest::failed`]; a request dropped before that (its client left) is counted as
+//!    `client_gone`. Every request is counted exactly once, whatever the protocol.
+//!
+//! The service never sees an HTTP or gRPC type; its errors are [`InferError`]s.
+
+use crate::backend::ModelHandle;
+pub use crate::error::InferError;
+use crate::metrics::Metrics;
+use crate::pipeline::decode::DecodeOptions;
+use crate::pipeline::{self, DecodePool, ImageJob, InferenceError};
+pub use crate::pipeline::{ImagePrediction, Outputs, Pixels};
+use bytes::Bytes;
+use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// `reason` label of requests whose client left before the answer.
+pub const CLIENT_GONE: &str = "client_gone";
+
+/// Bounds the service enforces for every protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_images_per_request: usize,
+    pub max_concurrent_requests: usize,
+    pub decode: DecodeOptions,
+}
+
+/// One image of a request, as a front end hands it over.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// An encoded file (JPEG, PNG, WebP, GIF, BMP): decoded and preprocessed here.
+    Encoded(Bytes),
+    /// Pixels the client already preprocessed to the model's input size.
+    Pixels(Pixels),
+}
+
+/// The answer for one image, with its own decode and preprocess times (zero for pixels).
+#[derive(Debug, Clone)]
+pub struct ImageOutput {
+    pub prediction: ImagePrediction,
+    pub decode: Duration,
+    pub preprocess: Duration,
+}
+
+/// The served models and what every request shares.
+pub struct Inference {
+    models: Vec<Arc<ModelHandle>>,
+    default_model: String,
+    limits: Limits,
+    pool: DecodePool,
+    metrics: Arc<Metrics>,
+    /// One permit per request being handled (`--max-concurrent-requests`).
+    requests: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+}
+
+impl Inference {
+    pub fn new(
+        models: Vec<Arc<ModelHandle>>,
+        default_model: String,
+        limits: Limits,
+        pool: DecodePool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            models,
+            default_model,
+            requests: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            limits,
+            pool,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn models(&self) -> &[Arc<ModelHandle>] {
+        &self.models
+    }
+
+    pub fn default_model(&self) -> &str {
+        &self.default_model
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn pool(&self) -> &DecodePool {
+        &self.pool
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The model named `name`, or `ModelNotFound` listing the served ones.
+    pub fn model(&self, name: &str) -> Result<&Arc<ModelHandle>, InferError> {
+        self.models
+            .iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| InferError::ModelNotFound {
+                name: name.to_owned(),
+                available: self.model_names(),
+            })
+    }
+
+    pub fn model_names(&self) -> String {
+        self.models
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Live and every model loaded and warmed up.
+    pub fn all_ready(&self) -> bool {
+        !self.is_shutting_down() && self.models.iter().all(|m| m.status.is_ready())
+    }
+
+    /// Start a request for `model_name`: everything that can be decided before its body is
+    /// read. A refusal is counted in the metrics here.
+    pub fn begin(&self, model_name: &str) -> Result<InferRequest, InferError> {
+        let started = Instant::now();
+        let model = match self.model(model_name) {
+            Ok(model) => model.clone(),
+            Err(err) => {
+                self.metrics.unknown_model_request(err.error_type());
+                return Err(err);
+            }
+        };
+        let permit = self.admit_request(&model).inspect_err(|err| {
+            model.metrics.request_failed(
+                err.error_type(),
+                0,
+                err.is_server_error(),
+                started.elapsed(),
+            );
+        })?;
+        Ok(InferRequest {
+            model,
+            started,
+            images: 0,
+            limits: self.limits,
+            pool: self.pool.clone(),
+            span: tracing::Span::current(),
+            _permit: permit,
+            recorded: false,
+        })
+    }
+
+    fn admit_request(&self, model: &ModelHandle) -> Result<OwnedSemaphorePermit, InferError> {
+        if self.is_shutting_down() {
+            return Err(InferError::ShuttingDown);
+        }
+        model.ensure_ready()?;
+        self.requests
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferError::TooManyRequests {
+                limit: self.limits.max_concurrent_requests,
+            })
+    }
+}
+
+/// A request admitted by [`Inference::begin`]; holds its concurrency permit until dropped.
+pub struct InferRequest {
+    model: Arc<ModelHandle>,
+    started: Instant,
+    images: usize,
+    limits: Limits,
+    pool: DecodePool,
+    /// The front end's request span: the model thread logs about this request's images in it.
+    span: tracing::Span,
+    _permit: OwnedSemaphorePermit,
+    recorded: bool,
+}
+
+impl InferRequest {
+    pub fn model(&self) -> &Arc<ModelHandle> {
+        &self.model
+    }
+
+    /// When the request began (the start of its `total` time).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Classify `images`, computing `outputs` for each; answers in image order.
+    pub async fn run(
+        &mut self,
+        images: Vec<ImageInput>,
+        outputs: Outputs,
+    ) -> Result<Vec<ImageOutput>, InferError> {
+        self.validate(&images, &outputs)?;
+        self.images = images.len();
+        let model = self.model.clone();
+        let mut admission = model.admit(images.len())?;
+        let prepared = self.prepare_all(images).await?;
+        let mut pending = Vec::with_capacity(prepared.len());
+        let mut submit_error = None;
+        for image in prepared {
+            let (reply, answer) = oneshot::channel();
+            let job = ImageJob {
+                pixels: image.pixels,
+                outputs,
+                reply,
+                span: self.span.clone(),
+            };
+            if let Err(e) = model.submit(job) {
+                submit_error = Some(e);
+                break;
+            }
+            pending.push((answer, image.decode, image.preprocess));
+        }
+        admission.images_queued();
+
+        // Wait for every queued image, even once one has failed: dropping the others' receivers
+        // would make them look abandoned by the client, and releasing the admission early would
+        // under-count the images still in flight.
+        let mut answers = Vec::with_capacity(pending.len());
+        for (answer, decode, preprocess) in pending {
+            answers.push((answer.await, decode, preprocess));
+        }
+        drop(admission);
+        if let Some(e) = submit_error {
+            return Err(e);
+        }
+        answers
+            .into_iter()
+            .map(|(answer, decode, preprocess)| {
+                let prediction =
+                    answer
+                        .map_err(|_| InferError::Internal)?
+                        .map_err(|e| match e {
+                            InferenceError::Failed => InferError::Internal,
+                            InferenceError::Stopped => InferError::ShuttingDown,
+                        })?;
+                Ok(ImageOutput {
+                    prediction,
+                    decode,
+                    preprocess,
+                })
+            })
+            .collect()
+    }
+
+    /// The request succeeded: count it.
+    pub fn succeeded(mut self) {
+        self.recorded = true;
+        self.model
+            .metrics
+            .request_succeeded(self.images, self.started.elapsed());
+    }
+
+    /// The request failed with `error_type` (the front end's or the service's error): count
+    /// and log it. `server_error` marks failures that are the server's, not the client's.
+    pub fn failed(mut self, error_type: &'static str, server_error: bool, message: impl Display) {
+        self.recorded = true;
+        let expected = matches!(error_type, "not_ready" | "shutting_down");
+        if server_error && !expected {
+            tracing::error!(model = %self.model.name(), error = %message, "request failed");
+        } else {
+            tracing::debug!(model = %self.model.name(), error = %message, "request rejected");
+        }
+        self.model.metrics.request_failed(
+            error_type,
+            self.images,
+            server_error,
+            self.started.elapsed(),
+        );
+    }
+
+    fn validate(&self, images: &[ImageInput], outputs: &Outputs) -> Result<(), InferError> {
+        if images.is_empty() {
+            return Err(InferError::NoImages);
+        }
+        if images.len() > self.limits.max_images_per_request {
+            return Err(InferError::TooManyImages {
+                limit: self.limits.max_images_per_request,
+            });
+        }
+        let num_classes = self.model.info.num_classes;
+        if outputs.top_k > num_classes {
+            return Err(InferError::InvalidInput(format!(
+                "top_k must be between 1 and {num_classes}, not {}",
+                outputs.top_k
+            )));
+        }
+        if outputs.embeddings && self.model.status.embedding_size().is_none() {
+            return Err(InferError::InvalidInput(format!(
+                "model {:?} ({} backend) does not expose embeddings; native models do",
+                self.model.name(),
+                self.model.status.backend()
+            )));
+        }
+        for (index, image) in images.iter().enumerate() {
+            if let ImageInput::Pixels(pixels) = image {
+                self.check_pixels(index, pixels)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Preprocessed pixels must be exactly the model's input size.
+    fn check_pixels(&self, index: usize, pixels: &Pixels) -> Result<(), InferError> {
+        let (h, w) = self.model.info.preprocess.input_size;
+        let got = match pixels {
+            Pixels::Rgb8(values) => values.len(),
+            Pixels::Normalized(values) => values.len(),
+        };
+        if got == 3 * h * w {
+            return Ok(());
+        }
+        Err(InferError::InvalidInput(format!(
+            "image {index}: preprocessed pixels must be 3 x {h} x {w} = {} values for model {:?}, not {got}",
+            3 * h * w,
+            self.model.name()
+        )))
+    }
+
+    /// Decode and preprocess every encoded image on the pool, in parallel; the first failure
+    /// (in image order) fails the request and names the image.
+    async fn prepare_all(
+        &self,
+        images: Vec<ImageInput>,
+    ) -> Result<Vec<pipeline::Prepared>, InferError> {
+        let count = images.len();
+        let mut slots: Vec<Option<pipeline::Prepared>> = (0..count).map(|_| None).collect();
+        let mut tasks = JoinSet::new();
+        for (index, image) in images.into_iter().enumerate() {
+            let bytes = match image {
+                ImageInput::Pixels(pixels) => {
+                    slots[index] = Some(pipeline::Prepared {
+                        pixels,
+                        decode: Duration::ZERO,
+                        preprocess: Duration::ZERO,
+                    });
+                    continue;
+                }
+                ImageInput::Encoded(bytes) => bytes,
+            };
+            let pool = self.pool.clone();
+            let decode = self.limits.decode;
+            let cfg = self.model.info.preprocess.clone();
+            let metric = self.model.metrics.preprocess.clone();
+            tasks.spawn(async move {
+                let prepared = pool
+                    .run(move || pipeline::prepare(&bytes, &decode, &cfg))
+                    .await;
+                if let Ok(p) = &prepared {
+                    metric.observe((p.decode + p.preprocess).as_secs_f64());
+                }
+                (index, prepared)
+            });
+        }
+        let mut first_error: Option<(usize, InferError)> = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (index, prepared) = joined.map_err(|_| InferError::Internal)?;
+            match prepared {
+                Ok(p) => slots[index] = Some(p),
+                Err(source) => {
+                    if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
+                        first_error = Some((index, InferError::Image { index, source }));
+                    }
+                }
+            }
+        }
+        if let Some((_, err)) = first_error {
+            return Err(err);
+        }
+        Ok(slots
+            .into_iter()
+            .map(|s| s.expect("every image prepared"))
+            .collect())
+    }
+}
+
+/// Counts a request whose future is dropped before it reported its outcome: hyper and tonic
+/// drop it when the client disconnects. Its queued images are dropped by the batcher.
+impl Drop for InferRequest {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if std::thread::panicking() {
+            // The front end answers 500; record it as the server's failure.
+            self.model
+                .metrics
+                .request_failed("internal", self.images, true, elapsed);
+            return;
+        }
+        tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
+        self.model
+            .metrics
+            .request_failed(CLIENT_GONE, self.images, false, elapsed);
+    }
+}
