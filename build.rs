@@ -1,4 +1,6 @@
-//! Link our binaries against libtorch so that they start without LD_LIBRARY_PATH and see CUDA.
+//! Two jobs: compile the v2 gRPC protocol (`proto/grpc_service.proto`) with the pure-Rust
+//! `protox` compiler, so that no system `protoc` is needed; and link our binaries against
+//! libtorch so that they start without LD_LIBRARY_PATH and see CUDA.
 //!
 //! tch's own link arguments do not reach a dependent crate's binaries, so without this file
 //! (measured) the binary has no rpath and fails to find `libtorch_cpu.so`, and the linker's
@@ -7,7 +9,27 @@
 
 use std::path::Path;
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    compile_protocol()?;
+    link_libtorch();
+    Ok(())
+}
+
+fn compile_protocol() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/grpc_service.proto");
+    let descriptors = protox::compile(["grpc_service.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        // The client serves the benchmark and the tests.
+        .build_client(true)
+        // Raw tensors as `Bytes`: slices of the received buffer, not copies.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
+
+fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: binaries get no libtorch rpath");

@@ -3,28 +3,37 @@
 //! One image's path through the code, in folder order:
 //!
 //! ```text
-//! http/       handler: validate, admit (429 when the model's queue is full), split into images
-//! pipeline/   decode + resize/crop on a bounded thread pool (no tch), then the model's queue;
-//!             the batcher task forms batches and hands them over through a one-slot channel
-//! backend/    the model thread: owns the model, normalises the batch on the device, runs
-//!             forward, softmax and top-k, answers each image on its own oneshot
-//! models/     the networks: TorchScript, and native architectures keyed like their checkpoints
+//! http/, grpc     front ends: /v1 REST, v2 REST (http/v2.rs) and v2 gRPC; they parse, call the
+//!                 inference service, render, and map its errors to their statuses (one table
+//!                 each: http/error.rs, grpc::status)
+//! v2              the Open Inference Protocol's tensors, shared by v2 REST and gRPC
+//! infer           the inference service: admission, decode on the pool, one queue entry per
+//!                 image, the wait for answers, each request counted once
+//! pipeline/       decode + resize/crop on a bounded thread pool (no tch), then the model's queue;
+//!                 the batcher task forms batches and hands them over through a one-slot channel
+//! backend/        the model thread: owns the model, normalises the batch on the device, runs
+//!                 forward, computes what the batch's images asked for (top-k, probabilities,
+//!                 logits, embeddings), answers each image on its own oneshot
+//! models/         the networks: TorchScript, and native architectures keyed like their checkpoints
 //! ```
 //!
 //! `repository` turns `--model` specs into files and configs, `metrics` holds every Prometheus
-//! name, `error` the one table of HTTP statuses. [`run`] wires it all together and takes its
+//! name, `error` the service's and loading's errors. [`run`] wires it all together and takes its
 //! listener and shutdown signal from the caller, so tests run servers on port 0.
 
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod infer;
 pub mod labels;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod repository;
+pub mod v2;
 
 use anyhow::{anyhow, bail, Context, Result};
 use backend::{ModelHandle, SpawnOptions};
@@ -54,6 +63,44 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let grpc = match config.grpc_port {
+        Some(port) => Some(
+            TcpListener::bind((config.host.as_str(), port))
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {}:{port} (--grpc-port)", config.host)
+                })?,
+        ),
+        None => None,
+    };
+    serve(
+        config,
+        Listeners {
+            http: listener,
+            grpc,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// The sockets a server answers on: HTTP (`/v1`, v2 REST, health, metrics) and, when given,
+/// v2 gRPC.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: Option<TcpListener>,
+}
+
+/// [`run`] on listeners the caller bound (tests bind both to port 0).
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let Listeners {
+        http: listener,
+        grpc: grpc_listener,
+    } = listeners;
     config.validate().map_err(|e| anyhow!(e))?;
     let specs = model_specs(&config)?;
     let device = backend::device::resolve(config.device_choice().map_err(|e| anyhow!(e))?)?;
@@ -113,33 +160,56 @@ pub async fn run(
     if !models.iter().any(|m| m.name() == default_model) {
         bail!("--default-model {default_model:?} is not among the served models");
     }
-    let limits = http::RequestLimits {
-        max_images_per_request: config.max_images_per_request,
-        max_body_bytes: config.max_body_bytes,
-        body_timeout: std::time::Duration::from_secs(config.body_timeout),
-        max_concurrent_requests: config.max_concurrent_requests,
-        decode: DecodeOptions {
-            max_pixels: config.max_image_pixels,
-            exif_transpose: config.exif_transpose,
-        },
-    };
-    let pool = pipeline::DecodePool::new(config.decode_threads());
-    let state = Arc::new(http::AppState::new(
+    let inference = Arc::new(infer::Inference::new(
         models.clone(),
         default_model,
-        limits,
-        pool,
+        infer::Limits {
+            max_images_per_request: config.max_images_per_request,
+            max_concurrent_requests: config.max_concurrent_requests,
+            decode: DecodeOptions {
+                max_pixels: config.max_image_pixels,
+                exif_transpose: config.exif_transpose,
+            },
+        },
+        pipeline::DecodePool::new(config.decode_threads()),
         metrics,
     ));
+    let state = Arc::new(http::AppState::new(
+        inference.clone(),
+        http::RequestLimits {
+            max_images_per_request: config.max_images_per_request,
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: std::time::Duration::from_secs(config.body_timeout),
+        },
+    ));
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let grpc = match grpc_listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr()?, "gRPC listening");
+            let inference = inference.clone();
+            let shutdown = stopped();
+            Some(tokio::spawn(grpc::serve(
+                listener,
+                inference,
+                config.max_body_bytes,
+                shutdown,
+            )))
+        }
+        None => None,
+    };
     let address = listener.local_addr()?;
     let app = http::router(state.clone());
+    let http_shutdown = stopped();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
+            .with_graceful_shutdown(http_shutdown)
             .await
     });
     tracing::info!(%address, "listening");
@@ -161,13 +231,21 @@ pub async fn run(
 
     let deadline = Instant::now() + config.shutdown_timeout();
     tracing::info!("shutting down: no new connections, finishing admitted requests");
-    state.begin_shutdown();
+    inference.begin_shutdown();
     let _ = stop_tx.send(true);
     match tokio::time::timeout_at(deadline.into(), server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
         Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
+    }
+    if let Some(grpc) = grpc {
+        match tokio::time::timeout_at(deadline.into(), grpc).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!("shutdown timeout reached with gRPC calls still in flight"),
+        }
     }
     stop_models(&models, deadline).await;
     match failure {

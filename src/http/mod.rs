@@ -1,19 +1,17 @@
 //! The HTTP surface: routes, shared state and middleware. `router(state)` is a plain function
 //! so tests can drive it without a socket.
 
+pub mod error;
 mod handlers;
 mod input;
 pub mod types;
+mod v2;
 
-use crate::backend::ModelHandle;
-use crate::metrics::Metrics;
-use crate::pipeline::decode::DecodeOptions;
-use crate::pipeline::DecodePool;
+use crate::infer::Inference;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use axum::routing::{get, post};
 use axum::Router;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -24,68 +22,23 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub use input::ACCEPTED_CONTENT_TYPES;
 
+/// Bounds on what an HTTP request may send, checked while its body is read.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
     pub max_images_per_request: usize,
     pub max_body_bytes: usize,
     pub body_timeout: std::time::Duration,
-    pub max_concurrent_requests: usize,
-    pub decode: DecodeOptions,
 }
 
-/// Everything handlers share.
+/// Everything handlers share: the inference service and the HTTP limits.
 pub struct AppState {
-    pub models: Vec<Arc<ModelHandle>>,
-    pub default_model: String,
+    pub inference: Arc<Inference>,
     pub limits: RequestLimits,
-    pub pool: DecodePool,
-    pub metrics: Arc<Metrics>,
-    /// One permit per classification request being handled (`--max-concurrent-requests`).
-    pub requests: Arc<tokio::sync::Semaphore>,
-    shutting_down: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(
-        models: Vec<Arc<ModelHandle>>,
-        default_model: String,
-        limits: RequestLimits,
-        pool: DecodePool,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            models,
-            default_model,
-            requests: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
-            limits,
-            pool,
-            metrics,
-            shutting_down: AtomicBool::new(false),
-        }
-    }
-
-    pub fn model(&self, name: &str) -> Option<&Arc<ModelHandle>> {
-        self.models.iter().find(|m| m.name() == name)
-    }
-
-    pub fn model_names(&self) -> String {
-        self.models
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    pub fn all_ready(&self) -> bool {
-        !self.is_shutting_down() && self.models.iter().all(|m| m.status.is_ready())
+    pub fn new(inference: Arc<Inference>, limits: RequestLimits) -> Self {
+        Self { inference, limits }
     }
 }
 
@@ -99,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
+        .merge(v2::routes())
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(handlers::panic_response))

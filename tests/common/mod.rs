@@ -46,6 +46,8 @@ pub fn json(path: &str) -> serde_json::Value {
 /// A server running `visionserve::run` on its own thread and runtime, bound to port 0.
 pub struct TestServer {
     pub base: String,
+    /// `http://ADDR` of the gRPC port, when the config asked for one (`grpc_port`).
+    pub grpc: Option<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
@@ -62,20 +64,30 @@ impl TestServer {
                 .build()?;
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let grpc = match config.grpc_port {
+                    Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+                    None => None,
+                };
+                let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
                 addr_tx
-                    .send(listener.local_addr()?)
+                    .send((listener.local_addr()?, grpc_addr))
                     .expect("test waits for the address");
-                visionserve::run(config, listener, async {
+                let listeners = visionserve::Listeners {
+                    http: listener,
+                    grpc,
+                };
+                visionserve::serve(config, listeners, async {
                     let _ = stop_rx.await;
                 })
                 .await
             })
         });
-        let addr = addr_rx
+        let (addr, grpc_addr) = addr_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("server bound a port");
         let server = Self {
             base: format!("http://{addr}"),
+            grpc: grpc_addr.map(|a| format!("http://{a}")),
             stop: Some(stop_tx),
             thread: Some(thread),
         };

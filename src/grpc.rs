@@ -1,0 +1,467 @@
+//! The Open Inference Protocol (KServe v2) over gRPC: `inference.GRPCInferenceService` from
+//! Triton's published `grpc_service.proto` (the subset in `proto/`), plus the standard
+//! `grpc.health.v1.Health` service. Like `http::v2`, it only translates between protobuf and the
+//! protocol's tensors in `crate::v2`; the inference service runs the request. Its status table
+//! is [`status`].
+
+use crate::error::InferError;
+use crate::infer::{InferRequest, Inference};
+use crate::v2::{self, Data, Datatype, Input, RequestedOutput, V2Error};
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::infer_parameter::ParameterChoice;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tracing::Instrument;
+
+/// The generated protocol types and service traits.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+/// The gRPC status of a v2 error.
+pub fn status(err: &V2Error) -> Status {
+    let message = err.to_string();
+    match err {
+        V2Error::InvalidArgument(_) => Status::invalid_argument(message),
+        V2Error::VersionNotFound { .. } => Status::not_found(message),
+        V2Error::Infer(err) => match err {
+            InferError::ModelNotFound { .. } => Status::not_found(message),
+            InferError::NotReady { .. } | InferError::ShuttingDown => Status::unavailable(message),
+            InferError::TooManyRequests { .. } | InferError::Overloaded { .. } => {
+                Status::resource_exhausted(message)
+            }
+            InferError::Internal => Status::internal(message),
+            InferError::NoImages
+            | InferError::TooManyImages { .. }
+            | InferError::Image { .. }
+            | InferError::InvalidInput(_) => Status::invalid_argument(message),
+        },
+    }
+}
+
+/// Serves both gRPC services on `listener` until `shutdown` resolves, then finishes the calls
+/// in flight. Messages are bounded like HTTP bodies (`max_message_bytes`).
+pub async fn serve(
+    listener: TcpListener,
+    inference: Arc<Inference>,
+    max_message_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let service = GrpcInferenceServiceServer::new(InferenceService {
+        inference: inference.clone(),
+        next_id: AtomicU64::new(1),
+    })
+    .max_decoding_message_size(max_message_bytes)
+    .max_encoding_message_size(usize::MAX);
+    tokio::spawn(report_health(health, inference));
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// Keep `grpc.health.v1` in step with readiness: the whole server ("") and the inference
+/// service are SERVING once every model is ready, NOT_SERVING before that and while shutting
+/// down.
+async fn report_health(health: tonic_health::server::HealthReporter, inference: Arc<Inference>) {
+    const SERVICE: &str = "inference.GRPCInferenceService";
+    let mut last = None;
+    loop {
+        let status = if inference.all_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            health.set_service_status(SERVICE, status).await;
+            last = Some(status);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+struct InferenceService {
+    inference: Arc<Inference>,
+    next_id: AtomicU64,
+}
+
+impl InferenceService {
+    fn model(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<&Arc<crate::backend::ModelHandle>, Status> {
+        let model = self.inference.model(name).map_err(|e| status(&e.into()))?;
+        v2::check_version(name, Some(version)).map_err(|e| status(&e))?;
+        Ok(model)
+    }
+
+    async fn infer(
+        &self,
+        infer: &mut InferRequest,
+        request: proto::ModelInferRequest,
+    ) -> Result<proto::ModelInferResponse, V2Error> {
+        let requested: Vec<RequestedOutput> = request
+            .outputs
+            .iter()
+            .map(requested_output)
+            .collect::<Result<_, _>>()?;
+        let inputs = inputs(request.inputs, request.raw_input_contents)?;
+        let model = infer.model().clone();
+        let plan = v2::plan(&model, inputs, &requested)?;
+        let results = infer.run(plan.images.clone(), plan.outputs).await?;
+        let outputs = v2::render(&model, &plan, &results);
+        Ok(proto::ModelInferResponse {
+            model_name: model.name().to_owned(),
+            model_version: v2::MODEL_VERSION.to_owned(),
+            id: request.id,
+            parameters: Default::default(),
+            raw_output_contents: outputs.iter().map(|o| o.data.to_raw().into()).collect(),
+            outputs: outputs
+                .into_iter()
+                .map(|o| proto::model_infer_response::InferOutputTensor {
+                    name: o.name.to_owned(),
+                    datatype: o.datatype.name().to_owned(),
+                    shape: o.shape,
+                    parameters: Default::default(),
+                    contents: None,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn invalid(message: String) -> V2Error {
+    V2Error::InvalidArgument(message)
+}
+
+fn requested_output(
+    output: &proto::model_infer_request::InferRequestedOutputTensor,
+) -> Result<RequestedOutput, V2Error> {
+    let classification = match output
+        .parameters
+        .get("classification")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => None,
+        Some(ParameterChoice::Int64Param(k)) if *k > 0 => Some(*k as usize),
+        Some(ParameterChoice::Uint64Param(k)) if *k > 0 => Some(*k as usize),
+        Some(other) => {
+            return Err(invalid(format!(
+                "output {:?}: classification must be a positive int64, not {other:?}",
+                output.name
+            )))
+        }
+    };
+    Ok(RequestedOutput {
+        name: output.name.clone(),
+        classification,
+    })
+}
+
+/// The inputs, with their data from `raw_input_contents` (one entry per input, in order) or
+/// from their typed `contents`.
+fn inputs(
+    tensors: Vec<proto::model_infer_request::InferInputTensor>,
+    raw: Vec<bytes::Bytes>,
+) -> Result<Vec<Input>, V2Error> {
+    if !raw.is_empty() && raw.len() != tensors.len() {
+        return Err(invalid(format!(
+            "raw_input_contents has {} entries for {} inputs; give one per input, or none",
+            raw.len(),
+            tensors.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    tensors
+        .into_iter()
+        .map(|tensor| {
+            let datatype = Datatype::parse(&tensor.datatype)?;
+            let data = match (raw.next(), tensor.contents) {
+                (Some(raw), _) => Data::from_raw(&tensor.name, datatype, raw)?,
+                (None, Some(contents)) => typed_data(&tensor.name, datatype, contents)?,
+                (None, None) => {
+                    return Err(invalid(format!(
+                        "input {:?} has neither contents nor raw_input_contents",
+                        tensor.name
+                    )))
+                }
+            };
+            Ok(Input {
+                name: tensor.name,
+                datatype,
+                shape: tensor.shape,
+                data,
+            })
+        })
+        .collect()
+}
+
+fn typed_data(
+    name: &str,
+    datatype: Datatype,
+    contents: proto::InferTensorContents,
+) -> Result<Data, V2Error> {
+    Ok(match datatype {
+        Datatype::Bytes => Data::Bytes(
+            contents
+                .bytes_contents
+                .into_iter()
+                .map(bytes::Bytes::from)
+                .collect(),
+        ),
+        // UINT8 travels in `uint_contents`, one u32 per element.
+        Datatype::Uint8 => Data::Uint8(
+            contents
+                .uint_contents
+                .iter()
+                .map(|&v| {
+                    u8::try_from(v).map_err(|_| {
+                        invalid(format!(
+                            "input {name:?}: UINT8 element {v} is larger than 255"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Datatype::Fp32 => Data::Fp32(contents.fp32_contents),
+        _ => Data::Unsupported,
+    })
+}
+
+fn duration(d: v2::StatisticDuration) -> Option<proto::StatisticDuration> {
+    Some(proto::StatisticDuration {
+        count: d.count,
+        ns: d.ns,
+    })
+}
+
+fn statistics(stats: v2::ModelStats) -> proto::ModelStatistics {
+    let s = stats.inference_stats;
+    proto::ModelStatistics {
+        name: stats.name,
+        version: stats.version,
+        last_inference: stats.last_inference,
+        inference_count: stats.inference_count,
+        execution_count: stats.execution_count,
+        inference_stats: Some(proto::InferStatistics {
+            success: duration(s.success),
+            fail: duration(s.fail),
+            queue: duration(s.queue),
+            compute_input: duration(s.compute_input),
+            compute_infer: duration(s.compute_infer),
+            compute_output: duration(s.compute_output),
+            cache_hit: None,
+            cache_miss: None,
+        }),
+        batch_stats: stats
+            .batch_stats
+            .into_iter()
+            .map(|b| proto::InferBatchStatistics {
+                batch_size: b.batch_size,
+                compute_input: duration(b.compute_input),
+                compute_infer: duration(b.compute_infer),
+                compute_output: duration(b.compute_output),
+            })
+            .collect(),
+        memory_usage: Vec::new(),
+        response_stats: Default::default(),
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<proto::ServerLiveRequest>,
+    ) -> Result<Response<proto::ServerLiveResponse>, Status> {
+        Ok(Response::new(proto::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<proto::ServerReadyRequest>,
+    ) -> Result<Response<proto::ServerReadyResponse>, Status> {
+        Ok(Response::new(proto::ServerReadyResponse {
+            ready: self.inference.all_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<proto::ModelReadyRequest>,
+    ) -> Result<Response<proto::ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        Ok(Response::new(proto::ModelReadyResponse {
+            ready: model.status.is_ready() && !self.inference.is_shutting_down(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<proto::ServerMetadataRequest>,
+    ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
+        Ok(Response::new(proto::ServerMetadataResponse {
+            name: env!("CARGO_PKG_NAME").to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: v2::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<proto::ModelMetadataRequest>,
+    ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        let metadata = v2::model_metadata(model);
+        let tensors = |tensors: Vec<v2::TensorMetadata>| {
+            tensors
+                .into_iter()
+                .map(|t| proto::model_metadata_response::TensorMetadata {
+                    name: t.name.to_owned(),
+                    datatype: t.datatype.to_owned(),
+                    shape: t.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(proto::ModelMetadataResponse {
+            name: metadata.name,
+            versions: metadata.versions,
+            platform: metadata.platform,
+            inputs: tensors(metadata.inputs),
+            outputs: tensors(metadata.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<proto::ModelInferRequest>,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let request = request.into_inner();
+        let id = match request.id.as_str() {
+            "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+            id => id.to_owned(),
+        };
+        let span =
+            tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
+        async move {
+            v2::check_version(&request.model_name, Some(&request.model_version))
+                .map_err(|e| status(&e))?;
+            let mut infer = self
+                .inference
+                .begin(&request.model_name)
+                .map_err(|e| status(&e.into()))?;
+            match self.infer(&mut infer, request).await {
+                Ok(response) => {
+                    infer.succeeded();
+                    Ok(Response::new(response))
+                }
+                Err(err) => {
+                    infer.failed(err.error_type(), err.is_server_error(), &err);
+                    Err(status(&err))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<proto::ModelStatisticsRequest>,
+    ) -> Result<Response<proto::ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let model_stats = if request.name.is_empty() {
+            self.inference
+                .models()
+                .iter()
+                .map(|m| statistics(v2::model_stats(m)))
+                .collect()
+        } else {
+            let model = self.model(&request.name, &request.version)?;
+            vec![statistics(v2::model_stats(model))]
+        };
+        Ok(Response::new(proto::ModelStatisticsResponse {
+            model_stats,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_grpc_codes() {
+        let code = |err: V2Error| status(&err).code();
+        assert_eq!(
+            code(V2Error::InvalidArgument("x".into())),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(InferError::NotReady { model: "m".into() }.into()),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(
+                InferError::Overloaded {
+                    model: "m".into(),
+                    limit: 1,
+                    retry_after_s: 1
+                }
+                .into()
+            ),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(
+                InferError::ModelNotFound {
+                    name: "x".into(),
+                    available: "m".into()
+                }
+                .into()
+            ),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            code(InferError::NoImages.into()),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn uint8_typed_contents_must_fit_a_byte() {
+        let contents = proto::InferTensorContents {
+            uint_contents: vec![0, 255, 256],
+            ..Default::default()
+        };
+        let err = typed_data("pixels", Datatype::Uint8, contents).unwrap_err();
+        assert!(err.to_string().contains("256"), "{err}");
+    }
+
+    #[test]
+    fn raw_contents_need_one_entry_per_input() {
+        let tensor = proto::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        };
+        let raw = vec![bytes::Bytes::new(), bytes::Bytes::new()];
+        let err = inputs(vec![tensor], raw).unwrap_err();
+        assert!(err.to_string().contains("one per input"), "{err}");
+    }
+}

@@ -1,0 +1,708 @@
+//! The Open Inference Protocol (KServe v2) over REST, on the same port as `/v1`, with Triton's
+//! binary-tensor, classification and statistics extensions. This file only translates between
+//! JSON (+ binary sections) and the protocol's tensors in `crate::v2`; the inference service
+//! runs the request.
+
+use super::error::{v2_status, ApiError};
+use super::input::{body_bytes, within_body_timeout};
+use super::AppState;
+use crate::infer::{InferRequest, Inference};
+use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Length of the JSON part of a body that carries binary tensors after it; 0 means the whole
+/// body is the one input (a raw image).
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+}
+
+/// `{model}` and the optional `{version}` of a route.
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+/// A v2 REST failure: `{"error": "..."}` with the protocol's status.
+enum Failure {
+    Http(ApiError),
+    V2(V2Error),
+}
+
+impl From<ApiError> for Failure {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::Infer(err) => Failure::V2(err.into()),
+            other => Failure::Http(other),
+        }
+    }
+}
+
+impl From<V2Error> for Failure {
+    fn from(err: V2Error) -> Self {
+        Failure::V2(err)
+    }
+}
+
+impl From<crate::error::InferError> for Failure {
+    fn from(err: crate::error::InferError) -> Self {
+        Failure::V2(err.into())
+    }
+}
+
+impl Failure {
+    fn error_type(&self) -> &'static str {
+        match self {
+            Failure::Http(err) => err.error_type(),
+            Failure::V2(err) => err.error_type(),
+        }
+    }
+
+    fn is_server_error(&self) -> bool {
+        match self {
+            Failure::Http(err) => err.is_server_error(),
+            Failure::V2(err) => err.is_server_error(),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Failure::Http(err) => err.to_string(),
+            Failure::V2(err) => err.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Failure::Http(err) => err.status(),
+            Failure::V2(err) => v2_status(err),
+        };
+        let mut response =
+            (status, Json(serde_json::json!({ "error": self.message() }))).into_response();
+        if let Failure::V2(V2Error::Infer(err)) = &self {
+            super::error::set_retry_after(&mut response, err);
+        }
+        response
+    }
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(serde_json::json!({
+        "name": env!("CARGO_PKG_NAME"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": v2::EXTENSIONS,
+    }))
+}
+
+async fn live() -> Json<Value> {
+    Json(serde_json::json!({ "live": true }))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let ready = state.inference.all_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(serde_json::json!({ "ready": ready }))).into_response()
+}
+
+fn find_model<'a>(
+    inference: &'a Inference,
+    path: &ModelPath,
+) -> Result<&'a Arc<crate::backend::ModelHandle>, Failure> {
+    let model = inference.model(&path.model)?;
+    v2::check_version(&path.model, path.version.as_deref())?;
+    Ok(model)
+}
+
+async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<Json<v2::ModelMetadata>, Failure> {
+    let model = find_model(&state.inference, &path)?;
+    Ok(Json(v2::model_metadata(model)))
+}
+
+async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, Failure> {
+    let model = find_model(&state.inference, &path)?;
+    let ready = model.status.is_ready() && !state.inference.is_shutting_down();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "name": model.name(), "ready": ready })),
+    )
+        .into_response())
+}
+
+async fn model_stats(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<Json<Value>, Failure> {
+    let model = find_model(&state.inference, &path)?;
+    Ok(Json(
+        serde_json::json!({ "model_stats": [v2::model_stats(model)] }),
+    ))
+}
+
+async fn all_stats(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let stats: Vec<_> = state
+        .inference
+        .models()
+        .iter()
+        .map(|m| v2::model_stats(m))
+        .collect();
+    Json(serde_json::json!({ "model_stats": stats }))
+}
+
+async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+    request: Request,
+) -> Response {
+    if let Err(err) = v2::check_version(&path.model, path.version.as_deref()) {
+        return Failure::from(err).into_response();
+    }
+    let mut infer = match state.inference.begin(&path.model) {
+        Ok(infer) => infer,
+        Err(err) => return Failure::from(err).into_response(),
+    };
+    match run_infer(&state, &mut infer, request).await {
+        Ok(response) => {
+            infer.succeeded();
+            response
+        }
+        Err(err) => {
+            infer.failed(err.error_type(), err.is_server_error(), err.message());
+            err.into_response()
+        }
+    }
+}
+
+async fn run_infer(
+    state: &AppState,
+    infer: &mut InferRequest,
+    request: Request,
+) -> Result<Response, Failure> {
+    let header_length = header_length(request.headers())?;
+    let limits = &state.limits;
+    let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
+    let parsed = match header_length {
+        // Raw binary request: the body is one encoded image.
+        Some(0) => ParsedRequest::raw_image(body),
+        _ => {
+            let split = header_length.unwrap_or(body.len());
+            state
+                .inference
+                .pool()
+                .run(move || ParsedRequest::parse(body, split))
+                .await?
+        }
+    };
+    let model = infer.model().clone();
+    let plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
+    let results = infer.run(plan.images.clone(), plan.outputs).await?;
+    let outputs = v2::render(&model, &plan, &results);
+    Ok(render_response(
+        model.name(),
+        parsed.id,
+        outputs,
+        &parsed.binary,
+    ))
+}
+
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Failure> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Failure::V2(V2Error::InvalidArgument(format!(
+                "the Inference-Header-Content-Length header must be the byte length of the JSON part, not {value:?}"
+            )))
+        })
+}
+
+/// The JSON part of a v2 infer request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferRequestJson {
+    id: Option<String>,
+    /// Some clients (the kserve SDK) repeat the route's model here; the route decides.
+    #[serde(default, rename = "model_name")]
+    _model_name: Option<String>,
+    #[serde(default, rename = "model_version")]
+    _model_version: Option<String>,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Vec<OutputJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputJson {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputJson {
+    name: String,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+}
+
+/// Which outputs go in the binary section of the response.
+#[derive(Default)]
+struct BinaryOutputs {
+    all: bool,
+    named: HashMap<String, bool>,
+}
+
+impl BinaryOutputs {
+    fn is_binary(&self, name: &str) -> bool {
+        self.named.get(name).copied().unwrap_or(self.all)
+    }
+}
+
+struct ParsedRequest {
+    id: Option<String>,
+    inputs: Vec<Input>,
+    outputs: Vec<RequestedOutput>,
+    binary: BinaryOutputs,
+}
+
+impl ParsedRequest {
+    fn raw_image(body: Bytes) -> Self {
+        Self {
+            id: None,
+            inputs: vec![Input {
+                name: v2::INPUT_IMAGE.to_owned(),
+                datatype: Datatype::Bytes,
+                shape: vec![1],
+                data: Data::Bytes(vec![body]),
+            }],
+            outputs: Vec::new(),
+            binary: BinaryOutputs::default(),
+        }
+    }
+
+    /// Parse `body[..split]` as JSON, taking the inputs' binary data from `body[split..]`.
+    fn parse(body: Bytes, split: usize) -> Result<Self, Failure> {
+        if split > body.len() {
+            return Err(invalid(format!(
+                "Inference-Header-Content-Length is {split} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        let request: InferRequestJson = serde_json::from_slice(&body[..split]).map_err(|e| {
+            invalid(format!(
+                "invalid inference request JSON ({e}); expected {{\"inputs\": [{{\"name\", \"shape\", \"datatype\", \"data\"}}], \"outputs\"?: [{{\"name\"}}]}}"
+            ))
+        })?;
+        let mut binary = body.slice(split..);
+        let inputs = request
+            .inputs
+            .into_iter()
+            .map(|input| input_tensor(input, &mut binary))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !binary.is_empty() {
+            return Err(invalid(format!(
+                "{} bytes of binary data are left over after the inputs' binary_data_size",
+                binary.len()
+            )));
+        }
+        let mut outputs = Vec::with_capacity(request.outputs.len());
+        let mut named = HashMap::new();
+        for output in request.outputs {
+            let classification = match output.parameters.get("classification") {
+                None => None,
+                Some(k) => Some(count_parameter(&output.name, "classification", k)?),
+            };
+            if let Some(binary) = output.parameters.get("binary_data") {
+                named.insert(output.name.clone(), bool_parameter("binary_data", binary)?);
+            }
+            outputs.push(RequestedOutput {
+                name: output.name,
+                classification,
+            });
+        }
+        let all = match request.parameters.get("binary_data_output") {
+            Some(value) => bool_parameter("binary_data_output", value)?,
+            None => false,
+        };
+        Ok(Self {
+            id: request.id,
+            inputs,
+            outputs,
+            binary: BinaryOutputs { all, named },
+        })
+    }
+}
+
+fn invalid(message: String) -> Failure {
+    Failure::V2(V2Error::InvalidArgument(message))
+}
+
+fn count_parameter(output: &str, name: &str, value: &Value) -> Result<usize, Failure> {
+    value.as_u64().map(|k| k as usize).ok_or_else(|| {
+        invalid(format!(
+            "output {output:?}: parameter {name:?} must be a positive integer, not {value}"
+        ))
+    })
+}
+
+fn bool_parameter(name: &str, value: &Value) -> Result<bool, Failure> {
+    value.as_bool().ok_or_else(|| {
+        invalid(format!(
+            "parameter {name:?} must be true or false, not {value}"
+        ))
+    })
+}
+
+/// One input: its data from the binary section (`binary_data_size`) or from JSON.
+fn input_tensor(input: InputJson, binary: &mut Bytes) -> Result<Input, Failure> {
+    let datatype = Datatype::parse(&input.datatype)?;
+    let data = match input.parameters.get("binary_data_size") {
+        Some(size) => {
+            let size = count_parameter(&input.name, "binary_data_size", size)?;
+            if size > binary.len() {
+                return Err(invalid(format!(
+                    "input {:?}: binary_data_size is {size} but only {} bytes of binary data remain",
+                    input.name,
+                    binary.len()
+                )));
+            }
+            Data::from_raw(&input.name, datatype, binary.split_to(size))?
+        }
+        None => {
+            let value = input.data.ok_or_else(|| {
+                invalid(format!(
+                    "input {:?} has neither \"data\" nor a binary_data_size parameter",
+                    input.name
+                ))
+            })?;
+            json_data(&input.name, datatype, value)?
+        }
+    };
+    Ok(Input {
+        name: input.name,
+        datatype,
+        shape: input.shape,
+        data,
+    })
+}
+
+/// Elements of JSON `data` (flat or nested row-major arrays). `BYTES` elements that carry
+/// images are base64 text: JSON strings cannot hold arbitrary bytes.
+fn json_data(name: &str, datatype: Datatype, value: Value) -> Result<Data, Failure> {
+    let mut flat = Vec::new();
+    flatten(value, &mut flat);
+    let element = |i: usize, expected: &str, got: &Value| {
+        invalid(format!(
+            "input {name:?} element {i}: expected {expected}, not {got}"
+        ))
+    };
+    Ok(match datatype {
+        Datatype::Bytes => Data::Bytes(
+            flat.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let text = v.as_str().ok_or_else(|| element(i, "a string", v))?;
+                    decode_base64(text).map(Bytes::from).ok_or_else(|| {
+                        invalid(format!(
+                            "input {name:?} element {i}: BYTES elements in JSON must be base64-encoded \
+                             files; send raw bytes with the binary tensor extension (binary_data_size)"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Datatype::Uint8 => Data::Uint8(
+            flat.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_u64()
+                        .and_then(|x| u8::try_from(x).ok())
+                        .ok_or_else(|| element(i, "an integer from 0 to 255", v))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Datatype::Fp32 => Data::Fp32(
+            flat.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_f64()
+                        .map(|x| x as f32)
+                        .ok_or_else(|| element(i, "a number", v))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        _ => Data::Unsupported,
+    })
+}
+
+fn flatten(value: Value, out: &mut Vec<Value>) {
+    match value {
+        Value::Array(items) => items.into_iter().for_each(|v| flatten(v, out)),
+        other => out.push(other),
+    }
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text.trim()).ok())
+}
+
+#[derive(Serialize)]
+struct InferResponseJson<'a> {
+    model_name: &'a str,
+    model_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    outputs: Vec<OutputTensorJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutputTensorJson<'a> {
+    name: &'static str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<OutputDataJson<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutputDataJson<'a> {
+    Fp32(&'a [f32]),
+    Strings(Vec<&'a str>),
+}
+
+/// The response: JSON alone, or JSON followed by the binary outputs.
+fn render_response(
+    model: &str,
+    id: Option<String>,
+    outputs: Vec<Output>,
+    binary: &BinaryOutputs,
+) -> Response {
+    let mut raw_parts = Vec::new();
+    let tensors = outputs
+        .iter()
+        .map(|output| {
+            let mut tensor = OutputTensorJson {
+                name: output.name,
+                datatype: output.datatype.name(),
+                shape: &output.shape,
+                parameters: None,
+                data: None,
+            };
+            if binary.is_binary(output.name) {
+                let raw = output.data.to_raw();
+                tensor.parameters = Some(serde_json::json!({ "binary_data_size": raw.len() }));
+                raw_parts.push(raw);
+            } else {
+                tensor.data = Some(match &output.data {
+                    OutputData::Fp32(values) => OutputDataJson::Fp32(values),
+                    OutputData::Bytes(elements) => OutputDataJson::Strings(
+                        elements
+                            .iter()
+                            .map(|e| std::str::from_utf8(e).unwrap_or(""))
+                            .collect(),
+                    ),
+                });
+            }
+            tensor
+        })
+        .collect();
+    let json = serde_json::to_vec(&InferResponseJson {
+        model_name: model,
+        model_version: v2::MODEL_VERSION,
+        id,
+        outputs: tensors,
+    })
+    .expect("serialising a response cannot fail");
+    if raw_parts.is_empty() {
+        return ([(header::CONTENT_TYPE, "application/json")], json).into_response();
+    }
+    let json_length = json.len();
+    let mut body = json;
+    for part in raw_parts {
+        body.extend_from_slice(&part);
+    }
+    let mut response = ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    response
+        .headers_mut()
+        .insert(HEADER_LENGTH, HeaderValue::from(json_length));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str, binary: &[u8]) -> Result<ParsedRequest, Failure> {
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(binary);
+        ParsedRequest::parse(Bytes::from(body), json.len())
+    }
+
+    fn message(result: Result<ParsedRequest, Failure>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(err) => err.message(),
+        }
+    }
+
+    #[test]
+    fn binary_inputs_are_cut_from_the_binary_section_in_order() {
+        let json = r#"{"inputs": [{"name": "pixels", "shape": [1, 2], "datatype": "UINT8", "parameters": {"binary_data_size": 2}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"classification": 3, "binary_data": true}}],
+                       "parameters": {"binary_data_output": false}, "id": "r1"}"#;
+        let parsed = parse(json, &[7, 9]).unwrap_or_else(|e| panic!("{}", e.message()));
+        assert_eq!(parsed.id.as_deref(), Some("r1"));
+        let Data::Uint8(values) = &parsed.inputs[0].data else {
+            panic!("UINT8 data")
+        };
+        assert_eq!(values, &[7, 9]);
+        assert_eq!(parsed.outputs[0].classification, Some(3));
+        assert!(parsed.binary.is_binary("probabilities"));
+        assert!(!parsed.binary.is_binary("logits"));
+    }
+
+    #[test]
+    fn binary_sizes_must_add_up() {
+        let json = r#"{"inputs": [{"name": "pixels", "shape": [3], "datatype": "UINT8", "parameters": {"binary_data_size": 3}}]}"#;
+        assert!(message(parse(json, &[1, 2])).contains("only 2 bytes"));
+        assert!(message(parse(json, &[1, 2, 3, 4])).contains("left over"));
+    }
+
+    #[test]
+    fn json_bytes_elements_are_base64() {
+        let json = r#"{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGVsbG8=", "aGk"]}]}"#;
+        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{}", e.message()));
+        let Data::Bytes(files) = &parsed.inputs[0].data else {
+            panic!("BYTES data")
+        };
+        assert_eq!(files, &[Bytes::from("hello"), Bytes::from("hi")]);
+        let bad = r#"{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}"#;
+        assert!(message(parse(bad, &[])).contains("base64"));
+    }
+
+    #[test]
+    fn nested_json_data_is_flattened_and_checked() {
+        let json = r#"{"inputs": [{"name": "pixels", "shape": [2, 2], "datatype": "UINT8", "data": [[1, 2], [3, 255]]}]}"#;
+        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{}", e.message()));
+        let Data::Uint8(values) = &parsed.inputs[0].data else {
+            panic!("UINT8 data")
+        };
+        assert_eq!(values, &[1, 2, 3, 255]);
+        let bad =
+            r#"{"inputs": [{"name": "pixels", "shape": [1], "datatype": "UINT8", "data": [256]}]}"#;
+        assert!(message(parse(bad, &[])).contains("0 to 255"));
+    }
+
+    #[test]
+    fn malformed_requests_say_what_is_expected() {
+        assert!(message(parse("{", &[])).contains("expected {\"inputs\""));
+        let no_data = r#"{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES"}]}"#;
+        assert!(message(parse(no_data, &[])).contains("neither"));
+        let datatype =
+            r#"{"inputs": [{"name": "image", "shape": [1], "datatype": "STRING", "data": []}]}"#;
+        assert!(message(parse(datatype, &[])).contains("unknown datatype"));
+        assert!(
+            message(ParsedRequest::parse(Bytes::from_static(b"{}"), 10)).contains("only 2 bytes")
+        );
+    }
+
+    #[test]
+    fn binary_outputs_follow_the_json() {
+        let outputs = vec![Output {
+            name: v2::OUTPUT_PROBABILITIES,
+            datatype: Datatype::Fp32,
+            shape: vec![1, 2],
+            data: OutputData::Fp32(vec![0.25, 0.75]),
+        }];
+        let binary = BinaryOutputs {
+            all: true,
+            named: HashMap::new(),
+        };
+        let response = render_response("m", Some("x".into()), outputs, &binary);
+        let length: usize = response.headers()[HEADER_LENGTH]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = futures_body(response);
+        let json: Value = serde_json::from_slice(&body[..length]).unwrap();
+        assert_eq!(json["id"], "x");
+        assert_eq!(json["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(
+            &body[length..],
+            &[0.25f32, 0.75].map(f32::to_le_bytes).concat()[..]
+        );
+    }
+
+    fn futures_body(response: Response) -> Bytes {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+            .unwrap()
+    }
+}
