@@ -1,6 +1,6 @@
 # visionserve: two commands on a fresh machine.
 #   make run    install what is missing, build (release), export the default model, serve on 127.0.0.1:8080
-#   make test   the same set-up, then every test (unit, HTTP, parity) on CPU
+#   make test   the same set-up, then every test (unit, HTTP, gRPC, parity, v2 clients) on CPU
 #   make test-all   parity of every native variant at its full resolution (slow)
 #   make bench      end-to-end and model-alone throughput of the default model
 #   make bench-models   native vs TorchScript vs timm eager for four models
@@ -34,12 +34,19 @@ PARITY_FAST   ?= $(CACHE_DIR)/parity-fast-$(PARITY_HASH)
 PARITY_FULL   ?= $(CACHE_DIR)/parity-full-$(PARITY_HASH)
 PARITY_FAMILIES := efficientnet coatnet
 
+# Client libraries for the v2 protocol tests live in a venv of their own: kserve and
+# tritonclient pin versions the torch venv must not see.
+CLIENT_REQUIREMENTS := tests/clients/requirements.txt
+CLIENT_VENV   ?= $(CACHE_DIR)/venv-clients-$(shell cat $(CLIENT_REQUIREMENTS) | sha1sum | cut -c1-12)
+CLIENT_PYTHON := $(CLIENT_VENV)/bin/python
+BIN           := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/visionserve
+
 HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: run test test-all bench bench-models build lint deps test-deps venv weights test-data parity-data parity-full docker clean help
+.PHONY: run test test-clients test-all bench bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -47,8 +54,15 @@ help:
 run: deps venv weights
 	cargo run --release -- --host $(HOST) --port $(PORT) --model lite0=$(DEFAULT_MODEL) $(ARGS)
 
-test: deps test-deps venv weights test-data parity-data
+test: deps test-deps venv client-venv weights test-data parity-data
 	VISIONSERVE_REQUIRE_PROMTOOL=1 VISIONSERVE_PARITY_DATA=$(PARITY_FAST) cargo test --release
+	$(MAKE) --no-print-directory test-clients
+
+# The KServe v2 endpoints driven by the real client libraries (tritonclient, the kserve SDK),
+# against the release binary that `cargo test --release` built.
+test-clients: client-venv weights test-data
+	cargo build --release --bin visionserve
+	VISIONSERVE_BIN=$(BIN) $(CLIENT_PYTHON) -m pytest -q tests/clients
 
 test-all: deps venv parity-full
 	VISIONSERVE_PARITY_DATA=$(PARITY_FULL) cargo test --release --test parity -- --nocapture
@@ -75,10 +89,20 @@ apt-packages:
 	if [ -n "$$missing" ] || [ -z "$(TOOLS)" ]; then \
 	  echo "installing $(PACKAGES)"; \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACKAGES) >/dev/null; \
+	  $$sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $(PACKAGES) >/dev/null; \
 	fi
 
 venv: $(VENV_STAMP)
+
+client-venv: $(CLIENT_VENV)/.installed
+
+# No file prerequisite: the folder name carries the requirements hash.
+$(CLIENT_VENV)/.installed:
+	@test -x $(CLIENT_PYTHON) || python3 -m venv $(CLIENT_VENV)
+	$(CLIENT_PYTHON) -m pip install --quiet --upgrade pip
+	$(CLIENT_PYTHON) -m pip install --quiet -r $(CLIENT_REQUIREMENTS)
+	@touch $@
 
 $(VENV_STAMP): $(REQUIREMENTS)
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
