@@ -3,6 +3,7 @@
 #   make test   the same set-up, then every test (unit, HTTP, gRPC, parity, v2 clients) on CPU
 #   make test-all   parity of every native variant at its full resolution (slow)
 #   make bench      end-to-end and model-alone throughput of the default model
+#   make bench-protocols   /v1 vs v2 REST vs v2 gRPC on one server
 #   make bench-models   native vs TorchScript vs timm eager for four models
 #
 # libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (tch 0.24 builds against exactly
@@ -46,7 +47,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: run test test-clients test-all bench bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: run test test-clients test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -145,6 +146,11 @@ bench: deps venv weights test-data
 	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
 	  --seconds $(BENCH_SECONDS) --server --model lite0=$(DEFAULT_MODEL)
 	cargo bench --bench model -- --model $(DEFAULT_MODEL) --batch-sizes 1,8
+
+# /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
+bench-protocols: deps venv weights test-data
+	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
+	  --seconds 5 --rounds 3 --protocols v1,v2,grpc --server --model lite0=$(DEFAULT_MODEL)
 
 # Native vs TorchScript vs timm eager, same threads and batch sizes (random-weight checkpoints
 # from the parity fixtures; the allocator tuned alike for all).

@@ -368,11 +368,18 @@ async fn main() {
     server.wait_ready(&client).await;
     let model = model_name(&client, &server.base, args.model.clone()).await;
     let grpc = match &server.grpc {
-        Some(address) => Some(
-            GrpcInferenceServiceClient::connect(address.clone())
+        Some(address) => {
+            // The same flow-control windows as the server, as a tuned client would use.
+            let channel = tonic::transport::Endpoint::from_shared(address.clone())
+                .unwrap()
+                .initial_stream_window_size(visionserve::grpc::STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(4 * visionserve::grpc::STREAM_WINDOW_BYTES)
+                .tcp_nodelay(true)
+                .connect()
                 .await
-                .unwrap(),
-        ),
+                .unwrap();
+            Some(GrpcInferenceServiceClient::new(channel))
+        }
         None => None,
     };
     let callers: Vec<(Protocol, Caller)> = args

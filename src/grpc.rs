@@ -44,6 +44,9 @@ pub fn status(err: &V2Error) -> Status {
     }
 }
 
+/// HTTP/2 flow-control window per stream.
+pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
+
 /// Serves both gRPC services on `listener` until `shutdown` resolves, then finishes the calls
 /// in flight. Messages are bounded like HTTP bodies (`max_message_bytes`).
 pub async fn serve(
@@ -61,6 +64,11 @@ pub async fn serve(
     .max_encoding_message_size(usize::MAX);
     tokio::spawn(report_health(health, inference));
     tonic::transport::Server::builder()
+        // An encoded image is 50 KB to a few MB: with HTTP/2's default 64 KiB windows every
+        // request would wait for window updates.
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(4 * STREAM_WINDOW_BYTES))
+        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(

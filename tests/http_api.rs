@@ -103,6 +103,38 @@ async fn every_photo_matches_timm_on_pillow() {
     }
 }
 
+/// The stages are real durations: each positive where work happens, rounded to the
+/// microsecond, adding up to at most the request's total (they run one after another), and
+/// `Server-Timing` says the same as `timing_ms`.
+fn check_timing(body: &serde_json::Value, server_timing: &str) {
+    let request = &body["timing_ms"];
+    let image = &body["results"][0]["timing_ms"];
+    let stage = |t: &serde_json::Value, s: &str| t[s].as_f64().unwrap();
+    for s in ["decode", "preprocess", "inference", "total"] {
+        assert!(stage(request, s) > 0.0, "{s} took no time: {body}");
+    }
+    for s in ["decode", "preprocess", "queue", "inference", "total"] {
+        let value = stage(request, s);
+        assert_eq!(
+            (value * 1e3).round() / 1e3,
+            value,
+            "{s} is not rounded to the µs"
+        );
+        assert!(
+            server_timing.contains(&format!("{s};dur={value:.3}")),
+            "{s}: {server_timing} vs {request}"
+        );
+    }
+    let stages: f64 = ["decode", "preprocess", "queue", "inference"]
+        .iter()
+        .map(|s| stage(image, s))
+        .sum();
+    assert!(
+        stages <= stage(request, "total") + 0.005,
+        "stages add up to {stages} ms, more than the total: {body}"
+    );
+}
+
 #[tokio::test]
 async fn chelsea_is_a_cat_as_png_and_jpeg() {
     for (photo, content_type) in [("chelsea.png", "image/png"), ("chelsea.jpg", "image/jpeg")] {
@@ -126,10 +158,7 @@ async fn chelsea_is_a_cat_as_png_and_jpeg() {
         let top = &body["results"][0]["predictions"][0];
         assert_eq!(top["index"], 282, "{photo}: {body}");
         assert_eq!(top["label"], "tiger cat");
-        for stage in ["decode", "preprocess", "queue", "inference", "total"] {
-            assert!(body["timing_ms"][stage].as_f64().unwrap() >= 0.0, "{stage}");
-        }
-        assert!(body["timing_ms"]["inference"].as_f64().unwrap() > 0.0);
+        check_timing(&body, &timing);
     }
 }
 

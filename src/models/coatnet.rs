@@ -1176,10 +1176,20 @@ mod tests {
     }
 
     #[test]
-    fn every_preset_resolves() {
-        for (name, make) in PRESETS {
-            assert_eq!(Config::by_name(name), Some(make()), "{name}");
+    fn every_preset_is_its_own() {
+        for (i, (name, make)) in PRESETS.iter().enumerate() {
+            let cfg = make();
+            // A copy-pasted preset (same name, or another preset's config under a new name)
+            // would serve the wrong network.
+            for (other, make_other) in &PRESETS[i + 1..] {
+                assert_ne!(name, other, "preset named twice");
+                assert!(
+                    cfg != make_other(),
+                    "{name} and {other} build the same network"
+                );
+            }
         }
+        assert_eq!(Config::by_name("coatnet_6_224"), None);
         assert_eq!(Config::coatnet_rmlp_2_rw_384().img_size, 384);
         assert_eq!(Config::coatnet_5_224().head_hidden_size, Some(2048));
     }

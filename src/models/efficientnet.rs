@@ -962,11 +962,20 @@ mod tests {
     }
 
     #[test]
-    fn every_preset_decodes() {
-        for (name, make) in PRESETS {
+    fn every_preset_decodes_and_is_its_own() {
+        for (i, (name, make)) in PRESETS.iter().enumerate() {
             let cfg = make();
             assert!(cfg.block_defs().is_ok(), "{name}");
-            assert_eq!(Config::by_name(name), Some(cfg));
+            // A copy-pasted preset (same name, or another preset's config under a new name)
+            // would serve the wrong network.
+            for (other, make_other) in &PRESETS[i + 1..] {
+                assert_ne!(name, other, "preset named twice");
+                assert!(
+                    cfg != make_other(),
+                    "{name} and {other} build the same network"
+                );
+            }
         }
+        assert_eq!(Config::by_name("tf_efficientnetv2_xxl"), None);
     }
 }
