@@ -163,23 +163,7 @@ async fn sigterm_answers_requests_in_flight() {
                 .await
         });
     }
-    // Wait until the server has run a batch, so the others are admitted and queued.
-    loop {
-        let text = scrape(&base).await;
-        let batches_run = metric(
-            &text,
-            r#"visionserve_inference_duration_seconds_count{model="lite0"}"#,
-        )
-        .unwrap_or(0.0);
-        assert!(
-            batches_run < 8.0,
-            "all requests finished before SIGTERM: the test proves nothing"
-        );
-        if batches_run >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_first_batch(&base, 8).await;
     let terminated = tokio::task::spawn_blocking(move || server.terminate());
     let want = reference(&json("lite0.json")["astronaut.png"]);
     while let Some(response) = tasks.join_next().await {
@@ -205,6 +189,99 @@ async fn sigterm_answers_requests_in_flight() {
         http_status(&format!("{base}/health/live")).is_none(),
         "server still accepting after exit"
     );
+}
+
+/// Wait until the server has run a batch, so that the others of `requests` are admitted and
+/// queued (batch size 1).
+async fn wait_for_first_batch(base: &str, requests: usize) {
+    loop {
+        let text = scrape(base).await;
+        let batches_run = metric(
+            &text,
+            r#"visionserve_inference_duration_seconds_count{model="lite0"}"#,
+        )
+        .unwrap_or(0.0);
+        assert!(
+            batches_run < requests as f64,
+            "all requests finished before SIGTERM: the test proves nothing"
+        );
+        if batches_run >= 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_grpc_calls_in_flight() {
+    use visionserve::grpc::proto;
+    let lite0 = lite0_dir();
+    let args: Vec<String> = [
+        "--model",
+        &format!("lite0={}", lite0.display()),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "1",
+        "--grpc-port",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = ChildServer::start(&args, &[]).expect("server starts");
+    server.wait_ready();
+    let base = server.base.clone();
+    let client = proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        server.grpc.clone().expect("gRPC address logged"),
+    )
+    .await
+    .unwrap();
+    let photo = read("photos/astronaut.png");
+    let request = proto::ModelInferRequest {
+        model_name: "lite0".into(),
+        inputs: vec![proto::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(proto::InferTensorContents {
+                bytes_contents: vec![photo],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (mut client, request) = (client.clone(), request.clone());
+        tasks.spawn(async move { client.model_infer(request).await });
+    }
+    wait_for_first_batch(&base, 8).await;
+    let terminated = tokio::task::spawn_blocking(move || server.terminate());
+    let want = reference(&json("lite0.json")["astronaut.png"]);
+    while let Some(response) = tasks.join_next().await {
+        let response = response
+            .unwrap()
+            .expect("in-flight call answered, not cancelled")
+            .into_inner();
+        let probabilities: Vec<(u64, f64)> = response.raw_output_contents[0]
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    i as u64,
+                    f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                )
+            })
+            .collect();
+        let mut top = probabilities;
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        top.truncate(5);
+        assert_same_top5(&top, &want, 1e-4, "gRPC call in flight at SIGTERM");
+    }
+    let (status, _) = terminated.await.unwrap();
+    assert!(status.success(), "exit status {status}");
 }
 
 /// Clients that give up while their image is queued: the image is dropped before it reaches

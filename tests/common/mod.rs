@@ -218,6 +218,8 @@ pub fn assert_same_top5(got: &[(u64, f64)], want: &[(u64, f64)], tol: f64, what:
 pub struct ChildServer {
     pub child: std::process::Child,
     pub base: String,
+    /// `http://ADDR` of the gRPC port, when `--grpc-port` was given.
+    pub grpc: Option<String>,
     logs: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
@@ -235,12 +237,16 @@ impl ChildServer {
             .expect("binary starts");
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let (addr_tx, addr_rx) = mpsc::channel();
+        let (grpc_tx, grpc_rx) = mpsc::channel();
         let logs = std::thread::spawn(move || {
             let mut lines = Vec::new();
             for line in stderr.lines().map_while(Result::ok) {
                 if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let address = event["address"].as_str().unwrap_or_default().to_owned();
                     if event["message"] == "listening" {
-                        let _ = addr_tx.send(event["address"].as_str().unwrap().to_owned());
+                        let _ = addr_tx.send(address);
+                    } else if event["message"] == "gRPC listening" {
+                        let _ = grpc_tx.send(address);
                     }
                 }
                 lines.push(line);
@@ -251,6 +257,8 @@ impl ChildServer {
             Ok(addr) => Ok(Self {
                 child,
                 base: format!("http://{addr}"),
+                // Logged before the HTTP address.
+                grpc: grpc_rx.try_recv().ok().map(|a| format!("http://{a}")),
                 logs: Some(logs),
             }),
             Err(_) => {
