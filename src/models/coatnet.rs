@@ -18,7 +18,7 @@
 use super::layers::{
     make_divisible, Act, BatchNorm2d, Conv2d, ConvSpec, LayerNorm2d, Linear, Padding, SqueezeExcite,
 };
-use super::weights::Weights;
+use super::weights::Scope;
 use super::{Classifier, Forward};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
@@ -413,16 +413,10 @@ enum Norm {
 }
 
 impl Norm {
-    fn load(
-        w: &mut Weights,
-        prefix: &str,
-        kind: NormKind,
-        channels: i64,
-        eps: f64,
-    ) -> Result<Self> {
+    fn load(w: Scope, kind: NormKind, channels: i64, eps: f64) -> Result<Self> {
         Ok(match kind {
-            NormKind::BatchNorm => Norm::Batch(BatchNorm2d::load(w, prefix, channels, eps)?),
-            NormKind::LayerNorm => Norm::Layer(LayerNorm2d::load(w, prefix, channels, eps)?),
+            NormKind::BatchNorm => Norm::Batch(BatchNorm2d::load(w, channels, eps)?),
+            NormKind::LayerNorm => Norm::Layer(LayerNorm2d::load(w, channels, eps)?),
         })
     }
 
@@ -442,23 +436,9 @@ struct Downsample {
 }
 
 impl Downsample {
-    fn load(
-        w: &mut Weights,
-        prefix: &str,
-        pool: Pool,
-        dim: i64,
-        dim_out: i64,
-        bias: bool,
-    ) -> Result<Self> {
+    fn load(w: Scope, pool: Pool, dim: i64, dim_out: i64, bias: bool) -> Result<Self> {
         let expand = (dim != dim_out)
-            .then(|| {
-                Conv2d::load(
-                    w,
-                    &format!("{prefix}.expand"),
-                    pointwise(dim, dim_out),
-                    bias,
-                )
-            })
+            .then(|| Conv2d::load(w.pp("expand"), pointwise(dim, dim_out), bias))
             .transpose()?;
         Ok(Self { pool, expand })
     }
@@ -476,9 +456,9 @@ fn pointwise(i: i64, o: i64) -> ConvSpec {
     ConvSpec::new(i, o, 1, 1, Padding::Symmetric(0))
 }
 
-/// LayerScale (`gamma` per channel).
-fn layer_scale(w: &mut Weights, key: &str, channels: i64) -> Result<Tensor> {
-    let gamma = w.get(key, &[channels])?.f_view([1, channels, 1, 1])?;
+/// LayerScale (`gamma` per channel) of the module `w`.
+fn layer_scale(w: Scope, channels: i64) -> Result<Tensor> {
+    let gamma = w.get("gamma", &[channels])?.f_view([1, channels, 1, 1])?;
     w.place(gamma)
 }
 
@@ -491,17 +471,10 @@ struct ConvMlp {
 }
 
 impl ConvMlp {
-    fn load(
-        w: &mut Weights,
-        prefix: &str,
-        dim: i64,
-        hidden: i64,
-        bias: bool,
-        act: Act,
-    ) -> Result<Self> {
+    fn load(w: Scope, dim: i64, hidden: i64, bias: bool, act: Act) -> Result<Self> {
         Ok(Self {
-            fc1: Conv2d::load(w, &format!("{prefix}.fc1"), pointwise(dim, hidden), bias)?,
-            fc2: Conv2d::load(w, &format!("{prefix}.fc2"), pointwise(hidden, dim), bias)?,
+            fc1: Conv2d::load(w.pp("fc1"), pointwise(dim, hidden), bias)?,
+            fc2: Conv2d::load(w.pp("fc2"), pointwise(hidden, dim), bias)?,
             act,
         })
     }
@@ -532,74 +505,38 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn load(
-        w: &mut Weights,
-        p: &str,
-        cfg: &ConvCfg,
-        in_ch: i64,
-        out_ch: i64,
-        stride: i64,
-    ) -> Result<Self> {
+    fn load(w: Scope, cfg: &ConvCfg, in_ch: i64, out_ch: i64, stride: i64) -> Result<Self> {
         let base = if cfg.expand_output { out_ch } else { in_ch };
         let mid = make_divisible(base as f64 * cfg.expand_ratio, 8, 0.9);
         let eps = cfg.norm_eps;
         let shortcut = (stride == 2)
-            .then(|| {
-                Downsample::load(
-                    w,
-                    &format!("{p}.shortcut"),
-                    cfg.pool,
-                    in_ch,
-                    out_ch,
-                    cfg.output_bias,
-                )
-            })
+            .then(|| Downsample::load(w.pp("shortcut"), cfg.pool, in_ch, out_ch, cfg.output_bias))
             .transpose()?;
-        let pre_norm = BatchNorm2d::load(w, &format!("{p}.pre_norm"), in_ch, eps)?;
+        let pre_norm = BatchNorm2d::load(w.pp("pre_norm"), in_ch, eps)?;
         let (down, dw_stride) = match cfg.stride_mode {
             StrideMode::Pool if stride == 2 => (Some(cfg.downsample_pool), 1),
             StrideMode::Pool => (None, 1),
             StrideMode::Depthwise => (None, stride),
         };
         let conv1 = Conv2d::load_with_batch_norm(
-            w,
-            &format!("{p}.conv1_1x1"),
-            &format!("{p}.norm1"),
+            w.pp("conv1_1x1"),
+            w.pp("norm1"),
             pointwise(in_ch, mid),
             eps,
         )?;
         let dw = ConvSpec::depthwise(mid, 3, dw_stride, Padding::Symmetric(1));
         let rd = (cfg.attn_ratio * (if cfg.expand_output { out_ch } else { mid }) as f64) as i64;
         let (conv2, se_early, se) = if cfg.attn_early {
-            let conv2 = Conv2d::load(w, &format!("{p}.conv2_kxk"), dw, false)?;
-            let se = SqueezeExcite::load(
-                w,
-                &format!("{p}.se_early"),
-                ("fc1", "fc2"),
-                mid,
-                rd,
-                cfg.attn_act,
-            )?;
-            let norm2 = BatchNorm2d::load(w, &format!("{p}.norm2"), mid, eps)?;
+            let conv2 = Conv2d::load(w.pp("conv2_kxk"), dw, false)?;
+            let se = SqueezeExcite::load(w.pp("se_early"), ("fc1", "fc2"), mid, rd, cfg.attn_act)?;
+            let norm2 = BatchNorm2d::load(w.pp("norm2"), mid, eps)?;
             (conv2, Some((se, norm2)), None)
         } else {
-            let conv2 = Conv2d::load_with_batch_norm(
-                w,
-                &format!("{p}.conv2_kxk"),
-                &format!("{p}.norm2"),
-                dw,
-                eps,
-            )?;
-            let se =
-                SqueezeExcite::load(w, &format!("{p}.se"), ("fc1", "fc2"), mid, rd, cfg.attn_act)?;
+            let conv2 = Conv2d::load_with_batch_norm(w.pp("conv2_kxk"), w.pp("norm2"), dw, eps)?;
+            let se = SqueezeExcite::load(w.pp("se"), ("fc1", "fc2"), mid, rd, cfg.attn_act)?;
             (conv2, None, Some(se))
         };
-        let conv3 = Conv2d::load(
-            w,
-            &format!("{p}.conv3_1x1"),
-            pointwise(mid, out_ch),
-            cfg.output_bias,
-        )?;
+        let conv3 = Conv2d::load(w.pp("conv3_1x1"), pointwise(mid, out_ch), cfg.output_bias)?;
         let pre_act = if cfg.pre_norm_act {
             cfg.act
         } else {
@@ -661,8 +598,7 @@ enum ConvNeXtShortcut {
 
 impl ConvNeXt {
     fn load(
-        w: &mut Weights,
-        p: &str,
+        w: Scope,
         cfg: &ConvCfg,
         in_ch: i64,
         out_ch: i64,
@@ -674,8 +610,7 @@ impl ConvNeXt {
         }
         let shortcut = if stride == 2 {
             ConvNeXtShortcut::Down(Downsample::load(
-                w,
-                &format!("{p}.shortcut"),
+                w.pp("shortcut"),
                 Pool::Avg2,
                 in_ch,
                 out_ch,
@@ -683,8 +618,7 @@ impl ConvNeXt {
             )?)
         } else if in_ch != out_ch {
             ConvNeXtShortcut::Project(Conv2d::load(
-                w,
-                &format!("{p}.shortcut"),
+                w.pp("shortcut"),
                 pointwise(in_ch, out_ch),
                 cfg.output_bias,
             )?)
@@ -695,18 +629,17 @@ impl ConvNeXt {
         let dw = ConvSpec::new(in_ch, out_ch, 7, stride, Padding::Symmetric(3)).grouped(in_ch);
         Ok(Self {
             shortcut,
-            conv_dw: Conv2d::load(w, &format!("{p}.conv_dw"), dw, cfg.output_bias)?,
-            norm: LayerNorm2d::load(w, &format!("{p}.norm"), out_ch, cfg.norm_eps)?,
+            conv_dw: Conv2d::load(w.pp("conv_dw"), dw, cfg.output_bias)?,
+            norm: LayerNorm2d::load(w.pp("norm"), out_ch, cfg.norm_eps)?,
             mlp: ConvMlp::load(
-                w,
-                &format!("{p}.mlp"),
+                w.pp("mlp"),
                 out_ch,
                 (cfg.expand_ratio * out_ch as f64) as i64,
                 cfg.output_bias,
                 cfg.act,
             )?,
             gamma: layer_scale_on
-                .then(|| layer_scale(w, &format!("{p}.ls.gamma"), out_ch))
+                .then(|| layer_scale(w.pp("ls"), out_ch))
                 .transpose()?,
         })
     }
@@ -759,8 +692,7 @@ fn relative_log_coords(h: i64, w: i64) -> Result<Tensor> {
 
 /// The attention bias of one block, `[1, heads, N, N]`, from its checkpoint parameters.
 fn relative_position_bias(
-    w: &mut Weights,
-    prefix: &str,
+    w: Scope,
     rel_pos: RelPos,
     heads: i64,
     window: (i64, i64),
@@ -769,20 +701,17 @@ fn relative_position_bias(
     let n = h * wd;
     let distances = (2 * h - 1) * (2 * wd - 1);
     let per_distance = match rel_pos {
-        RelPos::Table => w.get(
-            &format!("{prefix}.relative_position_bias_table"),
-            &[distances, heads],
-        )?,
+        RelPos::Table => w.get("relative_position_bias_table", &[distances, heads])?,
         RelPos::Mlp { hidden } => {
             // Computed once, in f32 on the CPU as the reference computes it per forward.
-            let mut get = |name: &str, shape: &[i64]| w.get(&format!("{prefix}.mlp.{name}"), shape);
+            let (fc1, fc2) = (w.pp("mlp").pp("fc1"), w.pp("mlp").pp("fc2"));
             let (w1, b1) = (
-                get("fc1.weight", &[hidden, 2])?,
-                get("fc1.bias", &[hidden])?,
+                fc1.get("weight", &[hidden, 2])?,
+                fc1.get("bias", &[hidden])?,
             );
             let (w2, b2) = (
-                get("fc2.weight", &[heads, hidden])?,
-                get("fc2.bias", &[heads])?,
+                fc2.get("weight", &[heads, hidden])?,
+                fc2.get("bias", &[heads])?,
             );
             let hidden_out = relative_log_coords(h, wd)?
                 .f_linear(&w1, Some(&b1))?
@@ -851,8 +780,7 @@ struct TransformerBlock {
 
 impl TransformerBlock {
     fn load(
-        w: &mut Weights,
-        p: &str,
+        w: Scope,
         cfg: &TransformerCfg,
         dim: i64,
         dim_out: i64,
@@ -861,54 +789,29 @@ impl TransformerBlock {
     ) -> Result<Self> {
         let eps = cfg.norm_eps;
         let (shortcut, norm1, norm1_down) = if stride == 2 {
-            let shortcut = Downsample::load(
-                w,
-                &format!("{p}.shortcut"),
-                cfg.pool,
-                dim,
-                dim_out,
-                cfg.shortcut_bias,
-            )?;
-            let norm = Norm::load(w, &format!("{p}.norm1.norm"), cfg.norm, dim, eps)?;
+            let shortcut =
+                Downsample::load(w.pp("shortcut"), cfg.pool, dim, dim_out, cfg.shortcut_bias)?;
+            let norm = Norm::load(w.pp("norm1").pp("norm"), cfg.norm, dim, eps)?;
             (Some(shortcut), norm, Some(cfg.pool))
         } else {
             if dim != dim_out {
                 bail!("a stride-1 transformer block cannot change width ({dim} -> {dim_out})");
             }
-            (
-                None,
-                Norm::load(w, &format!("{p}.norm1"), cfg.norm, dim, eps)?,
-                None,
-            )
+            (None, Norm::load(w.pp("norm1"), cfg.norm, dim, eps)?, None)
         };
         let dim_attn = if cfg.expand_first { dim_out } else { dim };
         let heads = dim_attn / cfg.dim_head;
+        let a = w.pp("attn");
         let attn = Attention {
-            qkv: Conv2d::load(
-                w,
-                &format!("{p}.attn.qkv"),
-                pointwise(dim, 3 * dim_attn),
-                true,
-            )?,
-            bias: relative_position_bias(
-                w,
-                &format!("{p}.attn.rel_pos"),
-                cfg.rel_pos,
-                heads,
-                window,
-            )?,
-            proj: Conv2d::load(
-                w,
-                &format!("{p}.attn.proj"),
-                pointwise(dim_attn, dim_out),
-                true,
-            )?,
+            qkv: Conv2d::load(a.pp("qkv"), pointwise(dim, 3 * dim_attn), true)?,
+            bias: relative_position_bias(a.pp("rel_pos"), cfg.rel_pos, heads, window)?,
+            proj: Conv2d::load(a.pp("proj"), pointwise(dim_attn, dim_out), true)?,
             heads,
             dim_head: cfg.dim_head,
         };
-        let ls = |w: &mut Weights, name: &str| -> Result<Option<Tensor>> {
+        let ls = |name: &str| -> Result<Option<Tensor>> {
             cfg.layer_scale
-                .then(|| layer_scale(w, &format!("{p}.{name}.gamma"), dim_out))
+                .then(|| layer_scale(w.pp(name), dim_out))
                 .transpose()
         };
         Ok(Self {
@@ -916,17 +819,16 @@ impl TransformerBlock {
             norm1,
             norm1_down,
             attn,
-            ls1: ls(w, "ls1")?,
-            norm2: Norm::load(w, &format!("{p}.norm2"), cfg.norm, dim_out, eps)?,
+            ls1: ls("ls1")?,
+            norm2: Norm::load(w.pp("norm2"), cfg.norm, dim_out, eps)?,
             mlp: ConvMlp::load(
-                w,
-                &format!("{p}.mlp"),
+                w.pp("mlp"),
                 dim_out,
                 (dim_out as f64 * cfg.expand_ratio) as i64,
                 true,
                 Act::Gelu,
             )?,
-            ls2: ls(w, "ls2")?,
+            ls2: ls("ls2")?,
         })
     }
 
@@ -1001,29 +903,30 @@ pub struct CoAtNet {
 }
 
 impl CoAtNet {
-    pub fn load(cfg: &Config, w: &mut Weights) -> Result<Self> {
+    /// Build `cfg` from the checkpoint seen from `w` (the whole checkpoint: `w.root()`).
+    pub fn load(cfg: &Config, w: Scope) -> Result<Self> {
+        let stem = w.pp("stem");
         let (s0, s1) = cfg.stem_width;
         let stem_conv = |i, o, stride| ConvSpec::new(i, o, 3, stride, Padding::Symmetric(1));
         let (stem_conv1, stem_norm) = match cfg.conv.norm {
             NormKind::BatchNorm => (
                 Conv2d::load_with_batch_norm(
-                    w,
-                    "stem.conv1",
-                    "stem.norm1",
+                    stem.pp("conv1"),
+                    stem.pp("norm1"),
                     stem_conv(3, s0, 2),
                     cfg.conv.norm_eps,
                 )?,
                 StemNorm::Folded(cfg.conv.act),
             ),
             NormKind::LayerNorm => (
-                Conv2d::load(w, "stem.conv1", stem_conv(3, s0, 2), false)?,
+                Conv2d::load(stem.pp("conv1"), stem_conv(3, s0, 2), false)?,
                 StemNorm::Layer(
-                    LayerNorm2d::load(w, "stem.norm1", s0, cfg.conv.norm_eps)?,
+                    LayerNorm2d::load(stem.pp("norm1"), s0, cfg.conv.norm_eps)?,
                     cfg.conv.act,
                 ),
             ),
         };
-        let stem_conv2 = Conv2d::load(w, "stem.conv2", stem_conv(s0, s1, 1), false)?;
+        let stem_conv2 = Conv2d::load(stem.pp("conv2"), stem_conv(s0, s1, 1), false)?;
 
         let mut blocks = Vec::new();
         let mut channels = s1;
@@ -1037,16 +940,15 @@ impl CoAtNet {
         {
             feat = (feat - 1) / 2 + 1;
             for index in 0..depth {
-                let p = format!("stages.{stage}.blocks.{index}");
+                let p = w.pp("stages").pp(stage).pp("blocks").pp(index);
                 let stride = if index == 0 { 2 } else { 1 };
                 let block = match (kind, cfg.conv.block) {
-                    (StageKind::Conv, ConvBlock::MbConv) => Block::MbConv(Box::new(MbConv::load(
-                        w, &p, &cfg.conv, channels, dim, stride,
-                    )?)),
+                    (StageKind::Conv, ConvBlock::MbConv) => {
+                        Block::MbConv(Box::new(MbConv::load(p, &cfg.conv, channels, dim, stride)?))
+                    }
                     (StageKind::Conv, ConvBlock::ConvNeXt { layer_scale }) => {
                         Block::ConvNeXt(Box::new(ConvNeXt::load(
-                            w,
-                            &p,
+                            p,
                             &cfg.conv,
                             channels,
                             dim,
@@ -1056,8 +958,7 @@ impl CoAtNet {
                     }
                     (StageKind::Transformer, _) => {
                         Block::Transformer(Box::new(TransformerBlock::load(
-                            w,
-                            &p,
+                            p,
                             &cfg.transformer,
                             channels,
                             dim,
@@ -1071,21 +972,21 @@ impl CoAtNet {
             }
         }
         let features = cfg.embed_dim[3];
+        let head = w.pp("head");
         let head = match cfg.head_hidden_size {
             None => Head::Classifier {
                 norm: Norm::load(
-                    w,
-                    "norm",
+                    w.pp("norm"),
                     cfg.transformer.norm,
                     features,
                     cfg.transformer.norm_eps,
                 )?,
-                fc: Linear::load(w, "head.fc", features, cfg.num_classes, true)?,
+                fc: Linear::load(head.pp("fc"), features, cfg.num_classes, true)?,
             },
             Some(hidden) => Head::NormMlp {
-                norm: LayerNorm2d::load(w, "head.norm", features, cfg.transformer.norm_eps)?,
-                pre_logits: Linear::load(w, "head.pre_logits.fc", features, hidden, true)?,
-                fc: Linear::load(w, "head.fc", hidden, cfg.num_classes, true)?,
+                norm: LayerNorm2d::load(head.pp("norm"), features, cfg.transformer.norm_eps)?,
+                pre_logits: Linear::load(head.pp("pre_logits").pp("fc"), features, hidden, true)?,
+                fc: Linear::load(head.pp("fc"), hidden, cfg.num_classes, true)?,
             },
         };
         Ok(Self {

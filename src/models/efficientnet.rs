@@ -16,7 +16,7 @@ use super::layers::{
     make_divisible, timm_padding, Act, Conv2d, ConvSpec, GlobalContext, Linear, Padding,
     SqueezeExcite,
 };
-use super::weights::Weights;
+use super::weights::{KeyPath, Scope, Weights};
 use super::{Classifier, Forward};
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
@@ -473,20 +473,13 @@ enum ChannelAttention {
 }
 
 impl ChannelAttention {
-    fn load(
-        w: &mut Weights,
-        prefix: &str,
-        cfg: &Config,
-        channels: i64,
-        rd_ratio: f64,
-    ) -> Result<Self> {
-        let prefix = format!("{prefix}.se");
+    /// `w`: the block's `se` module.
+    fn load(w: Scope, cfg: &Config, channels: i64, rd_ratio: f64) -> Result<Self> {
         Ok(match cfg.attention {
             Attention::SqueezeExcite => {
                 let reduced = round_half_even(channels as f64 * rd_ratio);
                 Self::Se(SqueezeExcite::load(
                     w,
-                    &prefix,
                     ("conv_reduce", "conv_expand"),
                     channels,
                     reduced,
@@ -496,7 +489,7 @@ impl ChannelAttention {
             Attention::GlobalContext => {
                 let reduced = make_divisible(channels as f64 * rd_ratio, 1, 0.0);
                 Self::Gc(Box::new(GlobalContext::load(
-                    w, &prefix, channels, reduced, cfg.act,
+                    w, channels, reduced, cfg.act,
                 )?))
             }
         })
@@ -542,7 +535,6 @@ impl Block {
 }
 
 struct BlockBuilder<'a> {
-    w: &'a mut Weights,
     cfg: &'a Config,
 }
 
@@ -551,19 +543,13 @@ impl BlockBuilder<'_> {
         timm_padding(self.cfg.tf_same_padding, kernel, stride, 1)
     }
 
-    fn conv_bn(&mut self, prefix: &str, conv: &str, bn: &str, spec: ConvSpec) -> Result<Conv2d> {
-        Conv2d::load_with_batch_norm(
-            self.w,
-            &format!("{prefix}.{conv}"),
-            &format!("{prefix}.{bn}"),
-            spec,
-            self.cfg.bn_eps,
-        )
+    fn conv_bn(&self, conv: Scope, bn: Scope, spec: ConvSpec) -> Result<Conv2d> {
+        Conv2d::load_with_batch_norm(conv, bn, spec, self.cfg.bn_eps)
     }
 
     fn attention(
-        &mut self,
-        prefix: &str,
+        &self,
+        w: Scope,
         def: &BlockDef,
         channels: i64,
     ) -> Result<Option<ChannelAttention>> {
@@ -573,25 +559,19 @@ impl BlockBuilder<'_> {
         // The SE width is set from the block input: se_ratio / exp_ratio of the expanded width.
         let rd_ratio = def.se_ratio / def.exp_ratio;
         Ok(Some(ChannelAttention::load(
-            self.w, prefix, self.cfg, channels, rd_ratio,
+            w, self.cfg, channels, rd_ratio,
         )?))
     }
 
-    fn build(
-        &mut self,
-        prefix: &str,
-        def: &BlockDef,
-        in_ch: i64,
-        stride: i64,
-    ) -> Result<(Block, i64)> {
+    /// The block under `w` (`blocks.{stage}.{index}`).
+    fn build(&self, w: Scope, def: &BlockDef, in_ch: i64, stride: i64) -> Result<(Block, i64)> {
         let out = self.cfg.round_channels(def.out_channels);
         let (k, act) = (def.kernel, self.cfg.act);
         let block = match def.kind {
             BlockKind::ConvBnAct => Block {
                 convs: vec![self.conv_bn(
-                    prefix,
-                    "conv",
-                    "bn1",
+                    w.pp("conv"),
+                    w.pp("bn1"),
                     ConvSpec::new(in_ch, out, k, stride, self.pad(k, stride)),
                 )?],
                 attention: None,
@@ -601,16 +581,14 @@ impl BlockBuilder<'_> {
             },
             BlockKind::DepthwiseSeparable => Block {
                 convs: vec![self.conv_bn(
-                    prefix,
-                    "conv_dw",
-                    "bn1",
+                    w.pp("conv_dw"),
+                    w.pp("bn1"),
                     ConvSpec::depthwise(in_ch, k, stride, self.pad(k, stride)),
                 )?],
-                attention: self.attention(prefix, def, in_ch)?,
+                attention: self.attention(w.pp("se"), def, in_ch)?,
                 project: Some(self.conv_bn(
-                    prefix,
-                    "conv_pw",
-                    "bn2",
+                    w.pp("conv_pw"),
+                    w.pp("bn2"),
                     ConvSpec::new(in_ch, out, 1, 1, Padding::Symmetric(0)),
                 )?),
                 act,
@@ -620,16 +598,14 @@ impl BlockBuilder<'_> {
                 let mid = make_divisible(in_ch as f64 * def.exp_ratio, 8, 0.9);
                 Block {
                     convs: vec![self.conv_bn(
-                        prefix,
-                        "conv_exp",
-                        "bn1",
+                        w.pp("conv_exp"),
+                        w.pp("bn1"),
                         ConvSpec::new(in_ch, mid, k, stride, self.pad(k, stride)),
                     )?],
-                    attention: self.attention(prefix, def, mid)?,
+                    attention: self.attention(w.pp("se"), def, mid)?,
                     project: Some(self.conv_bn(
-                        prefix,
-                        "conv_pwl",
-                        "bn2",
+                        w.pp("conv_pwl"),
+                        w.pp("bn2"),
                         ConvSpec::new(mid, out, 1, 1, Padding::Symmetric(0)),
                     )?),
                     act,
@@ -639,24 +615,21 @@ impl BlockBuilder<'_> {
             BlockKind::InvertedResidual => {
                 let mid = make_divisible(in_ch as f64 * def.exp_ratio, 8, 0.9);
                 let pw = self.conv_bn(
-                    prefix,
-                    "conv_pw",
-                    "bn1",
+                    w.pp("conv_pw"),
+                    w.pp("bn1"),
                     ConvSpec::new(in_ch, mid, 1, 1, Padding::Symmetric(0)),
                 )?;
                 let dw = self.conv_bn(
-                    prefix,
-                    "conv_dw",
-                    "bn2",
+                    w.pp("conv_dw"),
+                    w.pp("bn2"),
                     ConvSpec::depthwise(mid, k, stride, self.pad(k, stride)),
                 )?;
                 Block {
                     convs: vec![pw, dw],
-                    attention: self.attention(prefix, def, mid)?,
+                    attention: self.attention(w.pp("se"), def, mid)?,
                     project: Some(self.conv_bn(
-                        prefix,
-                        "conv_pwl",
-                        "bn3",
+                        w.pp("conv_pwl"),
+                        w.pp("bn3"),
                         ConvSpec::new(mid, out, 1, 1, Padding::Symmetric(0)),
                     )?),
                     act,
@@ -702,12 +675,15 @@ impl Config {
 }
 
 impl EfficientNet {
+    /// Build `cfg` from a whole checkpoint, first renaming torchvision's or
+    /// efficientnet_pytorch's keys to timm's.
     pub fn load(cfg: &Config, w: &mut Weights) -> Result<Self> {
         match key_style(w) {
             KeyStyle::Timm => {}
             KeyStyle::Torchvision => rename_torchvision(w, &cfg.layout()?)?,
             KeyStyle::EfficientNetPyTorch => rename_efficientnet_pytorch(w, &cfg.layout()?)?,
         }
+        let w = w.root();
         let defs = cfg.block_defs()?;
         let depths = cfg.stage_depths(&defs);
         let stem = if cfg.fix_stem {
@@ -717,14 +693,13 @@ impl EfficientNet {
         };
         let stem_pad = timm_padding(cfg.tf_same_padding, 3, 2, 1);
         let conv_stem = Conv2d::load_with_batch_norm(
-            w,
-            "conv_stem",
-            "bn1",
+            w.pp("conv_stem"),
+            w.pp("bn1"),
             ConvSpec::new(3, stem, 3, 2, stem_pad),
             cfg.bn_eps,
         )?;
 
-        let mut builder = BlockBuilder { w, cfg };
+        let builder = BlockBuilder { cfg };
         let mut blocks = Vec::new();
         let mut channels = stem;
         for (stage, (def, depth)) in defs.iter().zip(&depths).enumerate() {
@@ -732,7 +707,7 @@ impl EfficientNet {
                 // Only the first block of a stage strides.
                 let stride = if index == 0 { def.stride } else { 1 };
                 let (block, out) =
-                    builder.build(&format!("blocks.{stage}.{index}"), def, channels, stride)?;
+                    builder.build(w.pp("blocks").pp(stage).pp(index), def, channels, stride)?;
                 blocks.push(block);
                 channels = out;
             }
@@ -743,13 +718,12 @@ impl EfficientNet {
             cfg.num_features
         };
         let conv_head = Conv2d::load_with_batch_norm(
-            w,
-            "conv_head",
-            "bn2",
+            w.pp("conv_head"),
+            w.pp("bn2"),
             ConvSpec::new(channels, features, 1, 1, Padding::Symmetric(0)),
             cfg.bn_eps,
         )?;
-        let classifier = Linear::load(w, "classifier", features, cfg.num_classes, true)?;
+        let classifier = Linear::load(w.pp("classifier"), features, cfg.num_classes, true)?;
         Ok(Self {
             conv_stem,
             blocks,
@@ -799,32 +773,34 @@ fn key_style(w: &Weights) -> KeyStyle {
 }
 
 /// Rename keys by module prefix: `{from}.rest` becomes `{to}.rest` for the longest `from`.
-fn rename_prefixes(w: &mut Weights, pairs: &[(String, String)]) -> Result<()> {
+fn rename_prefixes(w: &mut Weights, pairs: &[(KeyPath, KeyPath)]) -> Result<()> {
     w.rename(|key| {
         pairs
             .iter()
-            .filter(|(from, _)| {
-                key.strip_prefix(from.as_str())
-                    .is_some_and(|rest| rest.starts_with('.'))
+            .filter_map(|(from, to)| {
+                let rest = key.strip_prefix(from.as_str())?.strip_prefix('.')?;
+                Some((from.as_str().len(), to, rest))
             })
-            .max_by_key(|(from, _)| from.len())
-            .map(|(from, to)| format!("{to}{}", &key[from.len()..]))
+            .max_by_key(|(from_len, _, _)| *from_len)
+            .map(|(_, to, rest)| to.pp(rest).into())
     })
 }
 
 fn rename_torchvision(w: &mut Weights, layout: &Layout) -> Result<()> {
-    let head = layout.stages.len() + 1;
-    let mut pairs: Vec<(String, String)> = vec![
-        ("features.0.0".into(), "conv_stem".into()),
-        ("features.0.1".into(), "bn1".into()),
-        (format!("features.{head}.0"), "conv_head".into()),
-        (format!("features.{head}.1"), "bn2".into()),
-        ("classifier.1".into(), "classifier".into()),
+    let root = KeyPath::root();
+    let features = root.pp("features");
+    let head = features.pp(layout.stages.len() + 1);
+    let mut pairs = vec![
+        (features.pp(0).pp(0), root.pp("conv_stem")),
+        (features.pp(0).pp(1), root.pp("bn1")),
+        (head.pp(0), root.pp("conv_head")),
+        (head.pp(1), root.pp("bn2")),
+        (root.pp("classifier").pp(1), root.pp("classifier")),
     ];
     for (stage, (kind, depth)) in layout.stages.iter().enumerate() {
         for index in 0..*depth {
-            let tv = format!("features.{}.{index}.block", stage + 1);
-            let timm = format!("blocks.{stage}.{index}");
+            let tv = features.pp(stage + 1).pp(index).pp("block");
+            let timm = root.pp("blocks").pp(stage).pp(index);
             let modules: &[(&str, &str)] = match kind {
                 BlockKind::ConvBnAct => &[("0.0", "conv"), ("0.1", "bn1")],
                 BlockKind::EdgeResidual => &[
@@ -847,29 +823,29 @@ fn rename_torchvision(w: &mut Weights, layout: &Layout) -> Result<()> {
                     bail!("torchvision EfficientNetV2 has no depthwise-separable blocks")
                 }
             };
-            pairs.extend(
-                modules
-                    .iter()
-                    .map(|(a, b)| (format!("{tv}.{a}"), format!("{timm}.{b}"))),
-            );
+            pairs.extend(modules.iter().map(|(a, b)| (tv.pp(a), timm.pp(b))));
         }
     }
     rename_prefixes(w, &pairs)
 }
 
 fn rename_efficientnet_pytorch(w: &mut Weights, layout: &Layout) -> Result<()> {
-    let mut pairs: Vec<(String, String)> = vec![
-        ("_conv_stem".into(), "conv_stem".into()),
-        ("_bn0".into(), "bn1".into()),
-        ("_conv_head".into(), "conv_head".into()),
-        ("_bn1".into(), "bn2".into()),
-        ("_fc".into(), "classifier".into()),
-    ];
+    let root = KeyPath::root();
+    let mut pairs: Vec<(KeyPath, KeyPath)> = [
+        ("_conv_stem", "conv_stem"),
+        ("_bn0", "bn1"),
+        ("_conv_head", "conv_head"),
+        ("_bn1", "bn2"),
+        ("_fc", "classifier"),
+    ]
+    .iter()
+    .map(|(a, b)| (root.pp(a), root.pp(b)))
+    .collect();
     let mut global = 0;
     for (stage, (kind, depth)) in layout.stages.iter().enumerate() {
         for index in 0..*depth {
-            let ours = format!("blocks.{stage}.{index}");
-            let theirs = format!("_blocks.{global}");
+            let ours = root.pp("blocks").pp(stage).pp(index);
+            let theirs = root.pp("_blocks").pp(global);
             let modules: &[(&str, &str)] = match kind {
                 BlockKind::DepthwiseSeparable => &[
                     ("_depthwise_conv", "conv_dw"),
@@ -891,11 +867,7 @@ fn rename_efficientnet_pytorch(w: &mut Weights, layout: &Layout) -> Result<()> {
                 ],
                 _ => bail!("efficientnet_pytorch checkpoints hold V1/Lite networks only"),
             };
-            pairs.extend(
-                modules
-                    .iter()
-                    .map(|(a, b)| (format!("{theirs}.{a}"), format!("{ours}.{b}"))),
-            );
+            pairs.extend(modules.iter().map(|(a, b)| (theirs.pp(a), ours.pp(b))));
             global += 1;
         }
     }
@@ -959,6 +931,47 @@ mod tests {
             depths(Config::efficientnetv2_rw_t()),
             vec![2, 4, 4, 6, 9, 14]
         );
+    }
+
+    #[test]
+    fn renames_foreign_keys_onto_timm_module_paths() {
+        let keys = [
+            "features.0.0.weight",
+            "features.1.0.block.0.1.running_var",
+            "features.4.0.block.2.fc1.weight",
+            "features.7.0.weight",
+            "classifier.1.bias",
+            "unrelated.weight",
+        ];
+        let zero = || Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let tensors = keys.iter().map(|k| (k.to_string(), zero())).collect();
+        let mut w = Weights::from_tensors(tensors, tch::Device::Cpu, tch::Kind::Float);
+        let layout = Config::efficientnet_v2_s().layout().unwrap();
+        rename_torchvision(&mut w, &layout).unwrap();
+        for key in [
+            "conv_stem.weight",
+            "blocks.0.0.bn1.running_var",
+            "blocks.3.0.se.conv_reduce.weight",
+            "conv_head.weight",
+            "classifier.bias",
+            "unrelated.weight",
+        ] {
+            assert!(w.contains(key), "{key}");
+        }
+
+        // The longest prefix ending at a module boundary wins: `a.1` is not a prefix of `a.10`.
+        let tensors = ["a.1.x", "a.10.x"]
+            .iter()
+            .map(|k| (k.to_string(), zero()))
+            .collect();
+        let mut w = Weights::from_tensors(tensors, tch::Device::Cpu, tch::Kind::Float);
+        let root = KeyPath::root();
+        let pairs = [
+            (root.pp("a"), root.pp("b")),
+            (root.pp("a").pp(1), root.pp("c")),
+        ];
+        rename_prefixes(&mut w, &pairs).unwrap();
+        assert!(w.contains("c.x") && w.contains("b.10.x"));
     }
 
     #[test]

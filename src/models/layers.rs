@@ -1,7 +1,7 @@
 //! Building blocks shared by the native architectures, in inference form: BatchNorm is folded
 //! into the convolution before it at load time, and every layer only has a forward pass.
 
-use super::weights::Weights;
+use super::weights::Scope;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
@@ -148,21 +148,17 @@ struct BatchNormParams {
 }
 
 impl BatchNormParams {
-    /// Eval-mode BatchNorm as `x * scale + shift` (weight, bias, running stats from `prefix`).
-    fn load(w: &mut Weights, prefix: &str, channels: i64, eps: f64) -> Result<Self> {
-        let shape = [channels];
-        let gamma = w
-            .get(&format!("{prefix}.weight"), &shape)?
-            .f_to_kind(Kind::Double)?;
-        let beta = w
-            .get(&format!("{prefix}.bias"), &shape)?
-            .f_to_kind(Kind::Double)?;
-        let mean = w
-            .get(&format!("{prefix}.running_mean"), &shape)?
-            .f_to_kind(Kind::Double)?;
-        let var = w
-            .get(&format!("{prefix}.running_var"), &shape)?
-            .f_to_kind(Kind::Double)?;
+    /// Eval-mode BatchNorm as `x * scale + shift` (weight, bias, running stats under `w`).
+    fn load(w: Scope, channels: i64, eps: f64) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            Ok(w.get(name, &[channels])?.f_to_kind(Kind::Double)?)
+        };
+        let (gamma, beta, mean, var) = (
+            get("weight")?,
+            get("bias")?,
+            get("running_mean")?,
+            get("running_var")?,
+        );
         let scale = gamma.f_div(&var.f_add_scalar(eps)?.f_sqrt()?)?;
         let shift = beta.f_sub(&mean.f_mul(&scale)?)?;
         Ok(Self { scale, shift })
@@ -170,14 +166,12 @@ impl BatchNormParams {
 }
 
 impl Conv2d {
-    /// A convolution stored under `{prefix}.weight` (and `{prefix}.bias` when `bias`).
-    pub fn load(w: &mut Weights, prefix: &str, spec: ConvSpec, bias: bool) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &spec.weight_shape())?;
-        let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[spec.out_channels])?)
-        } else {
-            None
-        };
+    /// A convolution stored as `weight` (and `bias` when `bias`) under `w`.
+    pub fn load(w: Scope, spec: ConvSpec, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", &spec.weight_shape())?;
+        let bias = bias
+            .then(|| w.get("bias", &[spec.out_channels]))
+            .transpose()?;
         Ok(Self {
             weight: channels_last(w.place(weight)?)?,
             bias: bias.map(|b| w.place(b)).transpose()?,
@@ -188,25 +182,19 @@ impl Conv2d {
     /// A bias-free convolution followed by an eval-mode BatchNorm, folded into one convolution:
     /// `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`, in f64.
     /// This removes a full pass over every activation map; results differ from the unfolded
-    /// layers by rounding only.
-    pub fn load_with_batch_norm(
-        w: &mut Weights,
-        conv: &str,
-        bn: &str,
-        spec: ConvSpec,
-        eps: f64,
-    ) -> Result<Self> {
-        let weight = w
-            .get(&format!("{conv}.weight"), &spec.weight_shape())?
+    /// layers by rounding only. `conv` and `bn` are the two modules' scopes (usually siblings).
+    pub fn load_with_batch_norm(conv: Scope, bn: Scope, spec: ConvSpec, eps: f64) -> Result<Self> {
+        let weight = conv
+            .get("weight", &spec.weight_shape())?
             .f_to_kind(Kind::Double)?;
-        let bn = BatchNormParams::load(w, bn, spec.out_channels, eps)?;
+        let bn = BatchNormParams::load(bn, spec.out_channels, eps)?;
         let weight = weight
             .f_mul(&bn.scale.f_view([-1, 1, 1, 1])?)?
             .f_to_kind(Kind::Float)?;
         let bias = bn.shift.f_to_kind(Kind::Float)?;
         Ok(Self {
-            weight: channels_last(w.place(weight)?)?,
-            bias: Some(w.place(bias)?),
+            weight: channels_last(conv.place(weight)?)?,
+            bias: Some(conv.place(bias)?),
             spec,
         })
     }
@@ -248,19 +236,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(
-        w: &mut Weights,
-        prefix: &str,
-        in_features: i64,
-        out_features: i64,
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
-        let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[out_features])?)
-        } else {
-            None
-        };
+    pub fn load(w: Scope, in_features: i64, out_features: i64, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", &[out_features, in_features])?;
+        let bias = bias.then(|| w.get("bias", &[out_features])).transpose()?;
         Ok(Self {
             weight: w.place(weight)?,
             bias: bias.map(|b| w.place(b)).transpose()?,
@@ -268,17 +246,9 @@ impl Linear {
     }
 
     /// A 1x1 convolution (`[o, i, 1, 1]` in the checkpoint) applied as a matrix product.
-    pub fn load_pointwise_conv(
-        w: &mut Weights,
-        prefix: &str,
-        in_features: i64,
-        out_features: i64,
-    ) -> Result<Self> {
-        let weight = w.get(
-            &format!("{prefix}.weight"),
-            &[out_features, in_features, 1, 1],
-        )?;
-        let bias = w.get(&format!("{prefix}.bias"), &[out_features])?;
+    pub fn load_pointwise_conv(w: Scope, in_features: i64, out_features: i64) -> Result<Self> {
+        let weight = w.get("weight", &[out_features, in_features, 1, 1])?;
+        let bias = w.get("bias", &[out_features])?;
         Ok(Self {
             weight: w.place(weight.f_reshape([out_features, in_features])?)?,
             bias: Some(w.place(bias)?),
@@ -300,9 +270,9 @@ pub struct LayerNorm2d {
 }
 
 impl LayerNorm2d {
-    pub fn load(w: &mut Weights, prefix: &str, channels: i64, eps: f64) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[channels])?;
-        let bias = w.get(&format!("{prefix}.bias"), &[channels])?;
+    pub fn load(w: Scope, channels: i64, eps: f64) -> Result<Self> {
+        let weight = w.get("weight", &[channels])?;
+        let bias = w.get("bias", &[channels])?;
         Ok(Self {
             weight: w.place(weight)?,
             bias: w.place(bias)?,
@@ -335,9 +305,8 @@ pub struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    pub fn load(w: &mut Weights, prefix: &str, channels: i64, eps: f64) -> Result<Self> {
-        let mut get =
-            |name: &str| -> Result<Tensor> { w.get(&format!("{prefix}.{name}"), &[channels]) };
+    pub fn load(w: Scope, channels: i64, eps: f64) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> { w.get(name, &[channels]) };
         let (weight, bias, mean, var) = (
             get("weight")?,
             get("bias")?,
@@ -377,29 +346,18 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    /// `reduce`/`expand` are the checkpoint names of the two convolutions (timm EfficientNet:
-    /// `conv_reduce`/`conv_expand`; CoAtNet: `fc1`/`fc2`).
+    /// `names` are the module names of the reduce and expand convolutions under `w` (timm
+    /// EfficientNet: `conv_reduce`/`conv_expand`; CoAtNet: `fc1`/`fc2`).
     pub fn load(
-        w: &mut Weights,
-        prefix: &str,
+        w: Scope,
         names: (&str, &str),
         channels: i64,
         reduced: i64,
         act: Act,
     ) -> Result<Self> {
         Ok(Self {
-            reduce: Linear::load_pointwise_conv(
-                w,
-                &format!("{prefix}.{}", names.0),
-                channels,
-                reduced,
-            )?,
-            expand: Linear::load_pointwise_conv(
-                w,
-                &format!("{prefix}.{}", names.1),
-                reduced,
-                channels,
-            )?,
+            reduce: Linear::load_pointwise_conv(w.pp(names.0), channels, reduced)?,
+            expand: Linear::load_pointwise_conv(w.pp(names.1), reduced, channels)?,
             act,
         })
     }
@@ -427,34 +385,14 @@ pub struct GlobalContext {
 }
 
 impl GlobalContext {
-    pub fn load(
-        w: &mut Weights,
-        prefix: &str,
-        channels: i64,
-        reduced: i64,
-        act: Act,
-    ) -> Result<Self> {
+    pub fn load(w: Scope, channels: i64, reduced: i64, act: Act) -> Result<Self> {
         let pointwise = |i, o| ConvSpec::new(i, o, 1, 1, Padding::Symmetric(0));
+        let mlp = w.pp("mlp_scale");
         Ok(Self {
-            conv_attn: Conv2d::load(
-                w,
-                &format!("{prefix}.conv_attn"),
-                pointwise(channels, 1),
-                true,
-            )?,
-            fc1: Conv2d::load(
-                w,
-                &format!("{prefix}.mlp_scale.fc1"),
-                pointwise(channels, reduced),
-                true,
-            )?,
-            norm: LayerNorm2d::load(w, &format!("{prefix}.mlp_scale.norm"), reduced, 1e-6)?,
-            fc2: Conv2d::load(
-                w,
-                &format!("{prefix}.mlp_scale.fc2"),
-                pointwise(reduced, channels),
-                true,
-            )?,
+            conv_attn: Conv2d::load(w.pp("conv_attn"), pointwise(channels, 1), true)?,
+            fc1: Conv2d::load(mlp.pp("fc1"), pointwise(channels, reduced), true)?,
+            norm: LayerNorm2d::load(mlp.pp("norm"), reduced, 1e-6)?,
+            fc2: Conv2d::load(mlp.pp("fc2"), pointwise(reduced, channels), true)?,
             act,
         })
     }

@@ -110,7 +110,7 @@ fn load_native(
         }
         cfg.num_classes = num_classes;
         cfg.img_size = input_size.0 as i64;
-        return Ok(Box::new(coatnet::CoAtNet::load(&cfg, weights)?));
+        return Ok(Box::new(coatnet::CoAtNet::load(&cfg, weights.root())?));
     }
     bail!(
         "architecture {architecture:?} has no native implementation (native: {}); export it to \

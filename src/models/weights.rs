@@ -4,16 +4,27 @@
 //! architecture expects; the first missing or misshapen tensor stops the load with its name and
 //! both shapes, and after building, tensors nobody asked for are reported too (a checkpoint of
 //! a different variant would otherwise load "successfully" into the wrong network).
+//!
+//! Loaders never spell out whole keys: each takes a [`Scope`], a view of the [`Weights`] at one
+//! module path (in the style of candle's `VarBuilder::pp`), hands `scope.pp("child")` to the
+//! modules it contains and asks for its own tensors by their last name. `w.root().pp("blocks")
+//! .pp(3).pp(0).pp("conv_pw").get("weight", ..)` reads `blocks.3.0.conv_pw.weight`, so a module's
+//! keys follow from its place in the tree, as they do in the PyTorch module the checkpoint was
+//! saved from.
 
 use crate::repository::WeightsFormat;
 use anyhow::{anyhow, bail, Context, Result};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
-    used: HashSet<String>,
+    /// Keys handed out so far. Behind a `RefCell` so that any number of scopes can read through
+    /// a shared reference; only the (single) model-loading thread uses it.
+    used: RefCell<HashSet<String>>,
     device: Device,
     kind: Kind,
 }
@@ -55,7 +66,7 @@ impl Weights {
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
         Self {
             tensors,
-            used: HashSet::new(),
+            used: RefCell::new(HashSet::new()),
             device,
             kind,
         }
@@ -74,6 +85,14 @@ impl Weights {
         Ok(())
     }
 
+    /// The view at the top of the module tree, where loading starts.
+    pub fn root(&self) -> Scope<'_> {
+        Scope {
+            weights: self,
+            path: KeyPath::root(),
+        }
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }
@@ -81,7 +100,7 @@ impl Weights {
     /// The tensor `key` as CPU f32, checked against `shape`. A 1x1 convolution weight
     /// `[o, i, 1, 1]` and a linear weight `[o, i]` are accepted for each other, as timm
     /// checkpoints use both layouts for the same layers.
-    pub fn get(&mut self, key: &str, shape: &[i64]) -> Result<Tensor> {
+    fn get(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
         let tensor = self.tensors.get(key).ok_or_else(|| {
             anyhow!("checkpoint has no tensor {key:?} (expected shape {shape:?})")
         })?;
@@ -96,7 +115,7 @@ impl Weights {
         } else {
             bail!("tensor {key:?} has shape {found:?}, the architecture expects {shape:?}");
         };
-        self.used.insert(key.to_owned());
+        self.used.borrow_mut().insert(key.to_owned());
         Ok(tensor)
     }
 
@@ -111,11 +130,8 @@ impl Weights {
 
     /// Fail if the checkpoint holds tensors the architecture did not use.
     pub fn finish(self) -> Result<()> {
-        let mut unused: Vec<&String> = self
-            .tensors
-            .keys()
-            .filter(|k| !self.used.contains(*k))
-            .collect();
+        let used = self.used.into_inner();
+        let mut unused: Vec<&String> = self.tensors.keys().filter(|k| !used.contains(*k)).collect();
         unused.sort();
         if let Some(first) = unused.first() {
             bail!(
@@ -126,6 +142,86 @@ impl Weights {
             );
         }
         Ok(())
+    }
+}
+
+/// A dotted module path such as `blocks.3.0`, built one name at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPath(String);
+
+impl KeyPath {
+    /// The empty path at the top of the tree.
+    pub fn root() -> Self {
+        Self::default()
+    }
+
+    /// The child `name` (a module name or an index): `blocks` + `3` is `blocks.3`, and at the
+    /// root just `name`.
+    pub fn pp(&self, name: impl fmt::Display) -> Self {
+        if self.0.is_empty() {
+            Self(name.to_string())
+        } else {
+            Self(format!("{}.{name}", self.0))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<KeyPath> for String {
+    fn from(path: KeyPath) -> Self {
+        path.0
+    }
+}
+
+/// The checkpoint seen from one module: [`Weights`] plus the module's path. Cheap to clone;
+/// every tensor it hands out is recorded in the shared `Weights` for [`Weights::finish`].
+#[derive(Clone)]
+pub struct Scope<'a> {
+    weights: &'a Weights,
+    path: KeyPath,
+}
+
+impl<'a> Scope<'a> {
+    /// The scope of the submodule `name` (e.g. `w.pp("blocks").pp(stage).pp(index)`).
+    pub fn pp(&self, name: impl fmt::Display) -> Scope<'a> {
+        Scope {
+            weights: self.weights,
+            path: self.path.pp(name),
+        }
+    }
+
+    /// This module's path, the prefix of all its keys.
+    pub fn path(&self) -> &KeyPath {
+        &self.path
+    }
+
+    /// The tensor `{path}.{leaf}`, checked against `shape` (see [`Weights`]'s rules); errors name
+    /// the full key.
+    pub fn get(&self, leaf: &str, shape: &[i64]) -> Result<Tensor> {
+        self.weights.get(self.path.pp(leaf).as_str(), shape)
+    }
+
+    /// Whether the checkpoint holds `{path}.{leaf}`.
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.weights.contains(self.path.pp(leaf).as_str())
+    }
+
+    /// Move a finished parameter to the model's device and precision.
+    pub fn place(&self, tensor: Tensor) -> Result<Tensor> {
+        self.weights.place(tensor)
+    }
+
+    pub fn device(&self) -> Device {
+        self.weights.device()
     }
 }
 
@@ -181,31 +277,59 @@ mod tests {
 
     #[test]
     fn names_the_missing_or_misshapen_tensor() {
-        let mut w = store(&[("a.weight", &[4, 3, 3, 3])]);
-        let err = w.get("b.weight", &[4]).unwrap_err().to_string();
+        let w = store(&[("a.weight", &[4, 3, 3, 3])]);
+        let err = w
+            .root()
+            .pp("b")
+            .get("weight", &[4])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"b.weight\"") && err.contains("[4]"), "{err}");
-        let err = w.get("a.weight", &[4, 3, 1, 1]).unwrap_err().to_string();
+        let err = w
+            .root()
+            .pp("a")
+            .get("weight", &[4, 3, 1, 1])
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("[4, 3, 3, 3]") && err.contains("[4, 3, 1, 1]"),
+            err.contains("\"a.weight\"")
+                && err.contains("[4, 3, 3, 3]")
+                && err.contains("[4, 3, 1, 1]"),
             "{err}"
         );
     }
 
     #[test]
+    fn scopes_join_module_paths() {
+        let w = store(&[("blocks.3.0.conv_pw.weight", &[2]), ("fc.bias", &[2])]);
+        let block = w.root().pp("blocks").pp(3).pp(0);
+        assert_eq!(block.path().as_str(), "blocks.3.0");
+        assert!(block.pp("conv_pw").contains("weight"));
+        assert!(!block.contains("weight"));
+        assert_eq!(block.pp("conv_pw").get("weight", &[2]).unwrap().size(), [2]);
+        assert_eq!(w.root().get("fc.bias", &[2]).unwrap().size(), [2]);
+        w.finish().unwrap();
+    }
+
+    #[test]
     fn accepts_both_pointwise_layouts() {
-        let mut w = store(&[("fc.weight", &[8, 4]), ("conv.weight", &[8, 4, 1, 1])]);
+        let w = store(&[("fc.weight", &[8, 4]), ("conv.weight", &[8, 4, 1, 1])]);
+        let root = w.root();
         assert_eq!(
-            w.get("fc.weight", &[8, 4, 1, 1]).unwrap().size(),
+            root.pp("fc").get("weight", &[8, 4, 1, 1]).unwrap().size(),
             [8, 4, 1, 1]
         );
-        assert_eq!(w.get("conv.weight", &[8, 4]).unwrap().size(), [8, 4]);
+        assert_eq!(
+            root.pp("conv").get("weight", &[8, 4]).unwrap().size(),
+            [8, 4]
+        );
         w.finish().unwrap();
     }
 
     #[test]
     fn reports_unused_tensors() {
-        let mut w = store(&[("used", &[2]), ("extra.weight", &[5])]);
-        let _ = w.get("used", &[2]).unwrap();
+        let w = store(&[("used", &[2]), ("extra.weight", &[5])]);
+        let _ = w.root().get("used", &[2]).unwrap();
         let err = w.finish().unwrap_err().to_string();
         assert!(err.contains("extra.weight"), "{err}");
     }
