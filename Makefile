@@ -150,7 +150,7 @@ bench: deps venv weights test-data
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 bench-protocols: deps venv weights test-data
 	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
-	  --seconds 5 --rounds 3 --protocols v1,v2,grpc --server --model lite0=$(DEFAULT_MODEL)
+	  --seconds 3 --rounds 5 --protocols v1,v2,grpc --server --model lite0=$(DEFAULT_MODEL)
 
 # Native vs TorchScript vs timm eager, same threads and batch sizes (random-weight checkpoints
 # from the parity fixtures; the allocator tuned alike for all).
