@@ -61,8 +61,11 @@ test: deps test-deps venv client-venv weights test-data parity-data
 
 # The KServe v2 endpoints driven by the real client libraries (tritonclient, the kserve SDK),
 # against the release binary that `cargo test --release` built.
-test-clients: client-venv weights test-data
-	cargo build --release --bin visionserve
+# `cargo test --no-run` builds the binary with the features `cargo test` resolves (a plain
+# `cargo build` would rebuild half the dependencies with other features); after `cargo test`
+# it does nothing.
+test-clients: deps venv client-venv weights test-data
+	cargo test --release --no-run
 	VISIONSERVE_BIN=$(BIN) $(CLIENT_PYTHON) -m pytest -q tests/clients
 
 test-all: deps venv parity-full

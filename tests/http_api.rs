@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use reqwest::multipart::{Form, Part};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Probabilities may differ from timm's by float rounding only.
 const TOL: f64 = 1e-4;
@@ -528,5 +529,67 @@ async fn metrics_move_and_parse() {
             std::env::var_os("VISIONSERVE_REQUIRE_PROMTOOL").is_none(),
             "promtool not runnable: {e}"
         ),
+    }
+}
+
+/// Send only the head of a POST that declares `content_length` bytes, and read the status line
+/// the server answers with (None if it answers nothing within `wait`).
+fn status_from_headers_alone(
+    path: &str,
+    extra: &str,
+    content_length: u64,
+    wait: Duration,
+) -> Option<String> {
+    use std::io::{Read, Write};
+    let address = server().base.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: image/jpeg\r\n{extra}Content-Length: {content_length}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+#[test]
+fn oversized_bodies_are_refused_from_their_headers() {
+    // Nothing of the 2 GB is sent: the answer must come from the headers, long before
+    // --body-timeout (30 s) would end the wait.
+    let wait = Duration::from_secs(5);
+    for (path, extra) in [
+        ("/v1/classify", ""),
+        (
+            "/v2/models/lite0/infer",
+            "Inference-Header-Content-Length: 0\r\n",
+        ),
+    ] {
+        let status = status_from_headers_alone(path, extra, 2_000_000_000, wait);
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 413"), "{path}");
+    }
+    // A body within the limit is waited for, not refused.
+    assert_eq!(
+        status_from_headers_alone("/v1/classify", "", 1000, Duration::from_millis(500)),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_whole_oversized_body_reads_the_413() {
+    // 48 MB at full speed against a 4 MiB limit: refused from the headers, then the rest is
+    // read and discarded so that the answer is not lost to a reset connection.
+    let body = vec![0u8; 48 << 20];
+    for path in ["/v1/classify", "/v2/models/lite0/infer"] {
+        let response = client()
+            .post(server().url(path))
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", "0")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: the client saw {e:?} instead of the 413"));
+        assert_eq!(response.status(), 413, "{path}");
     }
 }

@@ -39,6 +39,15 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A JSON array of numbers as `f32`.
+fn json_f32s(data: &Value) -> Vec<f32> {
+    data.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
 fn length_prefixed(elements: &[Vec<u8>]) -> Vec<u8> {
     elements
         .iter()
@@ -273,12 +282,7 @@ async fn binary_inputs_raw_bodies_and_pixels_agree() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let raw_json: Value = response.json().await.unwrap();
-    let from_raw: Vec<f32> = raw_json["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let from_raw: Vec<f32> = json_f32s(&raw_json["outputs"][0]["data"]);
     assert_eq!(raw_json["outputs"][0]["name"], "probabilities");
 
     // timm's own preprocessed pixels (HWC) sent as UINT8 NCHW, in JSON.
@@ -298,12 +302,7 @@ async fn binary_inputs_raw_bodies_and_pixels_agree() {
     )
     .await;
     assert_eq!(status, 200, "{pixels}");
-    let from_pixels: Vec<f32> = pixels["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let from_pixels: Vec<f32> = json_f32s(&pixels["outputs"][0]["data"]);
 
     // The same pixels normalised by the client (mean = std = 0.5), as FP32.
     let normalised: Vec<f32> = chw
@@ -320,12 +319,7 @@ async fn binary_inputs_raw_bodies_and_pixels_agree() {
     )
     .await;
     assert_eq!(status, 200, "{fp32}");
-    let from_fp32: Vec<f32> = fp32["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let from_fp32: Vec<f32> = json_f32s(&fp32["outputs"][0]["data"]);
 
     for (what, other) in [
         ("raw", &from_raw),

@@ -65,24 +65,24 @@ async fn classify(
     }
 }
 
-fn parse_top_k(
-    query: QueryResult,
-    body_top_k: Option<usize>,
-    num_classes: usize,
-) -> Result<usize, ApiError> {
+/// `?top_k=`, checked before the body is read: a bad query is refused without reading it.
+fn query_top_k(query: QueryResult, num_classes: usize) -> Result<Option<usize>, ApiError> {
     let query = query
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
-    let from_query = match query.0.top_k {
-        Some(text) => Some(text.parse::<usize>().map_err(|_| {
-            ApiError::BadRequest(format!(
-                "top_k must be an integer between 1 and {num_classes}, not {text:?}"
-            ))
-        })?),
-        None => None,
-    };
-    let top_k = from_query
-        .or(body_top_k)
-        .unwrap_or(DEFAULT_TOP_K.min(num_classes));
+    match query.0.top_k {
+        Some(text) => {
+            let k = text.parse::<usize>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "top_k must be an integer between 1 and {num_classes}, not {text:?}"
+                ))
+            })?;
+            check_top_k(k, num_classes).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+fn check_top_k(top_k: usize, num_classes: usize) -> Result<usize, ApiError> {
     if top_k == 0 || top_k > num_classes {
         return Err(ApiError::BadRequest(format!(
             "top_k must be between 1 and {num_classes}, not {top_k}"
@@ -97,12 +97,17 @@ async fn classify_images(
     query: QueryResult,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let model = infer.model().clone();
+    let num_classes = model.info.num_classes;
+    let from_query = query_top_k(query, num_classes)?;
     let RequestImages {
         images,
         top_k: body_top_k,
     } = read_images(request, &state.limits, state.inference.pool()).await?;
-    let model = infer.model().clone();
-    let top_k = parse_top_k(query, body_top_k, model.info.num_classes)?;
+    let top_k = match from_query.or(body_top_k) {
+        Some(k) => check_top_k(k, num_classes)?,
+        None => DEFAULT_TOP_K.min(num_classes),
+    };
     let images = images.into_iter().map(ImageInput::Encoded).collect();
     let outputs = infer.run(images, Outputs::top_k(top_k)).await?;
 

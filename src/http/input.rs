@@ -34,6 +34,7 @@ pub async fn read_images(
     limits: &RequestLimits,
     pool: &DecodePool,
 ) -> Result<RequestImages, ApiError> {
+    let request = refuse_oversized(request, limits.max_body_bytes)?;
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
@@ -78,6 +79,42 @@ pub(super) async fn within_body_timeout<T>(
         .map_err(|_| ApiError::BodyTimeout {
             seconds: limits.body_timeout.as_secs(),
         })?
+}
+
+/// How much of a refused body is still read and thrown away, and for how long, before the
+/// connection is closed (nginx's lingering close): a client that sends its whole body before
+/// reading the answer then gets the 413 instead of a reset connection.
+const LINGER_BYTES: usize = 64 << 20;
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuse a body whose declared `Content-Length` is over the limit from the headers alone, so
+/// that a client announcing 2 GB is answered at once instead of being waited for.
+pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request, ApiError> {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => {
+            tokio::spawn(linger(request.into_body()));
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        _ => Ok(request),
+    }
+}
+
+/// Read and discard `body` within the lingering bounds.
+async fn linger(mut body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
 }
 
 pub(super) async fn body_bytes(request: Request, limit: usize) -> Result<Bytes, ApiError> {

@@ -4,7 +4,7 @@
 //! runs the request.
 
 use super::error::{v2_status, ApiError};
-use super::input::{body_bytes, within_body_timeout};
+use super::input::{body_bytes, refuse_oversized, within_body_timeout};
 use super::AppState;
 use crate::infer::{InferRequest, Inference};
 use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
@@ -224,8 +224,9 @@ async fn run_infer(
     infer: &mut InferRequest,
     request: Request,
 ) -> Result<Response, Failure> {
-    let header_length = header_length(request.headers())?;
     let limits = &state.limits;
+    let request = refuse_oversized(request, limits.max_body_bytes)?;
+    let header_length = header_length(request.headers())?;
     let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
     let parsed = match header_length {
         // Raw binary request: the body is one encoded image.

@@ -114,8 +114,34 @@ pub struct Prepared {
     pub preprocess: Duration,
 }
 
-/// Decode and preprocess one image (CPU-bound: call from the decode pool).
+/// Decode and preprocess one image (CPU-bound: call from the decode pool). A panic inside a
+/// codec or the resampler (a crafted file, a bug in a decoder) fails this image as undecodable
+/// (422), never its request's task or the server.
 pub fn prepare(
+    bytes: &[u8],
+    decode_opts: &DecodeOptions,
+    cfg: &PreprocessConfig,
+) -> Result<Prepared, DecodeError> {
+    contain_panic(|| prepare_image(bytes, decode_opts, cfg))
+}
+
+/// Run `work`, turning a panic into an undecodable-image error (logged with its message).
+fn contain_panic<T>(work: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("panic");
+        tracing::error!(error = message, "decoding or resizing an image panicked");
+        Err(DecodeError::Corrupt {
+            format: "image",
+            reason: "the decoder failed on this file".into(),
+        })
+    })
+}
+
+fn prepare_image(
     bytes: &[u8],
     decode_opts: &DecodeOptions,
     cfg: &PreprocessConfig,
@@ -163,5 +189,19 @@ impl DecodePool {
         })
         .await
         .expect("decode work does not panic")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_decoder_fails_only_its_image() {
+        let failed = contain_panic::<()>(|| panic!("codec bug"));
+        let err = failed.unwrap_err();
+        assert!(matches!(err, DecodeError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("decoder failed"), "{err}");
+        assert_eq!(contain_panic(|| Ok(7)).unwrap(), 7);
     }
 }
