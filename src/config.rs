@@ -90,6 +90,13 @@ pub struct Config {
     )]
     pub max_concurrent_requests: usize,
 
+    /// Seconds a classification request may take from its headers to its answer (504
+    /// `deadline_exceeded` after); a request may ask for less (`?timeout=`, a `Request-Timeout`
+    /// header, v2's `timeout` parameter, gRPC's deadline), never for more. Images whose
+    /// deadline passed are dropped before inference.
+    #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT", default_value_t = 60)]
+    pub request_timeout: u64,
+
     /// Largest image (width x height) accepted; checked from the header before decoding.
     #[arg(
         long,
@@ -201,8 +208,12 @@ impl Config {
                 self.max_images_per_request, self.max_queue_images
             ));
         }
-        if self.max_concurrent_requests == 0 || self.body_timeout == 0 {
-            return Err("--max-concurrent-requests and --body-timeout must be at least 1".into());
+        if self.max_concurrent_requests == 0 || self.body_timeout == 0 || self.request_timeout == 0
+        {
+            return Err(
+                "--max-concurrent-requests, --body-timeout and --request-timeout must be at least 1"
+                    .into(),
+            );
         }
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());

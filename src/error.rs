@@ -36,6 +36,11 @@ pub enum InferError {
     /// A request the service cannot run as asked (the message says what is accepted).
     #[error("{0}")]
     InvalidInput(String),
+    #[error(
+        "the request did not finish within its timeout of {timeout_ms} ms{why}; raise the timeout \
+         or retry when the model is less busy"
+    )]
+    DeadlineExceeded { timeout_ms: u64, why: String },
     #[error("inference failed; the error has been logged")]
     Internal,
 }
@@ -58,6 +63,7 @@ impl InferError {
                 DecodeError::Corrupt { .. } => "undecodable_image",
                 DecodeError::AspectRatio { .. } => "unsupported_aspect_ratio",
             },
+            InferError::DeadlineExceeded { .. } => "deadline_exceeded",
             InferError::Internal => "internal",
         }
     }
@@ -66,7 +72,10 @@ impl InferError {
     pub fn is_server_error(&self) -> bool {
         matches!(
             self,
-            InferError::NotReady { .. } | InferError::ShuttingDown | InferError::Internal
+            InferError::NotReady { .. }
+                | InferError::ShuttingDown
+                | InferError::DeadlineExceeded { .. }
+                | InferError::Internal
         )
     }
 

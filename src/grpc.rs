@@ -35,6 +35,7 @@ pub fn status(err: &V2Error) -> Status {
             InferError::TooManyRequests { .. } | InferError::Overloaded { .. } => {
                 Status::resource_exhausted(message)
             }
+            InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             InferError::Internal => Status::internal(message),
             InferError::NoImages
             | InferError::TooManyImages { .. }
@@ -147,6 +148,44 @@ impl InferenceService {
                 })
                 .collect(),
         })
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), if any.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(value * 3600),
+        "M" => std::time::Duration::from_secs(value * 60),
+        "S" => std::time::Duration::from_secs(value),
+        "m" => std::time::Duration::from_millis(value),
+        "u" => std::time::Duration::from_micros(value),
+        "n" => std::time::Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// The v2 `timeout` parameter, in microseconds as Triton reads it.
+fn timeout_parameter(
+    request: &proto::ModelInferRequest,
+) -> Result<Option<std::time::Duration>, V2Error> {
+    match request
+        .parameters
+        .get("timeout")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(us)) if *us > 0 => {
+            Ok(Some(std::time::Duration::from_micros(*us as u64)))
+        }
+        Some(ParameterChoice::Uint64Param(us)) if *us > 0 => {
+            Ok(Some(std::time::Duration::from_micros(*us)))
+        }
+        Some(other) => Err(invalid(format!(
+            "parameter \"timeout\" must be a positive number of microseconds, not {other:?}"
+        ))),
     }
 }
 
@@ -358,6 +397,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        // Answer a little before the client's deadline: tonic enforces grpc-timeout itself,
+        // from when the call arrived, and answers CANCELLED "Timeout expired"; ours says
+        // DEADLINE_EXCEEDED and why, and counts the request as such.
+        let deadline = grpc_timeout(request.metadata())
+            .map(|t| t.saturating_sub((t / 5).min(std::time::Duration::from_millis(25))));
         let request = request.into_inner();
         let id = match request.id.as_str() {
             "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
@@ -372,6 +416,15 @@ impl GrpcInferenceService for InferenceService {
                 .inference
                 .begin(&request.model_name)
                 .map_err(|e| status(&e.into()))?;
+            for limit in [
+                deadline,
+                timeout_parameter(&request).map_err(|e| status(&e))?,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                infer.limit_time(limit);
+            }
             match self.infer(&mut infer, request).await {
                 Ok(response) => {
                     infer.succeeded();
@@ -448,6 +501,24 @@ mod tests {
             code(InferError::NoImages.into()),
             tonic::Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&metadata), None);
+        metadata.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&metadata),
+            Some(std::time::Duration::from_millis(250))
+        );
+        metadata.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&metadata),
+            Some(std::time::Duration::from_secs(3))
+        );
+        metadata.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&metadata), None);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub const CLIENT_GONE: &str = "client_gone";
 pub struct Limits {
     pub max_images_per_request: usize,
     pub max_concurrent_requests: usize,
+    /// The longest a request may take; requests may ask for less.
+    pub request_timeout: Duration,
     pub decode: DecodeOptions,
 }
 
@@ -160,6 +162,7 @@ impl Inference {
         Ok(InferRequest {
             model,
             started,
+            timeout: self.limits.request_timeout,
             images: 0,
             limits: self.limits,
             pool: self.pool.clone(),
@@ -187,6 +190,8 @@ impl Inference {
 pub struct InferRequest {
     model: Arc<ModelHandle>,
     started: Instant,
+    /// From `started`: `--request-timeout`, or less if the client asked.
+    timeout: Duration,
     images: usize,
     limits: Limits,
     pool: DecodePool,
@@ -206,7 +211,25 @@ impl InferRequest {
         self.started
     }
 
-    /// Classify `images`, computing `outputs` for each; answers in image order.
+    /// Shorten the request's deadline to `timeout` after it began (a client's own timeout);
+    /// a longer one than the server's `--request-timeout` is capped.
+    pub fn limit_time(&mut self, timeout: Duration) {
+        self.timeout = self.timeout.min(timeout);
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.started + self.timeout
+    }
+
+    fn deadline_exceeded(&self, why: String) -> InferError {
+        InferError::DeadlineExceeded {
+            timeout_ms: self.timeout.as_millis() as u64,
+            why,
+        }
+    }
+
+    /// Classify `images`, computing `outputs` for each; answers in image order. Past the
+    /// request's deadline it answers `DeadlineExceeded` and its queued images are dropped.
     pub async fn run(
         &mut self,
         images: Vec<ImageInput>,
@@ -215,8 +238,20 @@ impl InferRequest {
         self.validate(&images, &outputs)?;
         self.images = images.len();
         let model = self.model.clone();
+        // A wait the deadline cannot cover is refused now rather than after it.
+        let wait = model.estimated_wait(images.len());
+        if Instant::now() + wait > self.deadline() {
+            return Err(self.deadline_exceeded(format!(
+                " (the model's queue needs about {} ms)",
+                wait.as_millis()
+            )));
+        }
         let mut admission = model.admit(images.len())?;
         let prepared = self.prepare_all(images).await?;
+        if Instant::now() >= self.deadline() {
+            // Decoding took the time left: the images would only be dropped from the queue.
+            return Err(self.deadline_exceeded(" (spent decoding)".into()));
+        }
         let mut pending = Vec::with_capacity(prepared.len());
         let mut submit_error = None;
         for image in prepared {
@@ -226,6 +261,7 @@ impl InferRequest {
                 outputs,
                 reply,
                 span: self.span.clone(),
+                deadline: Some(self.deadline()),
             };
             if let Err(e) = model.submit(job) {
                 submit_error = Some(e);
@@ -239,8 +275,14 @@ impl InferRequest {
         // would make them look abandoned by the client, and releasing the admission early would
         // under-count the images still in flight.
         let mut answers = Vec::with_capacity(pending.len());
+        let deadline = tokio::time::Instant::from_std(self.deadline());
         for (answer, decode, preprocess) in pending {
-            answers.push((answer.await, decode, preprocess));
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(answer) => answers.push((answer, decode, preprocess)),
+                // The remaining receivers are dropped with `pending`: the batcher and the
+                // model thread drop those images as expired.
+                Err(_) => return Err(self.deadline_exceeded(String::new())),
+            }
         }
         drop(admission);
         if let Some(e) = submit_error {
@@ -255,6 +297,9 @@ impl InferRequest {
                         .map_err(|e| match e {
                             InferenceError::Failed => InferError::Internal,
                             InferenceError::Stopped => InferError::ShuttingDown,
+                            InferenceError::DeadlineExceeded => {
+                                self.deadline_exceeded(String::new())
+                            }
                         })?;
                 Ok(ImageOutput {
                     prediction,
@@ -277,7 +322,10 @@ impl InferRequest {
     /// and log it. `server_error` marks failures that are the server's, not the client's.
     pub fn failed(mut self, error_type: &'static str, server_error: bool, message: impl Display) {
         self.recorded = true;
-        let expected = matches!(error_type, "not_ready" | "shutting_down");
+        let expected = matches!(
+            error_type,
+            "not_ready" | "shutting_down" | "deadline_exceeded"
+        );
         if server_error && !expected {
             tracing::error!(model = %self.model.name(), error = %message, "request failed");
         } else {
@@ -415,5 +463,44 @@ impl Drop for InferRequest {
         self.model
             .metrics
             .request_failed(CLIENT_GONE, self.images, false, elapsed);
+    }
+}
+
+/// A timeout as clients write it: `250ms`, `1.5s`, `800us`, or a bare number of seconds.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (text, 1.0)
+    };
+    number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| Duration::from_secs_f64(v * scale))
+        .ok_or_else(|| {
+            format!("timeout must be a positive duration such as 250ms, 1.5s or 2, not {text:?}")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_with_their_units() {
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout(" 2 "), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("800us"), Ok(Duration::from_micros(800)));
+        for bad in ["", "0", "-1s", "fast", "1h", "inf"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -166,6 +166,7 @@ pub async fn serve(
         infer::Limits {
             max_images_per_request: config.max_images_per_request,
             max_concurrent_requests: config.max_concurrent_requests,
+            request_timeout: std::time::Duration::from_secs(config.request_timeout),
             decode: DecodeOptions {
                 max_pixels: config.max_image_pixels,
                 exif_transpose: config.exif_transpose,

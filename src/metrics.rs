@@ -111,7 +111,7 @@ impl Metrics {
         );
         registry.register(
             DROPPED_IMAGES,
-            "Queued images dropped before inference, by reason (client_gone: the client disconnected)",
+            "Queued images dropped before inference, by reason (client_gone: the client disconnected; deadline_exceeded: the request's deadline passed)",
             dropped.clone(),
         );
         registry.register(
@@ -170,6 +170,18 @@ impl Metrics {
         let label = ModelLabel {
             model: model.to_owned(),
         };
+        // One statement per handle: `get_or_create` returns a read guard, and a second call on
+        // the same family in the same expression would wait for it to create its series.
+        let dropped = |reason| {
+            self.dropped
+                .get_or_create(&ReasonLabels {
+                    model: model.to_owned(),
+                    reason,
+                })
+                .clone()
+        };
+        let dropped_client_gone = dropped("client_gone");
+        let dropped_deadline = dropped("deadline_exceeded");
         ModelMetrics {
             model: model.to_owned(),
             stats: Arc::default(),
@@ -180,13 +192,8 @@ impl Metrics {
             request_duration: self.request_duration.get_or_create(&label).clone(),
             queue_depth: self.queue_depth.get_or_create(&label).clone(),
             ready: self.model_ready.get_or_create(&label).clone(),
-            dropped_client_gone: self
-                .dropped
-                .get_or_create(&ReasonLabels {
-                    model: model.to_owned(),
-                    reason: "client_gone",
-                })
-                .clone(),
+            dropped_client_gone,
+            dropped_deadline,
             requests: self.requests.clone(),
             images: self.images.clone(),
             failures: self.failures.clone(),
@@ -313,6 +320,7 @@ pub struct ModelMetrics {
     pub queue_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub dropped_client_gone: Counter<u64, AtomicU64>,
+    pub dropped_deadline: Counter<u64, AtomicU64>,
     requests: Family<OutcomeLabels, Counter>,
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,

@@ -593,3 +593,36 @@ async fn a_client_that_sends_its_whole_oversized_body_reads_the_413() {
         assert_eq!(response.status(), 413, "{path}");
     }
 }
+
+#[tokio::test]
+async fn refusals_before_the_body_is_read_still_reach_a_client_sending_a_large_body() {
+    // Refused from the route, the query or the headers without reading the 3 MB body: the
+    // server drains it, or the client would block writing it and never see the answer.
+    let body = vec![0u8; 3 << 20];
+    let timeout = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    for (path, headers, status) in [
+        ("/v1/models/nope/classify", vec![], 404),
+        ("/v2/models/nope/infer", vec![], 404),
+        ("/v1/classify?top_k=0", vec![], 400),
+        ("/v1/classify?timeout=soon", vec![], 400),
+        ("/v1/classify", vec![("request-timeout", "later")], 400),
+        (
+            "/v2/models/lite0/infer",
+            vec![("inference-header-content-length", "x")],
+            400,
+        ),
+    ] {
+        let mut request = timeout.post(server().url(path)).body(body.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e:?} instead of {status}"));
+        assert_eq!(response.status(), status, "{path}");
+    }
+}

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -429,4 +430,111 @@ async fn slow_bodies_time_out_and_concurrency_is_bounded() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     server.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_past_their_deadline_get_504_and_their_images_never_run() {
+    use visionserve::grpc::proto;
+    let mut config = config_for(&[format!("lite0={}", lite0_dir().display())]);
+    config.max_batch_size = Some(1);
+    config.grpc_port = Some(0);
+    let server = tokio::task::spawn_blocking(move || TestServer::start(config))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let photo = read("photos/astronaut.png");
+    let url = server.url("/v1/classify");
+
+    // A bad timeout is the client's error, refused before the body is read.
+    let bad = client
+        .post(format!("{url}?timeout=soon"))
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // Eight patient requests keep the batch-1 model busy for several hundred ms...
+    let mut fillers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url, photo) = (client.clone(), url.clone(), photo.clone());
+        fillers.spawn(async move { client.post(url).body(photo).send().await.unwrap().status() });
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // ...so that requests allowing 100 ms cannot be served in time, through every protocol.
+    let v1 = client
+        .post(format!("{url}?timeout=100ms"))
+        .body(photo.clone())
+        .send();
+    let header = client
+        .post(&url)
+        .header("request-timeout", "0.1")
+        .body(photo.clone())
+        .send();
+    let v2_body = json!({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "data": [base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &photo)]}],
+        "parameters": {"timeout": 100_000},
+    });
+    let v2 = client
+        .post(server.url("/v2/models/lite0/infer"))
+        .json(&v2_body)
+        .send();
+    let mut grpc = proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        server.grpc.clone().unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(proto::ModelInferRequest {
+        model_name: "lite0".into(),
+        inputs: vec![proto::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(proto::InferTensorContents {
+                bytes_contents: vec![photo.clone()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let (v1, header, v2, grpc) = tokio::join!(v1, header, v2, grpc.model_infer(request));
+    let elapsed = started.elapsed();
+    for (what, response) in [
+        ("?timeout", v1.unwrap()),
+        ("Request-Timeout", header.unwrap()),
+    ] {
+        assert_eq!(response.status(), 504, "{what}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error_type"], "deadline_exceeded", "{what}: {body}");
+    }
+    assert_eq!(v2.unwrap().status(), 504);
+    let code = grpc.unwrap_err().code();
+    assert_eq!(code, tonic::Code::DeadlineExceeded);
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "answered after {elapsed:?}"
+    );
+
+    while let Some(status) = fillers.join_next().await {
+        assert_eq!(
+            status.unwrap(),
+            200,
+            "requests without a timeout are served"
+        );
+    }
+    // Whether refused up front (the queue's estimated wait) or dropped from the queue when
+    // their deadline passed, the timed-out images never reached the model.
+    let text = scrape(&server.base).await;
+    let ran = metric(&text, r#"visionserve_batch_size_sum{model="lite0"}"#).unwrap();
+    assert_eq!(ran, 8.0, "only the patient requests' images ran\n{text}");
+    let timed_out = metric(
+        &text,
+        r#"visionserve_request_failures_total{model="lite0",reason="deadline_exceeded"}"#,
+    )
+    .unwrap();
+    assert_eq!(timed_out, 4.0, "{text}");
 }

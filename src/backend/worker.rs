@@ -323,9 +323,19 @@ fn run_batch(
     metrics: &ModelMetrics,
     name: &str,
 ) -> (usize, Duration) {
-    // Clients may have gone while the batch waited in the hand-off slot.
+    // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot.
+    let now = Instant::now();
+    let (live, expired): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|e| e.item.deadline.is_none_or(|d| d > now));
+    if !expired.is_empty() {
+        metrics.dropped_deadline.inc_by(expired.len() as u64);
+        for entry in expired {
+            let _ = entry.item.reply.send(Err(InferenceError::DeadlineExceeded));
+        }
+    }
     let (live, abandoned): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(|e| !e.item.is_abandoned());
+        live.into_iter().partition(|e| !e.item.is_abandoned());
     if !abandoned.is_empty() {
         metrics.dropped_client_gone.inc_by(abandoned.len() as u64);
     }

@@ -40,6 +40,7 @@ pub fn infer_status(err: &InferError) -> StatusCode {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
         },
+        InferError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         InferError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -55,6 +56,7 @@ pub fn v2_status(err: &V2Error) -> StatusCode {
             status @ (StatusCode::NOT_FOUND
             | StatusCode::SERVICE_UNAVAILABLE
             | StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::GATEWAY_TIMEOUT
             | StatusCode::INTERNAL_SERVER_ERROR) => status,
             _ => StatusCode::BAD_REQUEST,
         },

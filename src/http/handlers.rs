@@ -2,11 +2,11 @@
 //! here; the inference service does the rest, and the answer is rendered as `/v1` JSON.
 
 use super::error::{ApiError, ErrorBody};
-use super::input::{read_images, RequestImages};
+use super::input::{discard_body, read_images, RequestImages};
 use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
-use crate::infer::{ImageInput, ImageOutput, InferRequest, Outputs};
+use crate::infer::{parse_timeout, ImageInput, ImageOutput, InferRequest, Outputs};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -21,6 +21,8 @@ pub const DEFAULT_TOP_K: usize = 5;
 #[derive(Debug, Deserialize)]
 pub struct ClassifyQuery {
     top_k: Option<String>,
+    /// The client's own timeout (`250ms`, `1.5s`, ...), within `--request-timeout`.
+    timeout: Option<String>,
 }
 
 type QueryResult = Result<Query<ClassifyQuery>, QueryRejection>;
@@ -51,7 +53,10 @@ async fn classify(
 ) -> Response {
     let mut infer = match state.inference.begin(&model_name) {
         Ok(infer) => infer,
-        Err(err) => return ApiError::from(err).into_response(),
+        Err(err) => {
+            discard_body(request);
+            return ApiError::from(err).into_response();
+        }
     };
     match classify_images(&state, &mut infer, query, request).await {
         Ok(response) => {
@@ -65,11 +70,26 @@ async fn classify(
     }
 }
 
-/// `?top_k=`, checked before the body is read: a bad query is refused without reading it.
-fn query_top_k(query: QueryResult, num_classes: usize) -> Result<Option<usize>, ApiError> {
+/// `?top_k=` and `?timeout=`, checked before the body is read: a bad query is refused
+/// without reading it.
+fn parse_query(
+    query: QueryResult,
+    num_classes: usize,
+) -> Result<(Option<usize>, Option<Duration>), ApiError> {
     let query = query
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
-    match query.0.top_k {
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
+        .0;
+    let timeout = query
+        .timeout
+        .as_deref()
+        .map(parse_timeout)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    Ok((query_top_k(query.top_k, num_classes)?, timeout))
+}
+
+fn query_top_k(top_k: Option<String>, num_classes: usize) -> Result<Option<usize>, ApiError> {
+    match top_k {
         Some(text) => {
             let k = text.parse::<usize>().map_err(|_| {
                 ApiError::BadRequest(format!(
@@ -99,7 +119,18 @@ async fn classify_images(
 ) -> Result<Response, ApiError> {
     let model = infer.model().clone();
     let num_classes = model.info.num_classes;
-    let from_query = query_top_k(query, num_classes)?;
+    let checked = parse_query(query, num_classes)
+        .and_then(|(top_k, timeout)| Ok((top_k, timeout, header_timeout(request.headers())?)));
+    let (from_query, query_timeout, header_timeout) = match checked {
+        Ok(checked) => checked,
+        Err(err) => {
+            discard_body(request);
+            return Err(err);
+        }
+    };
+    for timeout in [query_timeout, header_timeout].into_iter().flatten() {
+        infer.limit_time(timeout);
+    }
     let RequestImages {
         images,
         top_k: body_top_k,
@@ -132,6 +163,20 @@ async fn classify_images(
     }
     Ok(response)
 }
+
+/// The `Request-Timeout` header (`250ms`, `1.5s`, ...), if the client sent one.
+pub fn header_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get(REQUEST_TIMEOUT) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("");
+    parse_timeout(text)
+        .map(Some)
+        .map_err(|e| ApiError::BadRequest(format!("Request-Timeout header: {e}")))
+}
+
+/// A client's timeout for one request, as a header.
+pub const REQUEST_TIMEOUT: &str = "request-timeout";
 
 /// Milliseconds, rounded to the microsecond (what a client can use; more digits are noise).
 fn millis(d: Duration) -> f64 {

@@ -97,11 +97,19 @@ pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request
         .and_then(|v| v.trim().parse::<u64>().ok());
     match declared {
         Some(length) if length > limit as u64 => {
-            tokio::spawn(linger(request.into_body()));
+            discard_body(request);
             Err(ApiError::BodyTooLarge { limit })
         }
         _ => Ok(request),
     }
+}
+
+/// For a request refused before its body was read: read and discard the body in the
+/// background (within the lingering bounds), so that a client still sending it reads the
+/// answer; hyper neither reads nor closes an unread body on its own, and such a client would
+/// wait forever.
+pub(super) fn discard_body(request: Request) {
+    tokio::spawn(linger(request.into_body()));
 }
 
 /// Read and discard `body` within the lingering bounds.

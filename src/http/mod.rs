@@ -2,7 +2,7 @@
 //! so tests can drive it without a socket.
 
 pub mod error;
-mod handlers;
+pub(crate) mod handlers;
 mod input;
 pub mod types;
 mod v2;

@@ -4,7 +4,8 @@
 //! runs the request.
 
 use super::error::{v2_status, ApiError};
-use super::input::{body_bytes, refuse_oversized, within_body_timeout};
+use super::handlers::header_timeout;
+use super::input::{body_bytes, discard_body, refuse_oversized, within_body_timeout};
 use super::AppState;
 use crate::infer::{InferRequest, Inference};
 use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
@@ -200,12 +201,15 @@ async fn infer(
     Path(path): Path<ModelPath>,
     request: Request,
 ) -> Response {
-    if let Err(err) = v2::check_version(&path.model, path.version.as_deref()) {
-        return Failure::from(err).into_response();
-    }
-    let mut infer = match state.inference.begin(&path.model) {
+    let begun = v2::check_version(&path.model, path.version.as_deref())
+        .map_err(Failure::from)
+        .and_then(|()| state.inference.begin(&path.model).map_err(Failure::from));
+    let mut infer = match begun {
         Ok(infer) => infer,
-        Err(err) => return Failure::from(err).into_response(),
+        Err(err) => {
+            discard_body(request);
+            return err.into_response();
+        }
     };
     match run_infer(&state, &mut infer, request).await {
         Ok(response) => {
@@ -226,7 +230,15 @@ async fn run_infer(
 ) -> Result<Response, Failure> {
     let limits = &state.limits;
     let request = refuse_oversized(request, limits.max_body_bytes)?;
-    let header_length = header_length(request.headers())?;
+    let from_headers = header_length(request.headers())
+        .and_then(|length| Ok((length, header_timeout(request.headers())?)));
+    let (header_length, header) = match from_headers {
+        Ok(values) => values,
+        Err(err) => {
+            discard_body(request);
+            return Err(err);
+        }
+    };
     let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
     let parsed = match header_length {
         // Raw binary request: the body is one encoded image.
@@ -240,6 +252,9 @@ async fn run_infer(
                 .await?
         }
     };
+    for timeout in [header, parsed.timeout].into_iter().flatten() {
+        infer.limit_time(timeout);
+    }
     let model = infer.model().clone();
     let plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
     let results = infer.run(plan.images.clone(), plan.outputs).await?;
@@ -319,6 +334,8 @@ impl BinaryOutputs {
 
 struct ParsedRequest {
     id: Option<String>,
+    /// The `timeout` parameter (microseconds, as Triton reads it).
+    timeout: Option<std::time::Duration>,
     inputs: Vec<Input>,
     outputs: Vec<RequestedOutput>,
     binary: BinaryOutputs,
@@ -328,6 +345,7 @@ impl ParsedRequest {
     fn raw_image(body: Bytes) -> Self {
         Self {
             id: None,
+            timeout: None,
             inputs: vec![Input {
                 name: v2::INPUT_IMAGE.to_owned(),
                 datatype: Datatype::Bytes,
@@ -369,7 +387,11 @@ impl ParsedRequest {
         for output in request.outputs {
             let classification = match output.parameters.get("classification") {
                 None => None,
-                Some(k) => Some(count_parameter(&output.name, "classification", k)?),
+                Some(k) => Some(count_parameter(
+                    &format!("output {:?}", output.name),
+                    "classification",
+                    k,
+                )?),
             };
             if let Some(binary) = output.parameters.get("binary_data") {
                 named.insert(output.name.clone(), bool_parameter("binary_data", binary)?);
@@ -383,8 +405,17 @@ impl ParsedRequest {
             Some(value) => bool_parameter("binary_data_output", value)?,
             None => false,
         };
+        let timeout = match request.parameters.get("timeout") {
+            Some(value) => Some(std::time::Duration::from_micros(count_parameter(
+                "the request",
+                "timeout",
+                value,
+            )? as u64)),
+            None => None,
+        };
         Ok(Self {
             id: request.id,
+            timeout,
             inputs,
             outputs,
             binary: BinaryOutputs { all, named },
@@ -396,10 +427,11 @@ fn invalid(message: String) -> Failure {
     Failure::V2(V2Error::InvalidArgument(message))
 }
 
-fn count_parameter(output: &str, name: &str, value: &Value) -> Result<usize, Failure> {
+/// `what`: whose parameter it is, e.g. `output "logits"`.
+fn count_parameter(what: &str, name: &str, value: &Value) -> Result<usize, Failure> {
     value.as_u64().map(|k| k as usize).ok_or_else(|| {
         invalid(format!(
-            "output {output:?}: parameter {name:?} must be a positive integer, not {value}"
+            "{what}: parameter {name:?} must be a positive integer, not {value}"
         ))
     })
 }
@@ -417,7 +449,8 @@ fn input_tensor(input: InputJson, binary: &mut Bytes) -> Result<Input, Failure> 
     let datatype = Datatype::parse(&input.datatype)?;
     let data = match input.parameters.get("binary_data_size") {
         Some(size) => {
-            let size = count_parameter(&input.name, "binary_data_size", size)?;
+            let size =
+                count_parameter(&format!("input {:?}", input.name), "binary_data_size", size)?;
             if size > binary.len() {
                 return Err(invalid(format!(
                     "input {:?}: binary_data_size is {size} but only {} bytes of binary data remain",

@@ -91,6 +91,15 @@ pub async fn run(
         while let Ok(job) = jobs.try_recv() {
             queue.push(job, Instant::now());
         }
+        // Expired first: a request that gave up at its deadline also closed its receivers,
+        // and its images should count as expired, not abandoned.
+        let expired = queue.take_expired(Instant::now());
+        if !expired.is_empty() {
+            metrics.dropped_deadline.inc_by(expired.len() as u64);
+            for job in expired {
+                let _ = job.reply.send(Err(InferenceError::DeadlineExceeded));
+            }
+        }
         let dropped = queue.drop_abandoned();
         if dropped > 0 {
             metrics.dropped_client_gone.inc_by(dropped as u64);

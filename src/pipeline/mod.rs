@@ -73,12 +73,18 @@ pub struct ImageJob {
     pub outputs: Outputs,
     pub reply: oneshot::Sender<Result<ImagePrediction, InferenceError>>,
     pub span: tracing::Span,
+    /// The request's deadline: past it, the image is dropped before inference.
+    pub deadline: Option<Instant>,
 }
 
 impl Abandonable for ImageJob {
     fn is_abandoned(&self) -> bool {
         // The request handler owns the receiver; it is dropped when the client disconnects.
         self.reply.is_closed()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 }
 
@@ -104,6 +110,8 @@ pub enum InferenceError {
     Failed,
     #[error("the model is shutting down")]
     Stopped,
+    #[error("the request's deadline passed before the image ran")]
+    DeadlineExceeded,
 }
 
 /// An image after decode and preprocess, with the time each stage took.

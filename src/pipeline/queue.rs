@@ -17,9 +17,14 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Something queued that may be abandoned by its client.
+/// Something queued that may be abandoned by its client, or outlive its deadline.
 pub trait Abandonable {
     fn is_abandoned(&self) -> bool;
+
+    /// When the answer stops being useful (`None`: never).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -88,6 +93,21 @@ impl<T: Abandonable> BatchQueue<T> {
         before - self.entries.len()
     }
 
+    /// Remove and return the entries whose deadline has passed by `now`.
+    pub fn take_expired(&mut self, now: Instant) -> Vec<T> {
+        let mut expired = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.entries.len());
+        for entry in self.entries.drain(..) {
+            if entry.item.deadline().is_some_and(|d| d <= now) {
+                expired.push(entry.item);
+            } else {
+                kept.push_back(entry);
+            }
+        }
+        self.entries = kept;
+        expired
+    }
+
     pub fn decide(&self, now: Instant, model: ModelState) -> Decision {
         let Some(oldest) = self.entries.front() else {
             return Decision::Wait(None);
@@ -137,11 +157,16 @@ mod tests {
     struct Job {
         id: usize,
         gone: Rc<Cell<bool>>,
+        deadline: Option<Instant>,
     }
 
     impl Abandonable for Job {
         fn is_abandoned(&self) -> bool {
             self.gone.get()
+        }
+
+        fn deadline(&self) -> Option<Instant> {
+            self.deadline
         }
     }
 
@@ -149,7 +174,35 @@ mod tests {
         Job {
             id,
             gone: Rc::new(Cell::new(false)),
+            deadline: None,
         }
+    }
+
+    #[test]
+    fn expired_entries_are_taken_out_in_order() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(4, DELAY);
+        for (id, deadline) in [
+            (0, None),
+            (1, Some(t0)),
+            (2, Some(t0 + DELAY)),
+            (3, Some(t0)),
+        ] {
+            q.push(
+                Job {
+                    deadline,
+                    ..job(id)
+                },
+                t0,
+            );
+        }
+        let expired: Vec<usize> = q.take_expired(t0).iter().map(|j| j.id).collect();
+        assert_eq!(expired, [1, 3]);
+        assert_eq!(q.len(), 2);
+        assert!(q.take_expired(t0).is_empty());
+        let later: Vec<usize> = q.take_expired(t0 + DELAY).iter().map(|j| j.id).collect();
+        assert_eq!(later, [2]);
+        assert_eq!(q.take(1)[0].item.id, 0);
     }
 
     const IDLE: ModelState = ModelState {
