@@ -128,8 +128,9 @@ impl InferenceService {
             .collect::<Result<_, _>>()?;
         let inputs = inputs(request.inputs, request.raw_input_contents)?;
         let model = infer.model().clone();
-        let plan = v2::plan(&model, inputs, &requested)?;
-        let results = infer.run(plan.images.clone(), plan.outputs).await?;
+        let mut plan = v2::plan(&model, inputs, &requested)?;
+        let images = std::mem::take(&mut plan.images);
+        let results = infer.run(images, plan.outputs).await?;
         let outputs = v2::render(&model, &plan, &results);
         Ok(proto::ModelInferResponse {
             model_name: model.name().to_owned(),
@@ -155,6 +156,10 @@ impl InferenceService {
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
     let text = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    // The protocol allows at most 8 digits (and so no overflow below).
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let value: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => std::time::Duration::from_secs(value * 3600),
@@ -176,7 +181,10 @@ fn timeout_parameter(
         .get("timeout")
         .and_then(|p| p.parameter_choice.as_ref())
     {
-        None => Ok(None),
+        // Triton reads 0 as "no timeout".
+        None | Some(ParameterChoice::Int64Param(0)) | Some(ParameterChoice::Uint64Param(0)) => {
+            Ok(None)
+        }
         Some(ParameterChoice::Int64Param(us)) if *us > 0 => {
             Ok(Some(std::time::Duration::from_micros(*us as u64)))
         }
@@ -412,17 +420,12 @@ impl GrpcInferenceService for InferenceService {
         async move {
             v2::check_version(&request.model_name, Some(&request.model_version))
                 .map_err(|e| status(&e))?;
+            let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
             let mut infer = self
                 .inference
                 .begin(&request.model_name)
                 .map_err(|e| status(&e.into()))?;
-            for limit in [
-                deadline,
-                timeout_parameter(&request).map_err(|e| status(&e))?,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for limit in [deadline, timeout].into_iter().flatten() {
                 infer.limit_time(limit);
             }
             match self.infer(&mut infer, request).await {
@@ -517,8 +520,10 @@ mod tests {
             grpc_timeout(&metadata),
             Some(std::time::Duration::from_secs(3))
         );
-        metadata.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(grpc_timeout(&metadata), None);
+        for bad in ["x", "S", "999999999H"] {
+            metadata.insert("grpc-timeout", bad.parse().unwrap());
+            assert_eq!(grpc_timeout(&metadata), None, "{bad}");
+        }
     }
 
     #[test]

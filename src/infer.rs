@@ -239,7 +239,7 @@ impl InferRequest {
         self.images = images.len();
         let model = self.model.clone();
         // A wait the deadline cannot cover is refused now rather than after it.
-        let wait = model.estimated_wait(images.len());
+        let wait = model.least_wait(images.len());
         if Instant::now() + wait > self.deadline() {
             return Err(self.deadline_exceeded(format!(
                 " (the model's queue needs about {} ms)",
@@ -247,11 +247,13 @@ impl InferRequest {
             )));
         }
         let mut admission = model.admit(images.len())?;
-        let prepared = self.prepare_all(images).await?;
-        if Instant::now() >= self.deadline() {
-            // Decoding took the time left: the images would only be dropped from the queue.
-            return Err(self.deadline_exceeded(" (spent decoding)".into()));
-        }
+        let deadline = tokio::time::Instant::from_std(self.deadline());
+        // Decoding (or waiting for a decode thread) may take the time left: the images would
+        // only be dropped from the queue.
+        let prepared = match tokio::time::timeout_at(deadline, self.prepare_all(images)).await {
+            Ok(prepared) if Instant::now() < self.deadline() => prepared?,
+            _ => return Err(self.deadline_exceeded(" (spent decoding)".into())),
+        };
         let mut pending = Vec::with_capacity(prepared.len());
         let mut submit_error = None;
         for image in prepared {
@@ -275,7 +277,6 @@ impl InferRequest {
         // would make them look abandoned by the client, and releasing the admission early would
         // under-count the images still in flight.
         let mut answers = Vec::with_capacity(pending.len());
-        let deadline = tokio::time::Instant::from_std(self.deadline());
         for (answer, decode, preprocess) in pending {
             match tokio::time::timeout_at(deadline, answer).await {
                 Ok(answer) => answers.push((answer, decode, preprocess)),
@@ -482,8 +483,8 @@ pub fn parse_timeout(text: &str) -> Result<Duration, String> {
         .trim()
         .parse::<f64>()
         .ok()
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .map(|v| Duration::from_secs_f64(v * scale))
+        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
+        .filter(|d| !d.is_zero())
         .ok_or_else(|| {
             format!("timeout must be a positive duration such as 250ms, 1.5s or 2, not {text:?}")
         })
@@ -499,7 +500,7 @@ mod tests {
         assert_eq!(parse_timeout("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_timeout(" 2 "), Ok(Duration::from_secs(2)));
         assert_eq!(parse_timeout("800us"), Ok(Duration::from_micros(800)));
-        for bad in ["", "0", "-1s", "fast", "1h", "inf"] {
+        for bad in ["", "0", "-1s", "fast", "1h", "inf", "1e20", "1e-300", "NaN"] {
             assert!(parse_timeout(bad).is_err(), "{bad:?}");
         }
     }

@@ -608,6 +608,8 @@ async fn refusals_before_the_body_is_read_still_reach_a_client_sending_a_large_b
         ("/v2/models/nope/infer", vec![], 404),
         ("/v1/classify?top_k=0", vec![], 400),
         ("/v1/classify?timeout=soon", vec![], 400),
+        ("/v1/classify?timeout=1e20", vec![], 400),
+        ("/v1/classify", vec![("content-type", "text/plain")], 415),
         ("/v1/classify", vec![("request-timeout", "later")], 400),
         (
             "/v2/models/lite0/infer",

@@ -269,12 +269,14 @@ impl ModelHandle {
         }
     }
 
-    /// About how long `images` more images would take to be answered: everything admitted
-    /// before them, then themselves, at the recent per-image model time.
-    pub fn estimated_wait(&self, images: usize) -> std::time::Duration {
+    /// A lower bound of how long `images` more images would wait: everything admitted before
+    /// them, then themselves, in full batches, each batch costing at least the recent model
+    /// time of one image. A deadline shorter than this cannot be met.
+    pub fn least_wait(&self, images: usize) -> std::time::Duration {
         let per_image_us = self.link.micros_per_image();
         let admitted = self.info.max_queue_images - self.admission.available_permits();
-        std::time::Duration::from_micros(((admitted + images) as u64) * per_image_us)
+        let batches = (admitted + images).div_ceil(self.info.max_batch_size.max(1));
+        std::time::Duration::from_micros(batches as u64 * per_image_us)
     }
 
     /// Seconds until the admitted images have likely been served, from the recent per-image

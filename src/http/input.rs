@@ -61,11 +61,15 @@ pub async fn read_images(
             read_raw(request, limits).await
         }
         t if t.starts_with("image/") => read_raw(request, limits).await,
-        other => Err(ApiError::UnsupportedMediaType {
-            message: format!(
-                "Content-Type {other:?} is not accepted; send {ACCEPTED_CONTENT_TYPES}"
-            ),
-        }),
+        other => {
+            let err = ApiError::UnsupportedMediaType {
+                message: format!(
+                    "Content-Type {other:?} is not accepted; send {ACCEPTED_CONTENT_TYPES}"
+                ),
+            };
+            discard_body(request);
+            Err(err)
+        }
     }
 }
 

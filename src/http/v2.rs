@@ -256,8 +256,9 @@ async fn run_infer(
         infer.limit_time(timeout);
     }
     let model = infer.model().clone();
-    let plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
-    let results = infer.run(plan.images.clone(), plan.outputs).await?;
+    let mut plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
+    let images = std::mem::take(&mut plan.images);
+    let results = infer.run(images, plan.outputs).await?;
     let outputs = v2::render(&model, &plan, &results);
     Ok(render_response(
         model.name(),
@@ -405,12 +406,12 @@ impl ParsedRequest {
             Some(value) => bool_parameter("binary_data_output", value)?,
             None => false,
         };
+        // Triton reads a timeout of 0 as "no timeout".
         let timeout = match request.parameters.get("timeout") {
-            Some(value) => Some(std::time::Duration::from_micros(count_parameter(
-                "the request",
-                "timeout",
-                value,
-            )? as u64)),
+            Some(value) => match count_parameter("the request", "timeout", value)? {
+                0 => None,
+                us => Some(std::time::Duration::from_micros(us as u64)),
+            },
             None => None,
         };
         Ok(Self {
