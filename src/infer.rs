@@ -96,10 +96,6 @@ impl Inference {
         &self.default_model
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     pub fn pool(&self) -> &DecodePool {
         &self.pool
     }

@@ -254,8 +254,9 @@ impl<'de> Visitor<'de> for ImagesSeed {
     }
 }
 
-/// Standard base64, with or without padding, optionally as a `data:` URL.
-fn decode_base64(text: &str) -> Result<Bytes, String> {
+/// Standard or URL-safe base64, with or without padding, optionally as a `data:` URL (shared
+/// by `/v1`'s JSON images and v2's JSON `BYTES` elements).
+pub(super) fn decode_base64(text: &str) -> Result<Bytes, String> {
     let payload = match text.strip_prefix("data:") {
         Some(rest) => rest
             .split_once(',')

@@ -5,7 +5,9 @@
 
 use super::error::{v2_status, ApiError};
 use super::handlers::header_timeout;
-use super::input::{body_bytes, discard_body, refuse_oversized, within_body_timeout};
+use super::input::{
+    body_bytes, decode_base64, discard_body, refuse_oversized, within_body_timeout,
+};
 use super::AppState;
 use crate::infer::{InferRequest, Inference};
 use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
@@ -14,7 +16,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -495,7 +496,7 @@ fn json_data(name: &str, datatype: Datatype, value: Value) -> Result<Data, Failu
                 .enumerate()
                 .map(|(i, v)| {
                     let text = v.as_str().ok_or_else(|| element(i, "a string", v))?;
-                    decode_base64(text).map(Bytes::from).ok_or_else(|| {
+                    decode_base64(text).map_err(|_| {
                         invalid(format!(
                             "input {name:?} element {i}: BYTES elements in JSON must be base64-encoded \
                              files; send raw bytes with the binary tensor extension (binary_data_size)"
@@ -533,13 +534,6 @@ fn flatten(value: Value, out: &mut Vec<Value>) {
         Value::Array(items) => items.into_iter().for_each(|v| flatten(v, out)),
         other => out.push(other),
     }
-}
-
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|engine| engine.decode(text.trim()).ok())
 }
 
 #[derive(Serialize)]
