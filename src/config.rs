@@ -122,6 +122,27 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
+    /// An API key clients must present (`Authorization: Bearer KEY` or `x-api-key: KEY`) on
+    /// every protocol; repeatable, comma-separated in the environment variable. With no key
+    /// (here or in --api-keys-file) the server is open. Health endpoints stay open.
+    #[arg(
+        long = "api-key",
+        env = "VISIONSERVE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<crate::auth::Secret>,
+
+    /// A file of API keys, one per line (`#` starts a comment), accepted besides --api-key and
+    /// re-read on SIGHUP so keys rotate without a restart (a reload that fails keeps the keys in
+    /// force).
+    #[arg(long, env = "VISIONSERVE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Require an API key for `/metrics` too (it is open by default, for scrapers).
+    #[arg(long, env = "VISIONSERVE_PROTECT_METRICS")]
+    pub protect_metrics: bool,
+
     /// Log format.
     #[arg(long, env = "VISIONSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -4,6 +4,7 @@
 //! protocol's tensors in `crate::v2`; the inference service runs the request. Its status table
 //! is [`status`].
 
+use crate::auth::ApiKeys;
 use crate::error::InferError;
 use crate::infer::{InferRequest, Inference};
 use crate::v2::{self, Data, Datatype, Input, RequestedOutput, V2Error};
@@ -13,6 +14,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tracing::Instrument;
@@ -49,10 +51,13 @@ pub fn status(err: &V2Error) -> Status {
 pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 
 /// Serves both gRPC services on `listener` until `shutdown` resolves, then finishes the calls
-/// in flight. Messages are bounded like HTTP bodies (`max_message_bytes`).
+/// in flight. Messages are bounded like HTTP bodies (`max_message_bytes`). The inference
+/// service checks API keys (`keys`) from the call's metadata before its message is decoded;
+/// the health service stays open.
 pub async fn serve(
     listener: TcpListener,
     inference: Arc<Inference>,
+    keys: Arc<ApiKeys>,
     max_message_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -63,13 +68,18 @@ pub async fn serve(
     })
     .max_decoding_message_size(max_message_bytes)
     .max_encoding_message_size(usize::MAX);
-    tokio::spawn(report_health(health, inference));
+    tokio::spawn(report_health(health, inference.clone()));
     tonic::transport::Server::builder()
         // An encoded image is 50 KB to a few MB: with HTTP/2's default 64 KiB windows every
         // request would wait for window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(4 * STREAM_WINDOW_BYTES))
         .tcp_nodelay(true)
+        .layer(tower::layer::layer_fn(move |inner| RequireApiKey {
+            inner,
+            keys: keys.clone(),
+            inference: inference.clone(),
+        }))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(
@@ -77,6 +87,58 @@ pub async fn serve(
             shutdown,
         )
         .await
+}
+
+/// The API-key check in front of every gRPC method but the health checks (`grpc.health.v1`
+/// and the protocol's ServerLive, ServerReady, ModelReady, as `/v2/health/*` over REST). It
+/// sees only the call's path and metadata, so a refused call's message is never decoded:
+/// UNAUTHENTICATED comes straight back.
+#[derive(Clone)]
+struct RequireApiKey<S> {
+    inner: S,
+    keys: Arc<ApiKeys>,
+    inference: Arc<Inference>,
+}
+
+fn is_open_method(path: &str) -> bool {
+    const SERVICE: &str = "/inference.GRPCInferenceService/";
+    path.starts_with("/grpc.health.v1.Health/")
+        || path
+            .strip_prefix(SERVICE)
+            .is_some_and(|method| matches!(method, "ServerLive" | "ServerReady" | "ModelReady"))
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RequireApiKey<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !is_open_method(request.uri().path()) {
+            let headers = request.headers();
+            let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
+            if let Err(err) = self.keys.check(value("authorization"), value("x-api-key")) {
+                self.inference.metrics().unauthorized_request("grpc");
+                let refusal = Status::unauthenticated(err.to_string()).into_http();
+                return Box::pin(std::future::ready(Ok(refusal)));
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
 }
 
 /// Keep `grpc.health.v1` in step with readiness: the whole server ("") and the inference
@@ -467,6 +529,22 @@ impl GrpcInferenceService for InferenceService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_health_methods_are_open() {
+        assert!(is_open_method("/grpc.health.v1.Health/Check"));
+        assert!(is_open_method(
+            "/inference.GRPCInferenceService/ServerReady"
+        ));
+        assert!(is_open_method("/inference.GRPCInferenceService/ModelReady"));
+        assert!(!is_open_method(
+            "/inference.GRPCInferenceService/ModelInfer"
+        ));
+        assert!(!is_open_method(
+            "/inference.GRPCInferenceService/ModelMetadata"
+        ));
+        assert!(!is_open_method("/other.Service/ServerLive"));
+    }
 
     #[test]
     fn errors_map_to_grpc_codes() {

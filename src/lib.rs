@@ -21,6 +21,7 @@
 //! name, `error` the service's and loading's errors. [`run`] wires it all together and takes its
 //! listener and shutdown signal from the caller, so tests run servers on port 0.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
@@ -103,6 +104,12 @@ pub async fn serve(
     } = listeners;
     config.validate().map_err(|e| anyhow!(e))?;
     let specs = model_specs(&config)?;
+    let keys = Arc::new(
+        auth::ApiKeys::new(&config.api_keys, config.api_keys_file.as_deref())
+            .map_err(|e| anyhow!(e))?,
+    );
+    log_authentication(&keys, config.protect_metrics);
+    tokio::spawn(auth::reload_on_sighup(keys.clone()));
     let device = backend::device::resolve(config.device_choice().map_err(|e| anyhow!(e))?)?;
     let max_batch_size = config
         .max_batch_size
@@ -175,14 +182,16 @@ pub async fn serve(
         pipeline::DecodePool::new(config.decode_threads()),
         metrics,
     ));
-    let state = Arc::new(http::AppState::new(
-        inference.clone(),
-        http::RequestLimits {
+    let state = Arc::new(http::AppState {
+        inference: inference.clone(),
+        limits: http::RequestLimits {
             max_images_per_request: config.max_images_per_request,
             max_body_bytes: config.max_body_bytes,
             body_timeout: std::time::Duration::from_secs(config.body_timeout),
         },
-    ));
+        keys: keys.clone(),
+        protect_metrics: config.protect_metrics,
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -199,6 +208,7 @@ pub async fn serve(
             Some(tokio::spawn(grpc::serve(
                 listener,
                 inference,
+                keys.clone(),
                 config.max_body_bytes,
                 shutdown,
             )))
@@ -252,6 +262,19 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// Say once whether keys are checked (never the keys themselves).
+fn log_authentication(keys: &auth::ApiKeys, protect_metrics: bool) {
+    if keys.enabled() {
+        tracing::info!(
+            keys = keys.count(),
+            metrics_protected = protect_metrics,
+            "API keys required on every endpoint but the health probes"
+        );
+    } else {
+        tracing::warn!("no API key configured: anyone who reaches the port can use the server");
     }
 }
 

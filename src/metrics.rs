@@ -26,6 +26,7 @@ pub const INFERENCE_DURATION: &str = "inference_duration_seconds";
 pub const BATCH_SIZE: &str = "batch_size";
 pub const QUEUE_DEPTH: &str = "queue_depth";
 pub const MODEL_READY: &str = "model_ready";
+pub const UNAUTHORIZED: &str = "unauthorized_requests";
 
 /// Label used for requests naming a model we do not serve (never the client's string: that
 /// would let clients create unbounded series).
@@ -34,6 +35,11 @@ pub const UNKNOWN_MODEL: &str = "_unknown";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +82,7 @@ pub struct Metrics {
     batch_size: Family<ModelLabel, Histogram, fn() -> Histogram>,
     queue_depth: Family<ModelLabel, Gauge>,
     model_ready: Family<ModelLabel, Gauge>,
+    unauthorized: Family<ProtocolLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -98,6 +105,7 @@ impl Metrics {
         let batch_size = Family::new_with_constructor(batch_histogram as fn() -> _);
         let queue_depth = Family::default();
         let model_ready = Family::default();
+        let unauthorized = Family::default();
         registry.register(
             REQUESTS,
             "Classification requests by model and outcome",
@@ -149,6 +157,11 @@ impl Metrics {
             "1 once the model is loaded and warmed up",
             model_ready.clone(),
         );
+        registry.register(
+            UNAUTHORIZED,
+            "Requests refused for a missing or invalid API key, by protocol (http, grpc)",
+            unauthorized.clone(),
+        );
         Self {
             registry,
             requests,
@@ -162,6 +175,7 @@ impl Metrics {
             batch_size,
             queue_depth,
             model_ready,
+            unauthorized,
         }
     }
 
@@ -211,6 +225,13 @@ impl Metrics {
             .inc();
         self.failures
             .get_or_create(&ReasonLabels { model, reason })
+            .inc();
+    }
+
+    /// Count a request refused for its API key (`protocol`: http or grpc).
+    pub fn unauthorized_request(&self, protocol: &'static str) {
+        self.unauthorized
+            .get_or_create(&ProtocolLabel { protocol })
             .inc();
     }
 

@@ -112,7 +112,7 @@ pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request
 /// background (within the lingering bounds), so that a client still sending it reads the
 /// answer; hyper neither reads nor closes an unread body on its own, and such a client would
 /// wait forever.
-pub(super) fn discard_body(request: Request) {
+pub(crate) fn discard_body(request: Request) {
     tokio::spawn(linger(request.into_body()));
 }
 

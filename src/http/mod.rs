@@ -1,12 +1,14 @@
 //! The HTTP surface: routes, shared state and middleware. `router(state)` is a plain function
 //! so tests can drive it without a socket.
 
+mod auth;
 pub mod error;
 pub(crate) mod handlers;
 mod input;
 pub mod types;
 mod v2;
 
+use crate::auth::ApiKeys;
 use crate::infer::Inference;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
@@ -30,16 +32,13 @@ pub struct RequestLimits {
     pub body_timeout: std::time::Duration,
 }
 
-/// Everything handlers share: the inference service and the HTTP limits.
+/// Everything handlers share: the inference service, the HTTP limits and the API keys.
 pub struct AppState {
     pub inference: Arc<Inference>,
     pub limits: RequestLimits,
-}
-
-impl AppState {
-    pub fn new(inference: Arc<Inference>, limits: RequestLimits) -> Self {
-        Self { inference, limits }
-    }
+    pub keys: Arc<ApiKeys>,
+    /// `--protect-metrics`: `/metrics` needs a key too.
+    pub protect_metrics: bool,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -54,6 +53,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(handlers::metrics))
         .merge(v2::routes())
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(handlers::panic_response))
         .layer(

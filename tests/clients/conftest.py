@@ -40,14 +40,14 @@ def _field(record: dict, key: str):
     return (record.get("fields") or {}).get(key)
 
 
-def _start_server() -> Server:
+def start_server(extra_args=()) -> Server:
     binary = Path(os.environ.get("VISIONSERVE_BIN", REPO / "target" / "release" / "visionserve"))
     for path, what in [(binary, "VISIONSERVE_BIN"), (model_dir(), "VISIONSERVE_TEST_MODEL"),
                        (data_dir() / "lite0.json", "VISIONSERVE_TEST_DATA")]:
         if not path.exists():
             pytest.fail(f"{what}: {path} does not exist (run through `make`)", pytrace=False)
     cmd = [str(binary), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
-           "--model", f"{MODEL}={model_dir()}", "--log-format", "json"]
+           "--model", f"{MODEL}={model_dir()}", "--log-format", "json", *extra_args]
     # stderr carries the log; stdout is folded into the same pipe so nothing is lost.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -108,10 +108,8 @@ def _start_server() -> Server:
     return server
 
 
-@pytest.fixture(scope="session")
-def server():
-    srv = _start_server()
-    yield srv
+def stop_server(srv: Server):
+    """SIGTERM; the server must exit 0 within the shutdown timeout."""
     srv.proc.send_signal(signal.SIGTERM)
     try:
         code = srv.proc.wait(SHUTDOWN_TIMEOUT_S)
@@ -121,6 +119,13 @@ def server():
         pytest.fail(f"visionserve did not exit within {SHUTDOWN_TIMEOUT_S} s of SIGTERM\nlog:\n{srv.log()}",
                     pytrace=False)
     assert code == 0, f"visionserve exited with {code} after SIGTERM\nlog:\n{srv.log()}"
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = start_server()
+    yield srv
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,98 @@
+//! The API-key check in front of every HTTP route but the health probes (and `/metrics`
+//! unless `--protect-metrics`). It runs before any handler, so a refused request's body is
+//! never read: it is drained in the background (lingering) and the client gets its 401.
+
+use super::input::discard_body;
+use super::AppState;
+use crate::auth::AuthError;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::sync::Arc;
+
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if is_open(path, state.protect_metrics) {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let verdict = state.keys.check(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        headers.get("x-api-key").map(HeaderValue::as_bytes),
+    );
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(err) => {
+            state.inference.metrics().unauthorized_request("http");
+            let v2 = path.starts_with("/v2");
+            discard_body(request);
+            refusal(err, v2)
+        }
+    }
+}
+
+/// Probes must work without credentials (kubelet sends none): `/health/*` and the v2
+/// protocol's health endpoints (server live/ready, model ready); `/metrics` too unless asked.
+fn is_open(path: &str, protect_metrics: bool) -> bool {
+    path.starts_with("/health/")
+        || path.starts_with("/v2/health/")
+        || is_model_ready(path)
+        || (path == "/metrics" && !protect_metrics)
+}
+
+/// `/v2/models/{m}/ready` or `/v2/models/{m}/versions/{v}/ready`.
+fn is_model_ready(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v2/models/") else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        [model, "ready"] => !model.is_empty(),
+        [model, "versions", version, "ready"] => !model.is_empty() && !version.is_empty(),
+        _ => false,
+    }
+}
+
+/// 401 in the protocol's error format (`/v1`: `{"error", "error_type"}`, v2: `{"error"}`),
+/// with the `WWW-Authenticate` challenge.
+fn refusal(err: AuthError, v2: bool) -> Response {
+    let body = if v2 {
+        serde_json::json!({ "error": err.to_string() })
+    } else {
+        serde_json::json!({ "error": err.to_string(), "error_type": err.error_type() })
+    };
+    let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(err.challenge()),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_stay_open_and_metrics_only_unless_protected() {
+        assert!(is_open("/health/ready", false));
+        assert!(is_open("/v2/health/live", true));
+        assert!(is_open("/metrics", false));
+        assert!(!is_open("/metrics", true));
+        assert!(!is_open("/v1/classify", false));
+        assert!(!is_open("/v2/models/m/infer", false));
+        assert!(!is_open("/v2", false));
+        assert!(is_open("/v2/models/m/versions/1/ready", true));
+        assert!(!is_open("/v2/models/m/stats", false));
+        assert!(!is_open("/v2/models/ready", false));
+        assert!(!is_open("/v2/models//ready", false));
+    }
+}
