@@ -97,6 +97,13 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT", default_value_t = 60)]
     pub request_timeout: u64,
 
+    /// Longest one batch may run on the model (e.g. 30s, 500ms). Past it the model is
+    /// considered wedged: it turns not ready, the batch's requests get 503 at once, and a new
+    /// model thread loads and warms up (after 1 s, doubling to 60 s if it keeps failing). A
+    /// panic in the model thread does the same (its batch gets 500).
+    #[arg(long, env = "VISIONSERVE_BATCH_TIMEOUT", default_value = "30s", value_parser = crate::infer::parse_timeout)]
+    pub batch_timeout: Duration,
+
     /// Largest image (width x height) accepted; checked from the header before decoding.
     #[arg(
         long,

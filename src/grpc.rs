@@ -89,16 +89,21 @@ pub async fn serve(
         .await
 }
 
-/// The API-key check in front of every gRPC method but the health checks (`grpc.health.v1`
-/// and the protocol's ServerLive, ServerReady, ModelReady, as `/v2/health/*` over REST). It
-/// sees only the call's path and metadata, so a refused call's message is never decoded:
-/// UNAUTHENTICATED comes straight back.
+/// The gate in front of every gRPC call: it stamps when the call arrived (for deadlines), and
+/// checks API keys on every method but the health checks (`grpc.health.v1` and the protocol's
+/// ServerLive, ServerReady, ModelReady, as `/v2/health/*` over REST). It sees only the call's
+/// path and metadata, so a refused call's message is never decoded: UNAUTHENTICATED comes
+/// straight back.
 #[derive(Clone)]
 struct RequireApiKey<S> {
     inner: S,
     keys: Arc<ApiKeys>,
     inference: Arc<Inference>,
 }
+
+/// When a call's headers arrived (stamped by [`RequireApiKey`], which runs first).
+#[derive(Debug, Clone, Copy)]
+struct Arrival(std::time::Instant);
 
 fn is_open_method(path: &str) -> bool {
     const SERVICE: &str = "/inference.GRPCInferenceService/";
@@ -127,7 +132,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(Arrival(std::time::Instant::now()));
         if !is_open_method(request.uri().path()) {
             let headers = request.headers();
             let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
@@ -468,10 +476,15 @@ impl GrpcInferenceService for InferenceService {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         // Answer a little before the client's deadline: tonic enforces grpc-timeout itself,
-        // from when the call arrived, and answers CANCELLED "Timeout expired"; ours says
-        // DEADLINE_EXCEEDED and why, and counts the request as such.
+        // from when the call's headers arrived, and answers CANCELLED "Timeout expired"; ours
+        // says DEADLINE_EXCEEDED and why, and counts the request as such. Both clocks start at
+        // the headers, so receiving and decoding the message count against ours too.
+        let arrived = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(std::time::Instant::now, |a| a.0);
         let deadline = grpc_timeout(request.metadata())
-            .map(|t| t.saturating_sub((t / 5).min(std::time::Duration::from_millis(25))));
+            .map(|t| arrived + t.saturating_sub((t / 5).min(std::time::Duration::from_millis(25))));
         let request = request.into_inner();
         let id = match request.id.as_str() {
             "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
@@ -487,8 +500,11 @@ impl GrpcInferenceService for InferenceService {
                 .inference
                 .begin(&request.model_name)
                 .map_err(|e| status(&e.into()))?;
-            for limit in [deadline, timeout].into_iter().flatten() {
-                infer.limit_time(limit);
+            if let Some(deadline) = deadline {
+                infer.limit_time(deadline.saturating_duration_since(infer.started()));
+            }
+            if let Some(timeout) = timeout {
+                infer.limit_time(timeout);
             }
             match self.infer(&mut infer, request).await {
                 Ok(response) => {

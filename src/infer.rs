@@ -294,6 +294,9 @@ impl InferRequest {
                         .map_err(|e| match e {
                             InferenceError::Failed => InferError::Internal,
                             InferenceError::Stopped => InferError::ShuttingDown,
+                            InferenceError::ModelRestarting => InferError::NotReady {
+                                model: self.model.name().to_owned(),
+                            },
                             InferenceError::DeadlineExceeded => {
                                 self.deadline_exceeded(String::new())
                             }

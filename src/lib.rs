@@ -116,11 +116,20 @@ pub async fn serve(
         .unwrap_or(if device.is_cuda() { 32 } else { 8 });
     tracing::info!("{}", backend::device::summary(device));
 
+    // Checked before anything is downloaded or loaded.
+    let default_model = config
+        .default_model
+        .clone()
+        .unwrap_or_else(|| specs[0].name.clone());
+    if !specs.iter().any(|spec| spec.name == default_model) {
+        bail!("--default-model {default_model:?} is not among the served models");
+    }
+    let located = locate_all(&specs).await?;
+
     let metrics = Arc::new(Metrics::new());
     let mut models = Vec::with_capacity(specs.len());
     let mut loads = JoinSet::new();
-    for spec in specs {
-        let files = locate(&spec).await?;
+    for (spec, files) in specs.into_iter().zip(located) {
         let model_config =
             files
                 .config
@@ -139,6 +148,7 @@ pub async fn serve(
             },
             max_queue_images: config.max_queue_images,
             intra_op_threads: config.intra_op_threads,
+            batch_timeout: config.batch_timeout,
         };
         let model_metrics = metrics.for_model(&spec.name);
         let (handle, loaded) = ModelHandle::spawn(
@@ -160,13 +170,6 @@ pub async fn serve(
         loads.spawn(wait_loaded(spec.name, loaded));
     }
 
-    let default_model = config
-        .default_model
-        .clone()
-        .unwrap_or_else(|| models[0].name().to_owned());
-    if !models.iter().any(|m| m.name() == default_model) {
-        bail!("--default-model {default_model:?} is not among the served models");
-    }
     let inference = Arc::new(infer::Inference::new(
         models.clone(),
         default_model,
@@ -330,6 +333,20 @@ fn model_specs(config: &Config) -> Result<Vec<ModelSpec>> {
         }
     }
     Ok(specs)
+}
+
+/// Find every model's files at once, so that several `hf-hub:` downloads run in parallel.
+async fn locate_all(specs: &[ModelSpec]) -> Result<Vec<ModelFiles>> {
+    let mut lookups = JoinSet::new();
+    for (index, spec) in specs.iter().cloned().enumerate() {
+        lookups.spawn(async move { (index, locate(&spec).await) });
+    }
+    let mut found: Vec<Option<ModelFiles>> = specs.iter().map(|_| None).collect();
+    while let Some(lookup) = lookups.join_next().await {
+        let (index, files) = lookup?;
+        found[index] = Some(files?);
+    }
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// Find a model's files; `hf-hub:` sources may download (blocking), so this runs off the

@@ -27,6 +27,7 @@ pub const BATCH_SIZE: &str = "batch_size";
 pub const QUEUE_DEPTH: &str = "queue_depth";
 pub const MODEL_READY: &str = "model_ready";
 pub const UNAUTHORIZED: &str = "unauthorized_requests";
+pub const MODEL_RESTARTS: &str = "model_restarts";
 
 /// Label used for requests naming a model we do not serve (never the client's string: that
 /// would let clients create unbounded series).
@@ -83,6 +84,7 @@ pub struct Metrics {
     queue_depth: Family<ModelLabel, Gauge>,
     model_ready: Family<ModelLabel, Gauge>,
     unauthorized: Family<ProtocolLabel, Counter>,
+    restarts: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +108,7 @@ impl Metrics {
         let queue_depth = Family::default();
         let model_ready = Family::default();
         let unauthorized = Family::default();
+        let restarts = Family::default();
         registry.register(
             REQUESTS,
             "Classification requests by model and outcome",
@@ -162,6 +165,11 @@ impl Metrics {
             "Requests refused for a missing or invalid API key, by protocol (http, grpc)",
             unauthorized.clone(),
         );
+        registry.register(
+            MODEL_RESTARTS,
+            "Model threads replaced, by reason (batch_timeout: a batch ran past --batch-timeout; panic: the thread panicked)",
+            restarts.clone(),
+        );
         Self {
             registry,
             requests,
@@ -176,6 +184,7 @@ impl Metrics {
             queue_depth,
             model_ready,
             unauthorized,
+            restarts,
         }
     }
 
@@ -196,6 +205,16 @@ impl Metrics {
         };
         let dropped_client_gone = dropped("client_gone");
         let dropped_deadline = dropped("deadline_exceeded");
+        let restarted = |reason| {
+            self.restarts
+                .get_or_create(&ReasonLabels {
+                    model: model.to_owned(),
+                    reason,
+                })
+                .clone()
+        };
+        let restarts_batch_timeout = restarted("batch_timeout");
+        let restarts_panic = restarted("panic");
         ModelMetrics {
             model: model.to_owned(),
             stats: Arc::default(),
@@ -208,6 +227,8 @@ impl Metrics {
             ready: self.model_ready.get_or_create(&label).clone(),
             dropped_client_gone,
             dropped_deadline,
+            restarts_batch_timeout,
+            restarts_panic,
             requests: self.requests.clone(),
             images: self.images.clone(),
             failures: self.failures.clone(),
@@ -342,6 +363,8 @@ pub struct ModelMetrics {
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub dropped_client_gone: Counter<u64, AtomicU64>,
     pub dropped_deadline: Counter<u64, AtomicU64>,
+    pub restarts_batch_timeout: Counter<u64, AtomicU64>,
+    pub restarts_panic: Counter<u64, AtomicU64>,
     requests: Family<OutcomeLabels, Counter>,
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,

@@ -2,6 +2,10 @@
 //! batcher task and a model thread. Only `worker` and `device` touch libtorch.
 
 pub mod device;
+#[cfg(feature = "fault-injection")]
+mod fault;
+pub mod health;
+mod supervisor;
 pub mod worker;
 
 use crate::config::DType;
@@ -44,13 +48,17 @@ pub struct WarmupTiming {
 // The default state (0) is "loading".
 const READY: u8 = 1;
 const FAILED: u8 = 2;
+/// The model thread wedged or panicked; a new one is being started.
+const RESTARTING: u8 = 3;
 
 /// Load state, written by the model thread and read by handlers.
 #[derive(Debug, Default)]
 pub struct ModelStatus {
     state: AtomicU8,
     backend: OnceLock<&'static str>,
-    failure: OnceLock<String>,
+    /// Why the model failed to load or is restarting (cleared once ready again).
+    failure: Mutex<Option<String>>,
+    restarts: std::sync::atomic::AtomicU64,
     warmup: OnceLock<Vec<WarmupTiming>>,
     embedding_size: OnceLock<Option<usize>>,
 }
@@ -64,6 +72,7 @@ impl ModelStatus {
         match self.state.load(Ordering::Acquire) {
             READY => "ready",
             FAILED => "failed",
+            RESTARTING => "restarting",
             _ => "loading",
         }
     }
@@ -72,8 +81,20 @@ impl ModelStatus {
         self.backend.get().copied().unwrap_or("")
     }
 
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.get().map(String::as_str)
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many times the model thread was replaced.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    fn set_failure(&self, message: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = message;
     }
 
     pub fn warmup(&self) -> &[WarmupTiming] {
@@ -90,12 +111,22 @@ impl ModelStatus {
     }
 
     fn set_ready(&self) {
+        self.set_failure(None);
         self.state.store(READY, Ordering::Release);
     }
 
     fn set_failed(&self, message: String) {
-        let _ = self.failure.set(message);
+        self.set_failure(Some(message));
         self.state.store(FAILED, Ordering::Release);
+    }
+
+    fn set_restarting(&self, reason: String) {
+        self.set_failure(Some(reason));
+        self.state.store(RESTARTING, Ordering::Release);
+    }
+
+    fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
     fn set_backend(&self, backend: &'static str) {
@@ -119,7 +150,7 @@ pub struct ModelHandle {
     jobs: mpsc::Sender<ImageJob>,
     admission: Arc<Semaphore>,
     closing: watch::Sender<bool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: supervisor::ThreadSlot,
 }
 
 /// Images a request has been allowed to put in flight. While held, they count against
@@ -157,11 +188,14 @@ pub struct SpawnOptions {
     pub batcher: BatcherConfig,
     pub max_queue_images: usize,
     pub intra_op_threads: Option<usize>,
+    /// A batch running longer than this marks the model not ready and replaces its thread.
+    pub batch_timeout: std::time::Duration,
 }
 
 impl ModelHandle {
-    /// Start the batcher task and the model thread; the thread loads and warms the model up
-    /// and reports the outcome on the returned channel.
+    /// Start the batcher task and the model's supervisor, which starts the model thread; the
+    /// thread loads and warms the model up and the outcome is reported on the returned
+    /// channel.
     pub fn spawn(
         name: String,
         source: String,
@@ -201,7 +235,7 @@ impl ModelHandle {
             link.clone(),
             metrics.clone(),
             options.batcher,
-            closing_rx,
+            closing_rx.clone(),
         ));
         let worker_spec = worker::WorkerSpec {
             name: name.clone(),
@@ -213,12 +247,21 @@ impl ModelHandle {
             max_batch_size: options.max_batch_size,
             intra_op_threads: options.intra_op_threads,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("model-{name}"))
-            .spawn({
-                let (link, status, metrics) = (link.clone(), status.clone(), metrics.clone());
-                move || worker::run(worker_spec, batch_rx, link, status, metrics, loaded_tx)
-            })?;
+        let thread = supervisor::ThreadSlot::default();
+        let supervisor = supervisor::Supervisor {
+            ctx: Arc::new(worker::WorkerContext {
+                spec: worker_spec,
+                batches: Mutex::new(batch_rx),
+                link: link.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+                heartbeat: health::Heartbeat::default(),
+            }),
+            batch_timeout: options.batch_timeout,
+            thread: thread.clone(),
+            closing: closing_rx,
+        };
+        tokio::spawn(supervisor.run(loaded_tx));
 
         let handle = Arc::new(Self {
             info,
@@ -228,7 +271,7 @@ impl ModelHandle {
             jobs: jobs_tx,
             admission: Arc::new(Semaphore::new(options.max_queue_images)),
             closing: closing_tx,
-            thread: Mutex::new(Some(thread)),
+            thread,
         });
         Ok((handle, loaded_rx))
     }
@@ -308,7 +351,7 @@ impl ModelHandle {
 
     /// Wait for the model thread to exit (after `close`).
     pub fn join(&self) {
-        let thread = self.thread.lock().expect("join lock").take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             if thread.join().is_err() {
                 tracing::error!(model = %self.info.name, "model thread panicked");

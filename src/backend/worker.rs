@@ -4,6 +4,7 @@
 //! grad mode and the float control register are thread-local and tensors are not `Sync`.
 
 use super::device::flush_denormals;
+use super::health::{Heartbeat, Reply};
 use super::{ModelStatus, WarmupTiming};
 use crate::metrics::{BatchPhases, ModelMetrics};
 use crate::models::{self, Classifier};
@@ -13,7 +14,7 @@ use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outpu
 use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
@@ -248,15 +249,38 @@ impl Runner {
     }
 }
 
-/// Body of the model thread.
+/// What every generation of a model's thread shares with the others and with the supervisor.
+pub struct WorkerContext {
+    pub spec: WorkerSpec,
+    /// The batcher's hand-off channel: whichever generation is current receives from it.
+    pub batches: Mutex<mpsc::Receiver<Batch>>,
+    pub link: Arc<BatcherLink>,
+    pub status: Arc<ModelStatus>,
+    pub metrics: ModelMetrics,
+    pub heartbeat: Heartbeat,
+}
+
+/// Why a model thread returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The batcher closed (shutdown), or the model failed to load.
+    Closed,
+    /// A batch panicked; libtorch's state is not trusted after that, so the thread stops and
+    /// the supervisor starts a fresh one.
+    Panicked(String),
+    /// The supervisor gave up on this thread (a batch ran past the timeout) and started
+    /// another one.
+    Retired,
+}
+
+/// Body of one generation of the model thread: load and warm up (reporting on `loaded`),
+/// then run batches until the batcher closes, a batch panics or the generation is retired.
 pub fn run(
-    spec: WorkerSpec,
-    mut batches: mpsc::Receiver<Batch>,
-    link: Arc<BatcherLink>,
-    status: Arc<ModelStatus>,
-    metrics: ModelMetrics,
+    ctx: &WorkerContext,
+    generation: u64,
     loaded: oneshot::Sender<Result<(), String>>,
-) {
+) -> Exit {
+    let spec = &ctx.spec;
     flush_denormals();
     if spec.device.is_cuda() {
         // Let cuDNN pick the fastest kernels per shape; every batch size is warmed up below,
@@ -269,33 +293,57 @@ pub fn run(
     // Grad mode is thread-local: without this guard every forward would record an autograd
     // graph and keep its activations alive.
     let _no_grad = tch::no_grad_guard();
-    let runner = match load_and_warm_up(&spec, &status) {
+    let runner = match load_and_warm_up(spec, &ctx.status) {
         Ok(runner) => runner,
         Err(e) => {
-            let message = format!("{e:#}");
-            status.set_failed(message.clone());
-            let _ = loaded.send(Err(message));
-            return;
+            let _ = loaded.send(Err(format!("{e:#}")));
+            return Exit::Closed;
         }
     };
-    status.set_ready();
-    metrics.ready.set(1);
+    ctx.status.set_ready();
+    ctx.metrics.ready.set(1);
     let _ = loaded.send(Ok(()));
 
-    while let Some(batch) = batches.blocking_recv() {
+    let exit = loop {
+        if ctx.heartbeat.current_generation() != generation {
+            break Exit::Retired;
+        }
+        let batch = ctx
+            .batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .blocking_recv();
+        let Some(batch) = batch else {
+            break Exit::Closed;
+        };
         // Whatever happens in the batch, the batcher must learn that it finished, or it would
-        // count the model as busy forever.
+        // count the model as busy forever (unless the supervisor took the batch over: then
+        // it told the batcher).
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            run_batch(&runner, batch, &metrics, &spec.name)
+            run_batch(&runner, batch, ctx, generation)
         }));
-        let (images, elapsed) = ran.unwrap_or_else(|panic| {
-            tracing::error!(model = %spec.name, error = %panic_message(&panic), "batch bookkeeping panicked");
-            (0, Duration::ZERO)
-        });
-        link.batch_finished(images, elapsed);
+        match ran {
+            Ok(BatchOutcome::Ran { images, elapsed }) => ctx.link.batch_finished(images, elapsed),
+            Ok(BatchOutcome::Panicked {
+                images,
+                elapsed,
+                message,
+            }) => {
+                ctx.link.batch_finished(images, elapsed);
+                break Exit::Panicked(message);
+            }
+            Ok(BatchOutcome::Retired) => break Exit::Retired,
+            Err(panic) => {
+                ctx.link.batch_finished(0, Duration::ZERO);
+                break Exit::Panicked(format!("batch bookkeeping: {}", panic_message(&panic)));
+            }
+        }
+    };
+    if exit == Exit::Closed {
+        ctx.metrics.ready.set(0);
     }
-    metrics.ready.set(0);
-    tracing::info!(model = %spec.name, "model thread stopped");
+    tracing::info!(model = %spec.name, generation, exit = ?exit, "model thread stopped");
+    exit
 }
 
 fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
@@ -316,13 +364,24 @@ fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
     Ok(runner)
 }
 
-/// Run one batch and answer its images; returns (images run, model time).
-fn run_batch(
-    runner: &Runner,
-    batch: Batch,
-    metrics: &ModelMetrics,
-    name: &str,
-) -> (usize, Duration) {
+/// What became of one batch.
+enum BatchOutcome {
+    /// It ran (or failed with an error) and its images were answered.
+    Ran { images: usize, elapsed: Duration },
+    /// The model panicked; its images were answered with an error.
+    Panicked {
+        images: usize,
+        elapsed: Duration,
+        message: String,
+    },
+    /// The supervisor took the batch over while it ran: this thread must stop.
+    Retired,
+}
+
+/// Run one batch and answer its images. The replies are parked in the heartbeat while the
+/// model runs, so that the supervisor can answer them if the model never comes back.
+fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64) -> BatchOutcome {
+    let metrics = &ctx.metrics;
     // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot.
     let now = Instant::now();
     let (live, expired): (Vec<_>, Vec<_>) = batch
@@ -340,48 +399,99 @@ fn run_batch(
         metrics.dropped_client_gone.inc_by(abandoned.len() as u64);
     }
     if live.is_empty() {
-        return (0, Duration::ZERO);
+        return BatchOutcome::Ran {
+            images: 0,
+            elapsed: Duration::ZERO,
+        };
     }
     let start = Instant::now();
-    for entry in &live {
-        metrics.observe_queue_wait(start.saturating_duration_since(entry.enqueued_at));
-    }
-    let outputs = live
-        .iter()
-        .map(|e| e.item.outputs)
-        .fold(Outputs::top_k(0), Outputs::union);
-    let images: Vec<&Pixels> = live.iter().map(|e| &e.item.pixels).collect();
-    // A libtorch error or a panic inside tch fails this batch only; the thread keeps serving.
-    let outcome = catch_unwind(AssertUnwindSafe(|| runner.run_timed(&images, outputs)));
-    let elapsed = start.elapsed();
     let batch_size = live.len();
-    match outcome {
+    let mut inputs = Vec::with_capacity(batch_size);
+    let mut replies = Vec::with_capacity(batch_size);
+    for entry in live {
+        let queue_wait = start.saturating_duration_since(entry.enqueued_at);
+        metrics.observe_queue_wait(queue_wait);
+        let job = entry.item;
+        inputs.push((job.pixels, job.outputs, queue_wait));
+        replies.push(Reply {
+            sender: job.reply,
+            span: job.span,
+        });
+    }
+    if let Err(replies) = ctx.heartbeat.begin(generation, replies) {
+        answer_all(replies, InferenceError::ModelRestarting);
+        return BatchOutcome::Retired;
+    }
+    let outputs = inputs
+        .iter()
+        .map(|(_, outputs, _)| *outputs)
+        .fold(Outputs::top_k(0), Outputs::union);
+    let images: Vec<&Pixels> = inputs.iter().map(|(pixels, _, _)| pixels).collect();
+    // A libtorch error fails this batch only; a panic fails it and replaces the thread.
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        #[cfg(feature = "fault-injection")]
+        super::fault::before_batch();
+        runner.run_timed(&images, outputs)
+    }));
+    let elapsed = start.elapsed();
+    let Some(replies) = ctx.heartbeat.finish(generation) else {
+        // Too late: the supervisor answered these images and started another thread.
+        return BatchOutcome::Retired;
+    };
+    let failure = match outcome {
         Ok(Ok((results, phases))) => {
             metrics.batch_finished(batch_size, elapsed, phases);
-            for (entry, computed) in live.into_iter().zip(results) {
-                let mut prediction = answer_for(&entry.item.outputs, computed, elapsed, batch_size);
-                prediction.queue_wait = start.saturating_duration_since(entry.enqueued_at);
-                let _ = entry.item.reply.send(Ok(prediction));
+            for ((reply, computed), (_, wanted, queue_wait)) in
+                replies.into_iter().zip(results).zip(&inputs)
+            {
+                let mut prediction = answer_for(wanted, computed, elapsed, batch_size);
+                prediction.queue_wait = *queue_wait;
+                let _ = reply.sender.send(Ok(prediction));
             }
-        }
-        failure => {
-            metrics.batch_failed(batch_size, elapsed);
-            let reason = match failure {
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(panic) => panic_message(&panic),
-                Ok(Ok(_)) => unreachable!(),
+            return BatchOutcome::Ran {
+                images: batch_size,
+                elapsed,
             };
-            // Logged once per image, inside its request's span, so that each request id of
-            // the failed batch appears in the log.
-            for entry in live {
-                entry.item.span.in_scope(|| {
-                    tracing::error!(model = %name, batch_size, error = %reason, "batch failed");
-                });
-                let _ = entry.item.reply.send(Err(InferenceError::Failed));
-            }
         }
+        Ok(Err(error)) => (format!("{error:#}"), None),
+        Err(panic) => {
+            let message = panic_message(&panic);
+            (format!("the model panicked: {message}"), Some(message))
+        }
+    };
+    let (reason, panicked) = failure;
+    metrics.batch_failed(batch_size, elapsed);
+    if panicked.is_some() {
+        // This thread stops after the batch: no new request may be admitted meanwhile.
+        ctx.status.set_restarting(reason.clone());
+        metrics.ready.set(0);
     }
-    (batch_size, elapsed)
+    // Logged once per image, inside its request's span, so that each request id of the failed
+    // batch appears in the log.
+    for reply in replies {
+        reply.span.in_scope(|| {
+            tracing::error!(model = %ctx.spec.name, batch_size, error = %reason, "batch failed");
+        });
+        let _ = reply.sender.send(Err(InferenceError::Failed));
+    }
+    match panicked {
+        None => BatchOutcome::Ran {
+            images: batch_size,
+            elapsed,
+        },
+        Some(message) => BatchOutcome::Panicked {
+            images: batch_size,
+            elapsed,
+            message,
+        },
+    }
+}
+
+/// Answer every image of a batch with `error`.
+pub fn answer_all(replies: Vec<Reply>, error: InferenceError) {
+    for reply in replies {
+        let _ = reply.sender.send(Err(error));
+    }
 }
 
 /// Keep only what this image asked for out of what the batch computed for it.
@@ -403,7 +513,7 @@ fn answer_for(
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<String>()
         .cloned()

@@ -230,6 +230,8 @@ pub struct ModelDescription {
     default: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure: Option<String>,
+    /// Times the model thread was replaced after a wedged batch or a panic.
+    restarts: u64,
     warmup_ms: Vec<crate::backend::WarmupTiming>,
 }
 
@@ -242,7 +244,8 @@ fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
         state: model.status.state_name(),
         ready: model.status.is_ready(),
         default: model.name() == state.inference.default_model(),
-        failure: model.status.failure().map(str::to_owned),
+        failure: model.status.failure(),
+        restarts: model.status.restarts(),
         warmup_ms: model.status.warmup().to_vec(),
     }
 }

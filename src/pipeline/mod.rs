@@ -112,6 +112,8 @@ pub enum InferenceError {
     Stopped,
     #[error("the request's deadline passed before the image ran")]
     DeadlineExceeded,
+    #[error("the model stopped responding and is restarting")]
+    ModelRestarting,
 }
 
 /// An image after decode and preprocess, with the time each stage took.
