@@ -116,12 +116,23 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_EXIF_TRANSPOSE")]
     pub exif_transpose: bool,
 
-    /// Threads libtorch uses inside one operator [default: libtorch's choice, the number of
-    /// physical cores].
+    /// In-flight memory budget in bytes (e.g. 512MiB, 2GiB): request bodies being received
+    /// (their Content-Length; twice that for JSON and multipart, which are copied once), images
+    /// being decoded (7 bytes per pixel, read from the header first) and the model inputs of
+    /// queued images hold it until released. A request that does not fit waits 250 ms, then
+    /// gets 429; one larger than the whole budget gets 413 [default: a quarter of the memory
+    /// limit (cgroup memory.max or memory.limit_in_bytes, else the machine's RAM), at least
+    /// 64 MiB].
+    #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
+    pub memory_budget: Option<u64>,
+
+    /// Threads libtorch uses inside one operator [default: the CPUs the process may use,
+    /// cgroup CPU quota included; libtorch's own default, the machine's physical cores,
+    /// oversubscribes a container].
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
 
-    /// Threads that decode and resize images [default: number of CPUs].
+    /// Threads that decode and resize images [default: the CPUs the process may use].
     #[arg(long, env = "VISIONSERVE_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
 
@@ -207,11 +218,6 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout)
-    }
-
-    pub fn decode_threads(&self) -> usize {
-        self.decode_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
     }
 
     /// Reject combinations that cannot work, before anything is loaded.

@@ -27,6 +27,22 @@ pub enum InferError {
         limit: usize,
         retry_after_s: u64,
     },
+    #[error(
+        "the server's in-flight memory budget ({}) is in use by other requests; retry shortly",
+        crate::budget::mib(*budget)
+    )]
+    MemoryBusy { budget: u64 },
+    #[error(
+        "{what} needs {}, more than the server's whole in-flight memory budget of {} \
+         (--memory-budget); send a smaller image or body",
+        crate::budget::mib(*needed),
+        crate::budget::mib(*budget)
+    )]
+    OverMemoryBudget {
+        what: &'static str,
+        needed: u64,
+        budget: u64,
+    },
     #[error("the request holds no image")]
     NoImages,
     #[error("more than {limit} images in one request; split the request")]
@@ -54,6 +70,8 @@ impl InferError {
             InferError::ShuttingDown => "shutting_down",
             InferError::TooManyRequests { .. } => "too_many_requests",
             InferError::Overloaded { .. } => "overloaded",
+            InferError::MemoryBusy { .. } => "memory_busy",
+            InferError::OverMemoryBudget { .. } => "over_memory_budget",
             InferError::NoImages | InferError::InvalidInput(_) => "bad_request",
             InferError::TooManyImages { .. } => "too_many_images",
             InferError::Image { source, .. } => match source {
@@ -83,7 +101,7 @@ impl InferError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             InferError::Overloaded { retry_after_s, .. } => Some((*retry_after_s).max(1)),
-            InferError::TooManyRequests { .. } => Some(1),
+            InferError::TooManyRequests { .. } | InferError::MemoryBusy { .. } => Some(1),
             // Loading or warming up takes seconds, not milliseconds.
             InferError::NotReady { .. } => Some(5),
             _ => None,

@@ -34,9 +34,10 @@ pub fn status(err: &V2Error) -> Status {
         V2Error::Infer(err) => match err {
             InferError::ModelNotFound { .. } => Status::not_found(message),
             InferError::NotReady { .. } | InferError::ShuttingDown => Status::unavailable(message),
-            InferError::TooManyRequests { .. } | InferError::Overloaded { .. } => {
-                Status::resource_exhausted(message)
-            }
+            InferError::TooManyRequests { .. }
+            | InferError::Overloaded { .. }
+            | InferError::MemoryBusy { .. }
+            | InferError::OverMemoryBudget { .. } => Status::resource_exhausted(message),
             InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             InferError::Internal => Status::internal(message),
             InferError::NoImages
@@ -191,6 +192,11 @@ impl InferenceService {
         infer: &mut InferRequest,
         request: proto::ModelInferRequest,
     ) -> Result<proto::ModelInferResponse, V2Error> {
+        // tonic has already received and decoded the message: it holds memory until the
+        // request ends.
+        infer
+            .reserve_body(prost::Message::encoded_len(&request) as u64)
+            .await?;
         let requested: Vec<RequestedOutput> = request
             .outputs
             .iter()

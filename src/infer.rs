@@ -14,6 +14,7 @@
 //! The service never sees an HTTP or gRPC type; its errors are [`InferError`]s.
 
 use crate::backend::ModelHandle;
+use crate::budget::{MemoryBudget, Reservation, BUDGET_WAIT};
 pub use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::pipeline::decode::DecodeOptions;
@@ -63,6 +64,7 @@ pub struct Inference {
     default_model: String,
     limits: Limits,
     pool: DecodePool,
+    memory: Arc<MemoryBudget>,
     metrics: Arc<Metrics>,
     /// One permit per request being handled (`--max-concurrent-requests`).
     requests: Arc<Semaphore>,
@@ -75,11 +77,13 @@ impl Inference {
         default_model: String,
         limits: Limits,
         pool: DecodePool,
+        memory: Arc<MemoryBudget>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             models,
             default_model,
+            memory,
             requests: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             limits,
             pool,
@@ -162,6 +166,8 @@ impl Inference {
             images: 0,
             limits: self.limits,
             pool: self.pool.clone(),
+            memory: self.memory.clone(),
+            held: Vec::new(),
             span: tracing::Span::current(),
             _permit: permit,
             recorded: false,
@@ -191,6 +197,9 @@ pub struct InferRequest {
     images: usize,
     limits: Limits,
     pool: DecodePool,
+    memory: Arc<MemoryBudget>,
+    /// Memory budget held until the request ends: its body and its queued model inputs.
+    held: Vec<Reservation>,
     /// The front end's request span: the model thread logs about this request's images in it.
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
@@ -215,6 +224,22 @@ impl InferRequest {
 
     pub fn deadline(&self) -> Instant {
         self.started + self.timeout
+    }
+
+    /// Hold memory budget for a body of `bytes` about to be read (the front end knows its
+    /// size from the headers); kept until the request ends.
+    pub async fn reserve_body(&mut self, bytes: u64) -> Result<(), InferError> {
+        let reservation = self
+            .memory
+            .reserve(bytes, self.budget_wait(), "the request body")
+            .await?;
+        self.held.push(reservation);
+        Ok(())
+    }
+
+    /// How long a reservation may wait: briefly, and never past the deadline.
+    fn budget_wait(&self) -> Duration {
+        BUDGET_WAIT.min(self.deadline().saturating_duration_since(Instant::now()))
     }
 
     fn deadline_exceeded(&self, why: String) -> InferError {
@@ -243,6 +268,16 @@ impl InferRequest {
             )));
         }
         let mut admission = model.admit(images.len())?;
+        // The model inputs of these images stay in memory until they are answered.
+        let inputs = self
+            .memory
+            .reserve(
+                self.input_bytes(&images),
+                self.budget_wait(),
+                "the model inputs",
+            )
+            .await?;
+        self.held.push(inputs);
         let deadline = tokio::time::Instant::from_std(self.deadline());
         // Decoding (or waiting for a decode thread) may take the time left: the images would
         // only be dropped from the queue.
@@ -370,6 +405,19 @@ impl InferRequest {
         Ok(())
     }
 
+    /// Bytes the model inputs of `images` take while queued (u8 pixels, or f32 normalised).
+    fn input_bytes(&self, images: &[ImageInput]) -> u64 {
+        let (h, w) = self.model.info.preprocess.input_size;
+        let values = (3 * h * w) as u64;
+        images
+            .iter()
+            .map(|image| match image {
+                ImageInput::Pixels(Pixels::Normalized(_)) => values * 4,
+                _ => values,
+            })
+            .sum()
+    }
+
     /// Preprocessed pixels must be exactly the model's input size.
     fn check_pixels(&self, index: usize, pixels: &Pixels) -> Result<(), InferError> {
         let (h, w) = self.model.info.preprocess.input_size;
@@ -408,6 +456,17 @@ impl InferRequest {
                 }
                 ImageInput::Encoded(bytes) => bytes,
             };
+            // Decoding holds up to 7 bytes per pixel: reserve them from the header first.
+            let decode_bytes =
+                pipeline::decode::decode_memory(&bytes, self.limits.decode.max_pixels);
+            let reservation = match decode_bytes {
+                Some(needed) => Some(
+                    self.memory
+                        .reserve(needed, self.budget_wait(), "decoding this image")
+                        .await?,
+                ),
+                None => None,
+            };
             let pool = self.pool.clone();
             let decode = self.limits.decode;
             let cfg = self.model.info.preprocess.clone();
@@ -416,6 +475,7 @@ impl InferRequest {
                 let prepared = pool
                     .run(move || pipeline::prepare(&bytes, &decode, &cfg))
                     .await;
+                drop(reservation);
                 if let Ok(p) = &prepared {
                     metric.observe((p.decode + p.preprocess).as_secs_f64());
                 }

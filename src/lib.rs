@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -127,6 +128,14 @@ pub async fn serve(
     let located = locate_all(&specs).await?;
 
     let metrics = Arc::new(Metrics::new());
+    let resources = budget::Resources::detect();
+    let budgets = Budgets::derive(&config, &resources);
+    budgets.log(&config, &resources);
+    let memory = Arc::new(budget::MemoryBudget::new(
+        budgets.memory,
+        metrics.memory_budget.clone(),
+        metrics.memory_in_use.clone(),
+    ));
     let mut models = Vec::with_capacity(specs.len());
     let mut loads = JoinSet::new();
     for (spec, files) in specs.into_iter().zip(located) {
@@ -147,7 +156,7 @@ pub async fn serve(
                 max_batch_delay: config.max_batch_delay(),
             },
             max_queue_images: config.max_queue_images,
-            intra_op_threads: config.intra_op_threads,
+            intra_op_threads: Some(budgets.intra_op_threads),
             batch_timeout: config.batch_timeout,
         };
         let model_metrics = metrics.for_model(&spec.name);
@@ -182,7 +191,8 @@ pub async fn serve(
                 exif_transpose: config.exif_transpose,
             },
         },
-        pipeline::DecodePool::new(config.decode_threads()),
+        pipeline::DecodePool::new(budgets.decode_threads),
+        memory,
         metrics,
     ));
     let state = Arc::new(http::AppState {
@@ -265,6 +275,60 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// The bounds derived from what the container gives (each overridable by its flag).
+struct Budgets {
+    memory: u64,
+    decode_threads: usize,
+    intra_op_threads: usize,
+}
+
+impl Budgets {
+    fn derive(config: &Config, resources: &budget::Resources) -> Self {
+        Self {
+            memory: config
+                .memory_budget
+                .unwrap_or_else(|| resources.default_budget()),
+            // Decoding and the model share the CPUs rather than splitting them: decoding runs
+            // in bursts between batches, and a model thread limited to half the cores would
+            // leave them idle whenever nothing decodes.
+            decode_threads: config.decode_threads.unwrap_or(resources.cpus),
+            intra_op_threads: config.intra_op_threads.unwrap_or(resources.cpus),
+        }
+    }
+
+    /// One line saying where each bound came from.
+    fn log(&self, config: &Config, resources: &budget::Resources) {
+        let origin = |given: bool, derived: &str| {
+            if given {
+                "set by flag".to_owned()
+            } else {
+                derived.to_owned()
+            }
+        };
+        tracing::info!(
+            memory_limit = %budget::mib(resources.memory_limit),
+            memory_limit_from = %resources.memory_source,
+            cpus = resources.cpus,
+            memory_budget = %budget::mib(self.memory),
+            memory_budget_from = %origin(config.memory_budget.is_some(), "memory limit / 4, at least 64 MiB"),
+            decode_threads = self.decode_threads,
+            intra_op_threads = self.intra_op_threads,
+            threads_from = %origin(
+                config.decode_threads.is_some() || config.intra_op_threads.is_some(),
+                "the CPUs the process may use",
+            ),
+            "resources"
+        );
+        if (config.max_body_bytes as u64) > self.memory {
+            tracing::warn!(
+                max_body_bytes = config.max_body_bytes,
+                memory_budget = self.memory,
+                "--max-body-bytes is above the memory budget: bodies larger than the budget get 413"
+            );
+        }
     }
 }
 

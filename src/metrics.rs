@@ -28,6 +28,8 @@ pub const QUEUE_DEPTH: &str = "queue_depth";
 pub const MODEL_READY: &str = "model_ready";
 pub const UNAUTHORIZED: &str = "unauthorized_requests";
 pub const MODEL_RESTARTS: &str = "model_restarts";
+pub const MEMORY_BUDGET: &str = "memory_budget_bytes";
+pub const MEMORY_IN_USE: &str = "memory_in_flight_bytes";
 
 /// Label used for requests naming a model we do not serve (never the client's string: that
 /// would let clients create unbounded series).
@@ -85,6 +87,9 @@ pub struct Metrics {
     model_ready: Family<ModelLabel, Gauge>,
     unauthorized: Family<ProtocolLabel, Counter>,
     restarts: Family<ReasonLabels, Counter>,
+    /// The in-flight memory budget and the part of it held now.
+    pub memory_budget: Gauge,
+    pub memory_in_use: Gauge,
 }
 
 impl Default for Metrics {
@@ -109,6 +114,8 @@ impl Metrics {
         let model_ready = Family::default();
         let unauthorized = Family::default();
         let restarts = Family::default();
+        let memory_budget = Gauge::default();
+        let memory_in_use = Gauge::default();
         registry.register(
             REQUESTS,
             "Classification requests by model and outcome",
@@ -170,6 +177,16 @@ impl Metrics {
             "Model threads replaced, by reason (batch_timeout: a batch ran past --batch-timeout; panic: the thread panicked)",
             restarts.clone(),
         );
+        registry.register(
+            MEMORY_BUDGET,
+            "The in-flight memory budget (--memory-budget): bodies, decoding images and queued model inputs",
+            memory_budget.clone(),
+        );
+        registry.register(
+            MEMORY_IN_USE,
+            "Bytes of the in-flight memory budget held by requests now",
+            memory_in_use.clone(),
+        );
         Self {
             registry,
             requests,
@@ -185,6 +202,8 @@ impl Metrics {
             model_ready,
             unauthorized,
             restarts,
+            memory_budget,
+            memory_in_use,
         }
     }
 

@@ -27,9 +27,10 @@ pub fn infer_status(err: &InferError) -> StatusCode {
     match err {
         InferError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
         InferError::NotReady { .. } | InferError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        InferError::TooManyRequests { .. } | InferError::Overloaded { .. } => {
-            StatusCode::TOO_MANY_REQUESTS
-        }
+        InferError::TooManyRequests { .. }
+        | InferError::Overloaded { .. }
+        | InferError::MemoryBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+        InferError::OverMemoryBudget { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         InferError::NoImages | InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
         InferError::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         InferError::Image { source, .. } => match source {

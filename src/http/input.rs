@@ -8,6 +8,7 @@
 use super::error::ApiError;
 use super::RequestLimits;
 use crate::error::InferError;
+use crate::infer::InferRequest;
 use crate::pipeline::decode::ACCEPTED_FORMATS;
 use crate::pipeline::DecodePool;
 use axum::extract::{FromRequest, Multipart, Request};
@@ -105,6 +106,38 @@ pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request
             Err(ApiError::BodyTooLarge { limit })
         }
         _ => Ok(request),
+    }
+}
+
+/// Hold memory budget for `request`'s body before reading it: its declared `Content-Length`
+/// (the body limit when it declares none), twice that unless the body is the raw image itself
+/// (JSON and multipart bodies are copied once while parsed). Refused requests are drained.
+pub(crate) async fn reserve_body(
+    infer: &mut InferRequest,
+    request: Request,
+    max_body_bytes: usize,
+) -> Result<Request, ApiError> {
+    let headers = request.headers();
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(max_body_bytes as u64);
+    let media_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let raw = media_type.is_empty()
+        || media_type.starts_with("image/")
+        || media_type.starts_with("application/octet-stream");
+    let copies = if raw { 1 } else { 2 };
+    match infer.reserve_body(declared * copies).await {
+        Ok(()) => Ok(request),
+        Err(err) => {
+            discard_body(request);
+            Err(err.into())
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use super::error::{v2_status, ApiError};
 use super::handlers::header_timeout;
 use super::input::{
-    body_bytes, decode_base64, discard_body, refuse_oversized, within_body_timeout,
+    body_bytes, decode_base64, discard_body, refuse_oversized, reserve_body, within_body_timeout,
 };
 use super::AppState;
 use crate::infer::{InferRequest, Inference};
@@ -240,6 +240,9 @@ async fn run_infer(
             return Err(err);
         }
     };
+    let request = reserve_body(infer, request, limits.max_body_bytes)
+        .await
+        .map_err(Failure::from)?;
     let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
     let parsed = match header_length {
         // Raw binary request: the body is one encoded image.

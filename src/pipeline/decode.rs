@@ -79,6 +79,29 @@ pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, DecodeErro
     }
 }
 
+/// Bytes decoding an image may hold at once, per pixel: the decoder's buffer (up to 4 channels:
+/// RGBA, CMYK) and the RGB image converted from it (3); resizing then needs less than that.
+pub const DECODE_BYTES_PER_PIXEL: u64 = 7;
+
+/// The most memory decoding `bytes` can take, from the image's header alone (`None` if the
+/// header cannot be read: decoding will fail and say why). Images over `max_pixels` are
+/// refused before decoding, so they count as that limit.
+pub fn decode_memory(bytes: &[u8], max_pixels: u64) -> Option<u64> {
+    let format = image::guess_format(bytes).ok()?;
+    let (width, height) = match format {
+        ImageFormat::Jpeg => {
+            let header = turbojpeg::read_header(bytes).ok()?;
+            (header.width as u64, header.height as u64)
+        }
+        _ => {
+            let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+            let (w, h) = reader.into_dimensions().ok()?;
+            (u64::from(w), u64::from(h))
+        }
+    };
+    Some(width.saturating_mul(height).min(max_pixels) * DECODE_BYTES_PER_PIXEL)
+}
+
 /// Name what we saw when the bytes are no image we know, so the client can tell a wrong upload
 /// (HTML, JSON, text) from a wrong format.
 fn describe_unknown(bytes: &[u8]) -> String {
