@@ -11,10 +11,11 @@
 //!
 //! Server flags go after `--server`, e.g. `--server --model lite0=weights/tf_efficientnet_lite0`.
 
+mod support;
+
 use clap::Parser;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::Server;
 use visionserve::grpc::proto;
 use visionserve::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
@@ -51,84 +52,6 @@ enum Protocol {
     V1,
     V2,
     Grpc,
-}
-
-struct Server {
-    child: std::process::Child,
-    base: String,
-    grpc: Option<String>,
-}
-
-impl Server {
-    fn start(args: &[String]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_visionserve"))
-            .args(args)
-            .args([
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-                "--log",
-                "warn,visionserve=info",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server binary starts");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (grpc_tx, grpc_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                    match event["message"].as_str() {
-                        Some("listening") => {
-                            let _ = tx.send(event["address"].as_str().unwrap().to_owned());
-                        }
-                        Some("gRPC listening") => {
-                            let _ = grpc_tx.send(event["address"].as_str().unwrap().to_owned());
-                        }
-                        Some("model loaded and warmed up") => {
-                            eprintln!("warm-up: {}", event["warmup"])
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("server address");
-        // The gRPC address is logged before the HTTP one, when there is one.
-        let grpc = grpc_rx.try_recv().ok().map(|a| format!("http://{a}"));
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            grpc,
-        }
-    }
-
-    async fn wait_ready(&self, client: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let ready = client
-                .get(format!("{}/health/ready", self.base))
-                .send()
-                .await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "server not ready");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }
 
 /// One way of asking for an image's top 5.

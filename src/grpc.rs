@@ -498,7 +498,7 @@ impl GrpcInferenceService for InferenceService {
         };
         let span =
             tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
-        async move {
+        let answer = async move {
             v2::check_version(&request.model_name, Some(&request.model_version))
                 .map_err(|e| status(&e))?;
             let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
@@ -524,7 +524,16 @@ impl GrpcInferenceService for InferenceService {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        if answer.as_ref().is_err_and(|status| {
+            matches!(
+                status.code(),
+                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+            )
+        }) {
+            crate::infer::pace_refusal().await;
+        }
+        answer
     }
 
     async fn model_statistics(

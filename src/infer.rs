@@ -2,7 +2,8 @@
 //!
 //! A front end parses its protocol into [`ImageInput`]s and [`Outputs`], then:
 //! 1. [`Inference::begin`] makes the checks that need no request body (the model exists and is
-//!    ready, the server is not shutting down and has room for another request);
+//!    ready with room in its queue, the server is not shutting down and has room for another
+//!    request), so that a refusal never reads the body;
 //! 2. [`InferRequest::run`] admits the images against the model's queue limit, decodes and
 //!    preprocesses them on the decode pool, queues one entry per image and waits for every
 //!    answer;
@@ -27,6 +28,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+
+/// How long a refusal for overload or unavailability (429 / RESOURCE_EXHAUSTED, 503 /
+/// UNAVAILABLE) is held before it is sent.
+/// Clients that ignore `Retry-After` and retry at once would otherwise turn an overloaded
+/// server into a rejection loop: at 96 such clients on 2 cores, 6,000 refusals a second (each
+/// body still sent and drained) left the model a quarter of its CPU. Held refusals cost a
+/// timer, not CPU, and well-behaved clients wait longer than this anyway.
+pub const REFUSAL_PACE: Duration = Duration::from_millis(200);
+
+/// Hold a refusal for [`REFUSAL_PACE`] before it is answered.
+pub async fn pace_refusal() {
+    tokio::time::sleep(REFUSAL_PACE).await;
+}
 
 /// `reason` label of requests whose client left before the answer.
 pub const CLIENT_GONE: &str = "client_gone";
@@ -179,6 +193,7 @@ impl Inference {
             return Err(InferError::ShuttingDown);
         }
         model.ensure_ready()?;
+        model.check_room()?;
         self.requests
             .clone()
             .try_acquire_owned()

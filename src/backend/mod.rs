@@ -290,6 +290,19 @@ impl ModelHandle {
         }
     }
 
+    /// Refuse with 429 when the queue has no room for even one more image: decided before a
+    /// request's body is read, so that refusing under overload costs next to nothing.
+    pub fn check_room(&self) -> Result<(), InferError> {
+        if self.admission.available_permits() > 0 {
+            return Ok(());
+        }
+        Err(InferError::Overloaded {
+            model: self.info.name.clone(),
+            limit: self.info.max_queue_images,
+            retry_after_s: self.retry_after_secs(),
+        })
+    }
+
     /// Admit `images` images or refuse with 429 and a Retry-After estimate.
     pub fn admit(&self, images: usize) -> Result<Admission, InferError> {
         let permits = self.admission.clone().try_acquire_many_owned(images as u32);

@@ -176,6 +176,7 @@ impl Supervisor {
     fn not_ready(&self, reason: &str) {
         self.ctx.status.set_restarting(reason.to_owned());
         self.ctx.status.count_restart();
+        self.ctx.link.set_restarting(true);
         self.ctx.metrics.ready.set(0);
     }
 

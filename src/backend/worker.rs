@@ -301,6 +301,7 @@ pub fn run(
         }
     };
     ctx.status.set_ready();
+    ctx.link.set_restarting(false);
     ctx.metrics.ready.set(1);
     let _ = loaded.send(Ok(()));
 

@@ -41,6 +41,26 @@ pub struct AppState {
     pub protect_metrics: bool,
 }
 
+/// Refused inference requests (429 overload, 503 unavailable) are held for
+/// [`crate::infer::REFUSAL_PACE`] before they are answered; probes and other GETs are not.
+async fn pace_refusals(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let inference = request.method() == axum::http::Method::POST;
+    let response = next.run(request).await;
+    if !inference {
+        return response;
+    }
+    let status = response.status();
+    if status == axum::http::StatusCode::TOO_MANY_REQUESTS
+        || status == axum::http::StatusCode::SERVICE_UNAVAILABLE
+    {
+        crate::infer::pace_refusal().await;
+    }
+    response
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
@@ -53,6 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(handlers::metrics))
         .merge(v2::routes())
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn(pace_refusals))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,

@@ -26,6 +26,9 @@ pub struct BatcherLink {
     wake: Notify,
     /// Recent model cost per image in microseconds, for Retry-After estimates.
     micros_per_image: AtomicU64,
+    /// The model thread is being replaced: queued images are answered at once instead of
+    /// waiting, possibly for minutes, for the new thread.
+    restarting: std::sync::atomic::AtomicBool,
 }
 
 impl BatcherLink {
@@ -49,6 +52,12 @@ impl BatcherLink {
                 .store(per_image.max(1), Ordering::Relaxed);
         }
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// The model went down (`true`) or is ready again (`false`).
+    pub fn set_restarting(&self, restarting: bool) {
+        self.restarting.store(restarting, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -103,6 +112,11 @@ pub async fn run(
         let dropped = queue.drop_abandoned();
         if dropped > 0 {
             metrics.dropped_client_gone.inc_by(dropped as u64);
+        }
+        if link.restarting.load(Ordering::Acquire) {
+            for entry in queue.drain() {
+                let _ = entry.item.reply.send(Err(InferenceError::ModelRestarting));
+            }
         }
         metrics.queue_depth.set(queue.len() as i64);
 
