@@ -425,13 +425,14 @@ async fn sigterm(ctx: &Context, report: &mut Report) {
     let exited = signalled.elapsed();
     let phase = during.await.unwrap();
     // After the listener closed, new connections are refused (transport errors); a request
-    // already sent must still get its answer: 200, or 503 if it arrived while draining.
+    // already sent must still get its answer: 200, 503 if it arrived while draining, or 429
+    // if the queue was full.
     let answered = phase.count(200);
     report.check(
         "SIGTERM under load",
         status.0.as_ref().is_ok_and(|s| s.success())
             && exited < Duration::from_secs(30)
-            && phase.others(&[200, 503]) == phase.errors
+            && phase.others(&[200, 429, 503]) == phase.errors
             && answered > 0,
         format!(
             "exit {:?} after {:.2} s; {} (errors are connections refused after the listener closed)",

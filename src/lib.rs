@@ -26,6 +26,8 @@ pub mod backend;
 pub mod budget;
 pub mod config;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod hub;

@@ -628,3 +628,27 @@ async fn refusals_before_the_body_is_read_still_reach_a_client_sending_a_large_b
         assert_eq!(response.status(), status, "{path}");
     }
 }
+
+#[tokio::test]
+async fn a_multipart_body_with_too_many_images_reads_its_413_not_a_reset() {
+    // The parts are parsed as they arrive: the error comes while the client is still sending
+    // the rest, which the server drains (lingering close) so that the answer arrives.
+    let limit = 8; // this file's server: --max-images-per-request 8
+    let part = vec![0u8; 48 << 10];
+    let mut form = reqwest::multipart::Form::new();
+    for i in 0..limit + 40 {
+        form = form.part(
+            format!("image{i}"),
+            reqwest::multipart::Part::bytes(part.clone()).file_name("x.jpg"),
+        );
+    }
+    let response = client()
+        .post(server().url("/v1/classify"))
+        .multipart(form)
+        .send()
+        .await
+        .expect("the 413 arrives, not a reset");
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error_type"], "too_many_images", "{body}");
+}

@@ -86,12 +86,6 @@ pub(super) async fn within_body_timeout<T>(
         })?
 }
 
-/// How much of a refused body is still read and thrown away, and for how long, before the
-/// connection is closed (nginx's lingering close): a client that sends its whole body before
-/// reading the answer then gets the 413 instead of a reset connection.
-const LINGER_BYTES: usize = 64 << 20;
-const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Refuse a body whose declared `Content-Length` is over the limit from the headers alone, so
 /// that a client announcing 2 GB is answered at once instead of being waited for.
 pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request, ApiError> {
@@ -141,25 +135,10 @@ pub(crate) async fn reserve_body(
     }
 }
 
-/// For a request refused before its body was read: read and discard the body in the
-/// background (within the lingering bounds), so that a client still sending it reads the
-/// answer; hyper neither reads nor closes an unread body on its own, and such a client would
-/// wait forever.
+/// Drop a request refused before its body was read: [`super::linger::LingeringBody`] drains
+/// what the client still sends, so that it reads the answer.
 pub(crate) fn discard_body(request: Request) {
-    tokio::spawn(linger(request.into_body()));
-}
-
-/// Read and discard `body` within the lingering bounds.
-async fn linger(mut body: axum::body::Body) {
-    use http_body_util::BodyExt;
-    let deadline = tokio::time::Instant::now() + LINGER;
-    let mut read = 0;
-    while read < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, |d| d.len()),
-            _ => break,
-        }
-    }
+    drop(request);
 }
 
 pub(super) async fn body_bytes(request: Request, limit: usize) -> Result<Bytes, ApiError> {

@@ -5,6 +5,7 @@ mod auth;
 pub mod error;
 pub(crate) mod handlers;
 mod input;
+pub(crate) mod linger;
 pub mod types;
 mod v2;
 
@@ -23,6 +24,27 @@ use tower_http::request_id::{
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub use input::ACCEPTED_CONTENT_TYPES;
+
+/// `read_images` on a body of `content_type`, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub async fn fuzz_read_images(
+    content_type: &str,
+    body: Vec<u8>,
+    limits: RequestLimits,
+    pool: &crate::pipeline::DecodePool,
+) {
+    let request = axum::http::Request::builder()
+        .header(axum::http::header::CONTENT_TYPE, content_type)
+        .body(axum::body::Body::from(body))
+        .expect("a valid request");
+    let _ = input::read_images(request, &limits, pool).await;
+}
+
+/// The v2 REST body parser, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_parse_v2(body: bytes::Bytes, split: usize) {
+    v2::fuzz_parse(body, split);
+}
 
 /// Bounds on what an HTTP request may send, checked while its body is read.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +117,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                         })
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
-                .layer(PropagateRequestIdLayer::x_request_id()),
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(axum::middleware::from_fn(linger::linger_on_drop)),
         )
         .with_state(state)
 }

@@ -346,6 +346,12 @@ struct ParsedRequest {
     binary: BinaryOutputs,
 }
 
+/// The body parser, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_parse(body: Bytes, split: usize) {
+    let _ = ParsedRequest::parse(body, split);
+}
+
 impl ParsedRequest {
     fn raw_image(body: Bytes) -> Self {
         Self {
