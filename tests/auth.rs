@@ -15,20 +15,7 @@ const FILE_KEY: &str = "file-key-93be07";
 const ROTATED_KEY: &str = "rotated-key-51c4e8";
 
 fn infer_request(photo: Vec<u8>) -> proto::ModelInferRequest {
-    proto::ModelInferRequest {
-        model_name: "lite0".into(),
-        inputs: vec![proto::model_infer_request::InferInputTensor {
-            name: "image".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            contents: Some(proto::InferTensorContents {
-                bytes_contents: vec![photo],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    grpc_image_request("lite0", photo)
 }
 
 async fn classify(

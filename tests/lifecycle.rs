@@ -239,20 +239,7 @@ async fn sigterm_drains_grpc_calls_in_flight() {
     .await
     .unwrap();
     let photo = read("photos/astronaut.png");
-    let request = proto::ModelInferRequest {
-        model_name: "lite0".into(),
-        inputs: vec![proto::model_infer_request::InferInputTensor {
-            name: "image".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            contents: Some(proto::InferTensorContents {
-                bytes_contents: vec![photo],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let request = grpc_image_request("lite0", photo);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let (mut client, request) = (client.clone(), request.clone());
@@ -490,20 +477,7 @@ async fn requests_past_their_deadline_get_504_and_their_images_never_run() {
     )
     .await
     .unwrap();
-    let mut request = tonic::Request::new(proto::ModelInferRequest {
-        model_name: "lite0".into(),
-        inputs: vec![proto::model_infer_request::InferInputTensor {
-            name: "image".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            contents: Some(proto::InferTensorContents {
-                bytes_contents: vec![photo.clone()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(grpc_image_request("lite0", photo.clone()));
     request.set_timeout(Duration::from_millis(100));
     let started = std::time::Instant::now();
     let (v1, header, v2, grpc) = tokio::join!(v1, header, v2, grpc.model_infer(request));

@@ -335,3 +335,25 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .map(|v| v.trim().parse().unwrap())
     })
 }
+
+/// A v2 gRPC request classifying one encoded image (typed `bytes_contents`).
+pub fn grpc_image_request(
+    model: &str,
+    image: Vec<u8>,
+) -> visionserve::grpc::proto::ModelInferRequest {
+    use visionserve::grpc::proto;
+    proto::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![proto::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(proto::InferTensorContents {
+                bytes_contents: vec![image],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
