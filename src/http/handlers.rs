@@ -2,7 +2,7 @@
 //! here; the inference service does the rest, and the answer is rendered as `/v1` JSON.
 
 use super::error::{ApiError, ErrorBody};
-use super::input::{discard_body, read_images, refuse_oversized, reserve_body, RequestImages};
+use super::input::{discard_body, read_images, reserve_body, RequestImages};
 use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
@@ -131,7 +131,6 @@ async fn classify_images(
     for timeout in [query_timeout, header_timeout].into_iter().flatten() {
         infer.limit_time(timeout);
     }
-    let request = refuse_oversized(request, state.limits.max_body_bytes)?;
     let request = reserve_body(infer, request, state.limits.max_body_bytes).await?;
     let RequestImages {
         images,

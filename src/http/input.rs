@@ -89,12 +89,7 @@ pub(super) async fn within_body_timeout<T>(
 /// Refuse a body whose declared `Content-Length` is over the limit from the headers alone, so
 /// that a client announcing 2 GB is answered at once instead of being waited for.
 pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request, ApiError> {
-    let declared = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
+    match declared_length(&request) {
         Some(length) if length > limit as u64 => {
             discard_body(request);
             Err(ApiError::BodyTooLarge { limit })
@@ -103,21 +98,28 @@ pub(super) fn refuse_oversized(request: Request, limit: usize) -> Result<Request
     }
 }
 
-/// Hold memory budget for `request`'s body before reading it: its declared `Content-Length`
-/// (the body limit when it declares none), twice that unless the body is the raw image itself
-/// (JSON and multipart bodies are copied once while parsed). Refused requests are drained.
+/// The body length the request declares, if it declares one.
+fn declared_length(request: &Request) -> Option<u64> {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Refuse a body over the limit from its headers, then hold memory budget for it before it is
+/// read: its declared `Content-Length` (the body limit when it declares none), twice that
+/// unless the body is the raw image itself (JSON and multipart bodies are copied once while
+/// parsed). Refused requests are drained.
 pub(crate) async fn reserve_body(
     infer: &mut InferRequest,
     request: Request,
     max_body_bytes: usize,
 ) -> Result<Request, ApiError> {
-    let headers = request.headers();
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(max_body_bytes as u64);
-    let media_type = headers
+    let request = refuse_oversized(request, max_body_bytes)?;
+    let declared = declared_length(&request).unwrap_or(max_body_bytes as u64);
+    let media_type = request
+        .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
