@@ -33,8 +33,10 @@ fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: binaries get no libtorch rpath");
+        export_libtorch_version(None);
         return;
     };
+    export_libtorch_version(Some(Path::new(&lib_dir)));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
@@ -42,4 +44,42 @@ fn link_libtorch() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
     }
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}
+
+/// `visionserve_build_info` names the libtorch and CUDA versions built against. The PyPI wheel
+/// records them in `torch/version.py`, next to `torch/lib`; a plain libtorch download has
+/// `build-version` there instead.
+fn export_libtorch_version(lib_dir: Option<&Path>) {
+    let torch_dir = lib_dir.and_then(Path::parent);
+    let version_py = torch_dir.map(|d| d.join("version.py"));
+    let build_version = torch_dir.map(|d| d.join("build-version"));
+    let python = version_py
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let (mut libtorch, mut cuda) = ("unknown".to_owned(), "none".to_owned());
+    if let Some(text) = python {
+        println!("cargo:rerun-if-changed={}", version_py.unwrap().display());
+        for line in text.lines() {
+            if let Some(value) = python_string_value(line, "__version__") {
+                libtorch = value;
+            } else if let Some(value) = python_string_value(line, "cuda") {
+                cuda = value;
+            }
+        }
+    } else if let Some(text) = build_version.and_then(|p| std::fs::read_to_string(p).ok()) {
+        libtorch = text.trim().to_owned();
+    }
+    println!("cargo:rustc-env=VISIONSERVE_LIBTORCH_VERSION={libtorch}");
+    println!("cargo:rustc-env=VISIONSERVE_LIBTORCH_CUDA={cuda}");
+}
+
+/// The quoted value of `name = '...'` (or `name: Optional[str] = '...'`) in version.py.
+fn python_string_value(line: &str, name: &str) -> Option<String> {
+    let rest = line.strip_prefix(name)?;
+    if !(rest.starts_with(' ') || rest.starts_with(':') || rest.starts_with('=')) {
+        return None;
+    }
+    let value = rest.split_once('=')?.1.trim();
+    let quoted = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\''));
+    quoted.map(str::to_owned)
 }

@@ -293,7 +293,7 @@ pub fn run(
     // Grad mode is thread-local: without this guard every forward would record an autograd
     // graph and keep its activations alive.
     let _no_grad = tch::no_grad_guard();
-    let runner = match load_and_warm_up(spec, &ctx.status) {
+    let runner = match load_and_warm_up(spec, ctx) {
         Ok(runner) => runner,
         Err(e) => {
             let _ = loaded.send(Err(format!("{e:#}")));
@@ -347,12 +347,15 @@ pub fn run(
     exit
 }
 
-fn load_and_warm_up(spec: &WorkerSpec, status: &ModelStatus) -> Result<Runner> {
+fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
+    let status = &ctx.status;
     let start = Instant::now();
     let runner = Runner::load(spec)?;
     status.set_backend(runner.backend());
     let loaded_in = start.elapsed();
     let timings = runner.warm_up(spec.max_batch_size)?;
+    ctx.metrics
+        .model_loaded(loaded_in, start.elapsed() - loaded_in);
     status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,

@@ -4,6 +4,9 @@
 //! counters get `_total` from the encoder. Per-model handles are resolved once when a model is
 //! registered so the request path does no label hashing beyond the outcome label.
 
+mod process;
+
+pub use process::ProcessStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,6 +33,29 @@ pub const UNAUTHORIZED: &str = "unauthorized_requests";
 pub const MODEL_RESTARTS: &str = "model_restarts";
 pub const MEMORY_BUDGET: &str = "memory_budget_bytes";
 pub const MEMORY_IN_USE: &str = "memory_in_flight_bytes";
+pub const BUILD_INFO: &str = "build_info";
+pub const MODEL_LOAD: &str = "model_load_seconds";
+pub const MODEL_WARMUP: &str = "model_warmup_seconds";
+
+/// `visionserve_build_info`'s labels: what this binary is and what it was built against.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub libtorch: &'static str,
+    /// The CUDA version libtorch was built with, `none` for a CPU-only libtorch.
+    pub cuda: &'static str,
+}
+
+impl BuildLabels {
+    pub const THIS: BuildLabels = BuildLabels {
+        version: env!("CARGO_PKG_VERSION"),
+        libtorch: env!("VISIONSERVE_LIBTORCH_VERSION"),
+        cuda: env!("VISIONSERVE_LIBTORCH_CUDA"),
+    };
+}
+
+/// A gauge holding seconds.
+pub type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// Label used for requests naming a model we do not serve (never the client's string: that
 /// would let clients create unbounded series).
@@ -87,6 +113,8 @@ pub struct Metrics {
     model_ready: Family<ModelLabel, Gauge>,
     unauthorized: Family<ProtocolLabel, Counter>,
     restarts: Family<ReasonLabels, Counter>,
+    load_seconds: Family<ModelLabel, SecondsGauge>,
+    warmup_seconds: Family<ModelLabel, SecondsGauge>,
     /// The in-flight memory budget and the part of it held now.
     pub memory_budget: Gauge,
     pub memory_in_use: Gauge,
@@ -100,7 +128,29 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix(PREFIX);
+        // The standard process_* metrics carry no prefix; everything else is visionserve_*.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix(PREFIX);
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&BuildLabels::THIS).set(1);
+        registry.register(
+            BUILD_INFO,
+            "Always 1; the labels say this binary's version and the libtorch and CUDA versions it was built against",
+            build_info,
+        );
+        let load_seconds = Family::default();
+        let warmup_seconds = Family::default();
+        registry.register(
+            MODEL_LOAD,
+            "How long the model's last load took (reading and placing the weights)",
+            load_seconds.clone(),
+        );
+        registry.register(
+            MODEL_WARMUP,
+            "How long the model's last warm-up took (every batch size, before it turned ready)",
+            warmup_seconds.clone(),
+        );
         let requests = Family::default();
         let images = Family::default();
         let failures = Family::default();
@@ -188,7 +238,7 @@ impl Metrics {
             memory_in_use.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             images,
             failures,
@@ -202,6 +252,8 @@ impl Metrics {
             model_ready,
             unauthorized,
             restarts,
+            load_seconds,
+            warmup_seconds,
             memory_budget,
             memory_in_use,
         }
@@ -248,6 +300,8 @@ impl Metrics {
             dropped_deadline,
             restarts_batch_timeout,
             restarts_panic,
+            load_seconds: self.load_seconds.get_or_create(&label).clone(),
+            warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
             requests: self.requests.clone(),
             images: self.images.clone(),
             failures: self.failures.clone(),
@@ -384,6 +438,8 @@ pub struct ModelMetrics {
     pub dropped_deadline: Counter<u64, AtomicU64>,
     pub restarts_batch_timeout: Counter<u64, AtomicU64>,
     pub restarts_panic: Counter<u64, AtomicU64>,
+    load_seconds: SecondsGauge,
+    warmup_seconds: SecondsGauge,
     requests: Family<OutcomeLabels, Counter>,
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,
@@ -392,6 +448,12 @@ pub struct ModelMetrics {
 impl ModelMetrics {
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// The model (re)loaded in `load` and warmed up in `warmup`.
+    pub fn model_loaded(&self, load: Duration, warmup: Duration) {
+        self.load_seconds.set(load.as_secs_f64());
+        self.warmup_seconds.set(warmup.as_secs_f64());
     }
 
     /// An image waited this long between queueing and its batch starting.
