@@ -1,9 +1,10 @@
 # visionserve: two commands on a fresh machine.
 #   make run    install what is missing, build (release), export the default model, serve on 127.0.0.1:8080
-#   make test   the same set-up, then every test (unit, HTTP, gRPC, parity, v2 clients) on CPU
+#   make test   the same set-up, then every test (unit, HTTP, gRPC, parity, v2 clients, OpenAPI, web page, Prometheus, manifests) on CPU
 #   make test-all   parity of every native variant at its full resolution (slow)
 #   make bench      end-to-end and model-alone throughput of the default model
 #   make bench-protocols   /v1 vs v2 REST vs v2 gRPC on one server
+#   make bench-classify   visionserve classify vs the server, same photo, interleaved
 #   make bench-models   native vs TorchScript vs timm eager for four models
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
@@ -42,6 +43,11 @@ PARITY_FAMILIES := efficientnet coatnet
 CLIENT_REQUIREMENTS := tests/clients/requirements.txt
 CLIENT_VENV   ?= $(CACHE_DIR)/venv-clients-$(shell cat $(CLIENT_REQUIREMENTS) | sha1sum | cut -c1-12)
 CLIENT_PYTHON := $(CLIENT_VENV)/bin/python
+# Operator tooling tests (tests/ops: OpenAPI, schemathesis, the web page in Chromium, a real
+# Prometheus, the manifests) have their own venv for the same reason.
+OPS_REQUIREMENTS := tests/ops/requirements.txt
+OPS_VENV      ?= $(CACHE_DIR)/venv-ops-$(shell cat $(OPS_REQUIREMENTS) | sha1sum | cut -c1-12)
+OPS_PYTHON    := $(OPS_VENV)/bin/python
 BIN           := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/visionserve
 
 HOST ?= 127.0.0.1
@@ -49,7 +55,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: fuzz stress run test test-clients test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-classify fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -60,6 +66,7 @@ run: deps venv weights
 test: deps test-deps venv client-venv weights test-data parity-data
 	VISIONSERVE_REQUIRE_PROMTOOL=1 VISIONSERVE_PARITY_DATA=$(PARITY_FAST) cargo test --release
 	$(MAKE) --no-print-directory test-clients
+	$(MAKE) --no-print-directory test-ops
 
 # The KServe v2 endpoints driven by the real client libraries (tritonclient, the kserve SDK),
 # against the release binary that `cargo test --release` built.
@@ -69,6 +76,24 @@ test: deps test-deps venv client-venv weights test-data parity-data
 test-clients: deps venv client-venv weights test-data
 	cargo test --release --no-run
 	VISIONSERVE_BIN=$(BIN) $(CLIENT_PYTHON) -m pytest -q tests/clients
+
+# OpenAPI (validator + schemathesis), the web page in headless Chromium, the observability stack
+# against a real Prometheus (promtool too), and the Kubernetes/KServe manifests against their
+# schemas.
+test-ops: deps test-deps ops-deps venv ops-venv weights test-data
+	cargo test --release --no-run
+	VISIONSERVE_BIN=$(BIN) $(OPS_PYTHON) -m pytest -q tests/ops
+
+ops-deps:
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="chromium chromium-driver" TOOLS="chromium chromedriver"
+
+ops-venv: $(OPS_VENV)/.installed
+
+$(OPS_VENV)/.installed:
+	@test -x $(OPS_PYTHON) || python3 -m venv $(OPS_VENV)
+	$(OPS_PYTHON) -m pip install --quiet --upgrade pip
+	$(OPS_PYTHON) -m pip install --quiet -r $(OPS_REQUIREMENTS)
+	@touch $@
 
 test-all: deps venv parity-full
 	VISIONSERVE_PARITY_DATA=$(PARITY_FULL) cargo test --release --test parity -- --nocapture
@@ -151,6 +176,12 @@ bench: deps venv weights test-data
 	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
 	  --seconds $(BENCH_SECONDS) --server --model lite0=$(DEFAULT_MODEL)
 	cargo bench --bench model -- --model $(DEFAULT_MODEL) --batch-sizes 1,8
+
+# `visionserve classify` on 300 copies of a photo against the server at 32 clients on the same
+# photo, interleaved rounds, medians (BENCHMARKS.md).
+bench-classify: deps venv weights test-data
+	cargo test --release --no-run
+	benches/classify.sh $(BIN) $(CURDIR)/$(DEFAULT_MODEL) $(TEST_DATA)/photos/rocket.jpg 300 3 32
 
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 # Fuzzing (fuzz/, cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = "lite0"
+from server import MODEL, REPO, data_dir, model_dir  # noqa: F401  (re-exported for the tests)
 VERSION = "1"
 NUM_CLASSES = 1000
 NUM_FEATURES = 1280
@@ -24,14 +23,6 @@ PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"]
 
 REF_TOL = 1e-4  # against timm on Pillow (lite0.json)
 SAME_TOL = 1e-5  # between two paths through this server (v1 vs v2, image vs pixels)
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("VISIONSERVE_TEST_DATA", REPO / "target" / "test-data"))
-
-
-def model_dir() -> Path:
-    return Path(os.environ.get("VISIONSERVE_TEST_MODEL", REPO / "weights" / "tf_efficientnet_lite0"))
 
 
 @lru_cache(maxsize=None)
