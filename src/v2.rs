@@ -490,14 +490,16 @@ fn classification_output(
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TensorMetadata {
+    #[schema(value_type = String)]
     pub name: &'static str,
+    #[schema(value_type = String, example = "FP32")]
     pub datatype: &'static str,
     pub shape: Vec<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelMetadata {
     pub name: String,
     pub versions: Vec<String>,
@@ -550,7 +552,7 @@ pub fn model_metadata(model: &ModelHandle) -> ModelMetadata {
 }
 
 /// `{count, ns}`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct StatisticDuration {
     pub count: u64,
     pub ns: u64,
@@ -562,7 +564,7 @@ impl From<(u64, u64)> for StatisticDuration {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InferenceStats {
     pub success: StatisticDuration,
     pub fail: StatisticDuration,
@@ -572,7 +574,7 @@ pub struct InferenceStats {
     pub compute_output: StatisticDuration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BatchStats {
     pub batch_size: u64,
     pub compute_input: StatisticDuration,
@@ -581,7 +583,7 @@ pub struct BatchStats {
 }
 
 /// Triton's `ModelStatistics`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelStats {
     pub name: String,
     pub version: String,

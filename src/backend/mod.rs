@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Static facts about a served model, for `/v1/models` and for request handling.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
@@ -39,7 +39,7 @@ pub struct ModelInfo {
     pub labels: Arc<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct WarmupTiming {
     pub batch_size: usize,
     pub millis: f64,

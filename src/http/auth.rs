@@ -41,8 +41,11 @@ pub async fn require_api_key(
 
 /// Probes must work without credentials (kubelet sends none): `/health/*` and the v2
 /// protocol's health endpoints (server live/ready, model ready); `/metrics` too unless asked.
+/// The web page and the API description hold no data: the page asks for a key itself.
 fn is_open(path: &str, protect_metrics: bool) -> bool {
-    path.starts_with("/health/")
+    path == "/"
+        || path == "/openapi.json"
+        || path.starts_with("/health/")
         || path.starts_with("/v2/health/")
         || is_model_ready(path)
         || (path == "/metrics" && !protect_metrics)
@@ -88,6 +91,8 @@ mod tests {
         assert!(is_open("/metrics", false));
         assert!(!is_open("/metrics", true));
         assert!(!is_open("/v1/classify", false));
+        assert!(is_open("/", true));
+        assert!(is_open("/openapi.json", true));
         assert!(!is_open("/v2/models/m/infer", false));
         assert!(!is_open("/v2", false));
         assert!(is_open("/v2/models/m/versions/1/ready", true));

@@ -100,9 +100,11 @@ impl ApiError {
     }
 }
 
-#[derive(serde::Serialize)]
+/// A `/v1` error: a readable message and a stable kind.
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
+    #[schema(value_type = super::openapi::ErrorType)]
     pub error_type: &'static str,
 }
 

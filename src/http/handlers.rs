@@ -3,6 +3,9 @@
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{discard_body, read_images, reserve_body, RequestImages};
+use super::openapi::{
+    ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, UnauthorizedResponse,
+};
 use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
@@ -18,15 +21,33 @@ use std::time::Duration;
 
 pub const DEFAULT_TOP_K: usize = 5;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ClassifyQuery {
+    /// How many classes to return per image, best first (default 5; at most the model's
+    /// class count). Overrides `top_k` in a JSON body.
+    #[param(value_type = Option<u32>, minimum = 1)]
     top_k: Option<String>,
-    /// The client's own timeout (`250ms`, `1.5s`, ...), within `--request-timeout`.
+    /// The client's own timeout (`250ms`, `1.5s`, `2`), within `--request-timeout`.
+    #[param(value_type = Option<String>, example = "1.5s")]
     timeout: Option<String>,
 }
 
 type QueryResult = Result<Query<ClassifyQuery>, QueryRejection>;
 
+/// Classify with the default model.
+#[utoipa::path(
+    post,
+    path = "/v1/classify",
+    tag = "v1",
+    params(ClassifyQuery, RequestTimeoutHeader),
+    request_body(description = "One raw image (its Content-Type), several as multipart parts, or base64 in JSON",
+        content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"),
+                ("application/octet-stream"), (MultipartImages = "multipart/form-data"),
+                (JsonImages = "application/json"))),
+    responses(ClassifyResponses),
+    security((), ("api_key" = []), ("bearer" = []))
+)]
 pub async fn classify_default(
     State(state): State<Arc<AppState>>,
     query: QueryResult,
@@ -36,6 +57,19 @@ pub async fn classify_default(
     classify(state, model, query, request).await
 }
 
+/// Classify with the model `{model}`.
+#[utoipa::path(
+    post,
+    path = "/v1/models/{model}/classify",
+    tag = "v1",
+    params(("model" = String, Path, description = "A served model's name (GET /v1/models)"), ClassifyQuery, RequestTimeoutHeader),
+    request_body(description = "One raw image (its Content-Type), several as multipart parts, or base64 in JSON",
+        content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"),
+                ("application/octet-stream"), (MultipartImages = "multipart/form-data"),
+                (JsonImages = "application/json"))),
+    responses(ClassifyResponses),
+    security((), ("api_key" = []), ("bearer" = []))
+)]
 pub async fn classify_model(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -184,7 +218,7 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn image_result(labels: &[String], output: ImageOutput) -> ImageResult {
+pub(crate) fn image_result(labels: &[String], output: ImageOutput) -> ImageResult {
     let ImageOutput {
         prediction,
         decode,
@@ -220,12 +254,16 @@ pub fn label_of(labels: &[String], index: usize) -> String {
         .unwrap_or_else(|| format!("class_{index}"))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelDescription {
     #[serde(flatten)]
     info: crate::backend::ModelInfo,
+    /// Channels, height, width.
     input_size: [usize; 3],
+    /// `native` (Rust implementation) or `torchscript`.
+    #[schema(value_type = String, example = "native")]
     backend: &'static str,
+    #[schema(value_type = ModelStateSchema)]
     state: &'static str,
     ready: bool,
     default: bool,
@@ -251,16 +289,45 @@ fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
     }
 }
 
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let models: Vec<_> = state
+/// Every served model.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    models: Vec<ModelDescription>,
+}
+
+/// A model's state in `/v1/models` and `/health/ready`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = ModelState)]
+#[allow(dead_code)] // a schema: the handlers write `ModelStatus::state_name()`'s words
+enum ModelStateSchema {
+    Loading,
+    Ready,
+    Failed,
+    Restarting,
+}
+
+/// List the served models, their preprocessing and state.
+#[utoipa::path(get, path = "/v1/models", tag = "v1",
+    responses((status = 200, description = "The served models", body = ModelList), UnauthorizedResponse))]
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    let models = state
         .inference
         .models()
         .iter()
         .map(|m| describe(&state, m))
         .collect();
-    Json(serde_json::json!({ "models": models }))
+    Json(ModelList { models })
 }
 
+/// One model: architecture, checkpoint, preprocessing, batching, state and warm-up profile.
+#[utoipa::path(get, path = "/v1/models/{model}", tag = "v1",
+    params(("model" = String, Path, description = "A served model's name")),
+    responses(
+        (status = 200, description = "The model", body = ModelDescription),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
+        UnauthorizedResponse,
+    ))]
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -269,16 +336,86 @@ pub async fn get_model(
     Ok(Json(describe(&state, model)))
 }
 
-pub async fn live() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "live" }))
+/// The page to try the models in a browser (`src/http/ui/index.html`: one self-contained file,
+/// compiled in, so the binary needs no asset folder and the page no network).
+const WEB_PAGE: &str = include_str!("ui/index.html");
+
+/// The page to try the models in a browser.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "An HTML page", content_type = "text/html")))]
+pub async fn web_page() -> Response {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| content_security_policy(WEB_PAGE));
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_SECURITY_POLICY, policy.as_str()),
+        ],
+        WEB_PAGE,
+    )
+        .into_response()
 }
 
+/// A strict policy for the page: only its own inline script and style (allowed by their
+/// SHA-256, so an injected one would not run), images from the page (previews are `blob:`
+/// URLs), requests to this server only, and no framing.
+fn content_security_policy(page: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let hash = |open: &str, close: &str| {
+        let start = page.find(open).map(|i| i + open.len()).unwrap_or(0);
+        let end = page[start..].find(close).map_or(start, |i| start + i);
+        let digest = sha2::Sha256::digest(&page.as_bytes()[start..end]);
+        format!(
+            "'sha256-{}'",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        )
+    };
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; img-src 'self' blob: data:; \
+         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash("<script>", "</script>"),
+        hash("<style>", "</style>")
+    )
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Liveness {
+    #[schema(value_type = String, example = "live")]
+    status: &'static str,
+}
+
+/// Liveness: the process answers (it may still be loading models).
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Liveness)))]
+pub async fn live() -> Json<Liveness> {
+    Json(Liveness { status: "live" })
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    #[schema(value_type = String, example = "ready", pattern = "^(ready|not_ready|shutting_down)$")]
+    status: &'static str,
+    /// Each model's state.
+    #[schema(value_type = std::collections::HashMap<String, ModelStateSchema>)]
+    models: std::collections::BTreeMap<String, &'static str>,
+}
+
+/// Readiness: 200 once every model is loaded and warmed up; 503 while loading, restarting or
+/// draining after SIGTERM.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Every model is ready", body = Readiness),
+        (status = 503, description = "Some model is not ready, or the server is shutting down", body = Readiness),
+    ))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let models: serde_json::Map<String, serde_json::Value> = state
+    let models = state
         .inference
         .models()
         .iter()
-        .map(|m| (m.name().to_owned(), m.status.state_name().into()))
+        .map(|m| (m.name().to_owned(), m.status.state_name()))
         .collect();
     let (status, word) = if state.inference.all_ready() {
         (StatusCode::OK, "ready")
@@ -289,11 +426,20 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     };
     (
         status,
-        Json(serde_json::json!({ "status": word, "models": models })),
+        Json(Readiness {
+            status: word,
+            models,
+        }),
     )
         .into_response()
 }
 
+/// Prometheus metrics (text format 0.0.4, or OpenMetrics when the `Accept` header asks for it).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "The metrics", content_type = "text/plain"),
+        UnauthorizedResponse,
+    ))]
 pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let wants_openmetrics = headers
         .get(header::ACCEPT)
@@ -337,4 +483,21 @@ pub async fn not_found(request: Request) -> Response {
 pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("handler panicked");
     ApiError::from(crate::error::InferError::Internal).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_page_policy_allows_exactly_its_own_script_and_style() {
+        let page = "<html><style>p{}</style><script>go()</script></html>";
+        let policy = super::content_security_policy(page);
+        assert!(policy.contains("default-src 'none'"), "{policy}");
+        assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+        assert_eq!(policy.matches("'sha256-").count(), 2, "{policy}");
+        let other = super::content_security_policy("<style>p{}</style><script>evil()</script>");
+        assert_ne!(policy, other, "another script gets another hash");
+        // The real page is covered too: the browser test (tests/ops/test_web_ui.py) runs it
+        // under this header and fails on a console error.
+        assert!(super::content_security_policy(super::WEB_PAGE).contains("script-src 'sha256-"));
+    }
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub(crate) mod handlers;
 mod input;
 pub(crate) mod linger;
+pub mod openapi;
 pub mod types;
 mod v2;
 
@@ -83,9 +84,36 @@ async fn pace_refusals(
     response
 }
 
+/// Every route the router serves (tests check that `/openapi.json` documents exactly these).
+pub const ROUTES: &[&str] = &[
+    "/",
+    "/openapi.json",
+    "/v1/classify",
+    "/v1/models/{model}/classify",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/health/live",
+    "/health/ready",
+    "/metrics",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/stats",
+    "/v2/models/{model}",
+    "/v2/models/{model}/versions/{version}",
+    "/v2/models/{model}/ready",
+    "/v2/models/{model}/versions/{version}/ready",
+    "/v2/models/{model}/stats",
+    "/v2/models/{model}/versions/{version}/stats",
+    "/v2/models/{model}/infer",
+    "/v2/models/{model}/versions/{version}/infer",
+];
+
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
+        .route("/", get(handlers::web_page))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/classify", post(handlers::classify_default))
         .route("/v1/models/{model}/classify", post(handlers::classify_model))
         .route("/v1/models", get(handlers::list_models))

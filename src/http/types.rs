@@ -2,14 +2,14 @@
 
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClassifyResponse {
     pub model: String,
     pub results: Vec<ImageResult>,
     pub timing_ms: Timing,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImageResult {
     pub predictions: Vec<Prediction>,
     /// Images in the batch this image ran in.
@@ -17,7 +17,7 @@ pub struct ImageResult {
     pub timing_ms: Timing,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Prediction {
     pub index: usize,
     pub label: String,
@@ -26,7 +26,7 @@ pub struct Prediction {
 
 /// Milliseconds per stage. For a request, each stage is the slowest of its images (images are
 /// decoded in parallel and share batches), and `total` is the wall time in the server.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Timing {
     pub decode: f64,
     pub preprocess: f64,

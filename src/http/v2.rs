@@ -8,6 +8,10 @@ use super::handlers::header_timeout;
 use super::input::{
     body_bytes, decode_base64, discard_body, refuse_oversized, reserve_body, within_body_timeout,
 };
+use super::openapi::{
+    InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, V2ErrorBody,
+    V2UnauthorizedResponse,
+};
 use super::AppState;
 use crate::infer::{InferRequest, Inference};
 use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
@@ -50,13 +54,13 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 /// `{model}` and the optional `{version}` of a route.
 #[derive(Deserialize)]
-struct ModelPath {
+pub(super) struct ModelPath {
     model: String,
     version: Option<String>,
 }
 
 /// A v2 REST failure: `{"error": "..."}` with the protocol's status.
-enum Failure {
+pub(super) enum Failure {
     Http(ApiError),
     V2(V2Error),
 }
@@ -111,8 +115,13 @@ impl IntoResponse for Failure {
             Failure::Http(err) => err.status(),
             Failure::V2(err) => v2_status(err),
         };
-        let mut response =
-            (status, Json(serde_json::json!({ "error": self.message() }))).into_response();
+        let mut response = (
+            status,
+            Json(V2ErrorBody {
+                error: self.message(),
+            }),
+        )
+            .into_response();
         if let Failure::V2(V2Error::Infer(err)) = &self {
             super::error::set_retry_after(&mut response, err);
         }
@@ -120,26 +129,70 @@ impl IntoResponse for Failure {
     }
 }
 
-async fn server_metadata() -> Json<Value> {
-    Json(serde_json::json!({
-        "name": env!("CARGO_PKG_NAME"),
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": v2::EXTENSIONS,
-    }))
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    #[schema(value_type = String, example = "visionserve")]
+    name: &'static str,
+    #[schema(value_type = String)]
+    version: &'static str,
+    #[schema(value_type = Vec<String>)]
+    extensions: &'static [&'static str],
 }
 
-async fn live() -> Json<Value> {
-    Json(serde_json::json!({ "live": true }))
+/// Server metadata: name, version and the protocol extensions served.
+#[utoipa::path(get, path = "/v2", tag = "v2", operation_id = "v2_server_metadata",
+    responses((status = 200, description = "Server metadata", body = ServerMetadata), V2UnauthorizedResponse))]
+pub(super) async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata {
+        name: env!("CARGO_PKG_NAME"),
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: v2::EXTENSIONS,
+    })
 }
 
-async fn ready(State(state): State<Arc<AppState>>) -> Response {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ServerLive {
+    live: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ServerReady {
+    ready: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelReady {
+    name: String,
+    ready: bool,
+}
+
+/// Every model's statistics (Triton's statistics extension).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Statistics {
+    model_stats: Vec<v2::ModelStats>,
+}
+
+/// Server liveness.
+#[utoipa::path(get, path = "/v2/health/live", tag = "v2", operation_id = "v2_server_live",
+    responses((status = 200, description = "Alive", body = ServerLive)))]
+pub(super) async fn live() -> Json<ServerLive> {
+    Json(ServerLive { live: true })
+}
+
+/// Server readiness: every model loaded and warmed up, not shutting down.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "v2", operation_id = "v2_server_ready",
+    responses(
+        (status = 200, description = "Ready", body = ServerReady),
+        (status = 503, description = "Not ready", body = ServerReady),
+    ))]
+pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.inference.all_ready();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(serde_json::json!({ "ready": ready }))).into_response()
+    (status, Json(ServerReady { ready })).into_response()
 }
 
 fn find_model<'a>(
@@ -151,7 +204,16 @@ fn find_model<'a>(
     Ok(model)
 }
 
-async fn model_metadata(
+/// Model metadata: its tensors (inputs `image` BYTES or `pixels` UINT8; outputs
+/// `probabilities`, `logits`, `embeddings`).
+#[utoipa::path(get, path = "/v2/models/{model}", tag = "v2", operation_id = "v2_model_metadata",
+    params(ModelPathParam),
+    responses(
+        (status = 200, description = "Model metadata", body = v2::ModelMetadata),
+        (status = 404, description = "No such model", body = V2ErrorBody),
+        V2UnauthorizedResponse,
+    ))]
+pub(super) async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
 ) -> Result<Json<v2::ModelMetadata>, Failure> {
@@ -159,7 +221,15 @@ async fn model_metadata(
     Ok(Json(v2::model_metadata(model)))
 }
 
-async fn model_ready(
+/// Model readiness.
+#[utoipa::path(get, path = "/v2/models/{model}/ready", tag = "v2", operation_id = "v2_model_ready",
+    params(ModelPathParam),
+    responses(
+        (status = 200, description = "The model is ready", body = ModelReady),
+        (status = 503, description = "The model is loading, restarting or the server is draining", body = ModelReady),
+        (status = 404, description = "No such model", body = V2ErrorBody),
+    ))]
+pub(super) async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
 ) -> Result<Response, Failure> {
@@ -170,34 +240,55 @@ async fn model_ready(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    Ok((
-        status,
-        Json(serde_json::json!({ "name": model.name(), "ready": ready })),
-    )
-        .into_response())
+    let body = ModelReady {
+        name: model.name().to_owned(),
+        ready,
+    };
+    Ok((status, Json(body)).into_response())
 }
 
-async fn model_stats(
+/// One model's statistics.
+#[utoipa::path(get, path = "/v2/models/{model}/stats", tag = "v2", operation_id = "v2_model_statistics",
+    params(ModelPathParam),
+    responses(
+        (status = 200, description = "The model's statistics", body = Statistics),
+        (status = 404, description = "No such model", body = V2ErrorBody),
+        V2UnauthorizedResponse,
+    ))]
+pub(super) async fn model_stats(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<Statistics>, Failure> {
     let model = find_model(&state.inference, &path)?;
-    Ok(Json(
-        serde_json::json!({ "model_stats": [v2::model_stats(model)] }),
-    ))
+    Ok(Json(Statistics {
+        model_stats: vec![v2::model_stats(model)],
+    }))
 }
 
-async fn all_stats(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let stats: Vec<_> = state
+/// Every model's statistics.
+#[utoipa::path(get, path = "/v2/models/stats", tag = "v2", operation_id = "v2_statistics",
+    responses((status = 200, description = "Every model's statistics", body = Statistics), V2UnauthorizedResponse))]
+pub(super) async fn all_stats(State(state): State<Arc<AppState>>) -> Json<Statistics> {
+    let model_stats = state
         .inference
         .models()
         .iter()
         .map(|m| v2::model_stats(m))
         .collect();
-    Json(serde_json::json!({ "model_stats": stats }))
+    Json(Statistics { model_stats })
 }
 
-async fn infer(
+/// Inference: JSON tensors, or Triton's binary tensor extension (a JSON header of
+/// `Inference-Header-Content-Length` bytes followed by the raw tensors), or a raw encoded image
+/// (`Inference-Header-Content-Length: 0`).
+#[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "v2", operation_id = "v2_model_infer",
+    params(ModelPathParam, InferHeaderLength, RequestTimeoutHeader),
+    request_body(description = "JSON tensors, or binary tensors after a JSON header, or one raw image",
+        content((InferRequestJson = "application/json"), ("application/octet-stream"))),
+    responses(InferResponses),
+    security((), ("api_key" = []), ("bearer" = []))
+)]
+pub(super) async fn infer(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
     request: Request,
@@ -289,38 +380,54 @@ fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Failure> {
 }
 
 /// The JSON part of a v2 infer request.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct InferRequestJson {
+#[schema(as = InferRequest)]
+pub struct InferRequestJson {
     id: Option<String>,
     /// Some clients (the kserve SDK) repeat the route's model here; the route decides.
     #[serde(default, rename = "model_name")]
     _model_name: Option<String>,
     #[serde(default, rename = "model_version")]
     _model_version: Option<String>,
+    /// `binary_data_output`, `classification`, `timeout` (see the README).
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: HashMap<String, Value>,
+    #[schema(min_items = 1)]
     inputs: Vec<InputJson>,
     #[serde(default)]
     outputs: Vec<OutputJson>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct InputJson {
+#[schema(as = InferInput)]
+pub struct InputJson {
+    /// `image` (BYTES: encoded images) or `pixels` (UINT8 or FP32, N x 3 x H x W).
+    #[schema(example = "image")]
     name: String,
     shape: Vec<i64>,
+    #[schema(example = "BYTES")]
     datatype: String,
+    /// `binary_data_size` when the data is in the binary section.
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: HashMap<String, Value>,
+    /// The tensor's elements (flat or nested), base64 strings for BYTES; absent when binary.
+    #[schema(value_type = Option<Value>)]
     data: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct OutputJson {
+#[schema(as = InferRequestedOutput)]
+pub struct OutputJson {
+    /// `probabilities`, `logits` or `embeddings`.
     name: String,
+    /// `binary_data` and `classification` (top-k as "score:index:label" strings).
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: HashMap<String, Value>,
 }
 
@@ -545,24 +652,45 @@ fn flatten(value: Value, out: &mut Vec<Value>) {
     }
 }
 
-#[derive(Serialize)]
-struct InferResponseJson<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = InferResponse)]
+pub struct InferResponseJson<'a> {
+    #[schema(value_type = String)]
     model_name: &'a str,
+    #[schema(value_type = String)]
     model_version: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     outputs: Vec<OutputTensorJson<'a>>,
 }
 
-#[derive(Serialize)]
-struct OutputTensorJson<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = InferOutput)]
+pub struct OutputTensorJson<'a> {
+    #[schema(value_type = String, example = "probabilities")]
     name: &'static str,
+    #[schema(value_type = String, example = "FP32")]
     datatype: &'static str,
+    #[schema(value_type = Vec<i64>)]
     shape: &'a [i64],
+    /// `{"binary_data_size": n}` when the tensor is in the binary section.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
+    /// Row-major values: numbers for FP32, strings for BYTES (classification labels).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<OutputValueSchema>>)]
     data: Option<OutputDataJson<'a>>,
+}
+
+/// One element of an output tensor.
+#[derive(Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // a schema: OutputDataJson writes these
+#[schema(as = OutputValue)]
+#[serde(untagged)]
+enum OutputValueSchema {
+    Number(f32),
+    Text(String),
 }
 
 #[derive(Serialize)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 /// How the image is fitted to the input size before the center crop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CropMode {
     /// Keep the aspect ratio: the shorter side goes to `size / crop_pct`.
@@ -22,9 +22,10 @@ pub enum CropMode {
 }
 
 /// The preprocessing a checkpoint was evaluated with (timm `pretrained_cfg` field names).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct PreprocessConfig {
     /// Model input height and width.
+    #[schema(value_type = Vec<usize>, min_items = 2, max_items = 2)]
     pub input_size: (usize, usize),
     pub interpolation: Filter,
     pub crop_pct: f64,

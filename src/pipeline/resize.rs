@@ -12,7 +12,9 @@
 //! to four levels on 10-20 % of the values because they quantise coefficients differently.
 
 /// The resampling filters timm's checkpoints use (`pretrained_cfg.interpolation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Filter {
     Bilinear,

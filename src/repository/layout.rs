@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 pub const WEIGHT_FILES: [&str; 3] = ["model.safetensors", "pytorch_model.bin", "model.pt"];
 pub const CONFIG_FILE: &str = "config.json";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsFormat {
     /// A TorchScript module (`torch.jit.save`), run as is.
