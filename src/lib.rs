@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod backend;
 pub mod budget;
+pub mod cli;
 pub mod config;
 pub mod error;
 #[cfg(feature = "fuzzing")]
@@ -106,97 +107,17 @@ pub async fn serve(
         grpc: grpc_listener,
     } = listeners;
     config.validate().map_err(|e| anyhow!(e))?;
-    let specs = model_specs(&config)?;
     let keys = Arc::new(
         auth::ApiKeys::new(&config.api_keys, config.api_keys_file.as_deref())
             .map_err(|e| anyhow!(e))?,
     );
     log_authentication(&keys, config.protect_metrics);
     tokio::spawn(auth::reload_on_sighup(keys.clone()));
-    let device = backend::device::resolve(config.device_choice().map_err(|e| anyhow!(e))?)?;
-    let max_batch_size = config
-        .max_batch_size
-        .unwrap_or(if device.is_cuda() { 32 } else { 8 });
-    tracing::info!("{}", backend::device::summary(device));
-
-    // Checked before anything is downloaded or loaded.
-    let default_model = config
-        .default_model
-        .clone()
-        .unwrap_or_else(|| specs[0].name.clone());
-    if !specs.iter().any(|spec| spec.name == default_model) {
-        bail!("--default-model {default_model:?} is not among the served models");
-    }
-    let located = locate_all(&specs).await?;
-
-    let metrics = Arc::new(Metrics::new());
-    let resources = budget::Resources::detect();
-    let budgets = Budgets::derive(&config, &resources);
-    budgets.log(&config, &resources);
-    let memory = Arc::new(budget::MemoryBudget::new(
-        budgets.memory,
-        metrics.memory_budget.clone(),
-        metrics.memory_in_use.clone(),
-    ));
-    let mut models = Vec::with_capacity(specs.len());
-    let mut loads = JoinSet::new();
-    for (spec, files) in specs.into_iter().zip(located) {
-        let model_config =
-            files
-                .config
-                .resolve(&spec.options)
-                .map_err(|message| LoadError::Invalid {
-                    model: spec.name.clone(),
-                    message,
-                })?;
-        let options = SpawnOptions {
-            device,
-            dtype: config.dtype,
-            max_batch_size,
-            batcher: BatcherConfig {
-                max_batch_size,
-                max_batch_delay: config.max_batch_delay(),
-            },
-            max_queue_images: config.max_queue_images,
-            intra_op_threads: Some(budgets.intra_op_threads),
-            batch_timeout: config.batch_timeout,
-        };
-        let model_metrics = metrics.for_model(&spec.name);
-        let (handle, loaded) = ModelHandle::spawn(
-            spec.name.clone(),
-            spec.source,
-            files,
-            model_config,
-            model_metrics,
-            options,
-        )?;
-        tracing::info!(
-            model = %spec.name,
-            architecture = %handle.info.architecture,
-            device = %handle.info.device,
-            input = ?handle.info.preprocess.input_size,
-            "loading model"
-        );
-        models.push(handle);
-        loads.spawn(wait_loaded(spec.name, loaded));
-    }
-
-    let inference = Arc::new(infer::Inference::new(
-        models.clone(),
-        default_model,
-        infer::Limits {
-            max_images_per_request: config.max_images_per_request,
-            max_concurrent_requests: config.max_concurrent_requests,
-            request_timeout: std::time::Duration::from_secs(config.request_timeout),
-            decode: DecodeOptions {
-                max_pixels: config.max_image_pixels,
-                exif_transpose: config.exif_transpose,
-            },
-        },
-        pipeline::DecodePool::new(budgets.decode_threads),
-        memory,
-        metrics,
-    ));
+    let Service {
+        inference,
+        models,
+        mut loads,
+    } = start_service(&config).await?;
     let state = Arc::new(http::AppState {
         inference: inference.clone(),
         limits: http::RequestLimits {
@@ -278,6 +199,130 @@ pub async fn serve(
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// The models and the inference service, started: what `serve` puts behind its listeners and
+/// `visionserve classify` drives in process.
+pub struct Service {
+    pub inference: Arc<infer::Inference>,
+    models: Vec<Arc<ModelHandle>>,
+    /// One task per model, finishing when it is loaded and warmed up (or failed to).
+    loads: JoinSet<Result<(), LoadError>>,
+}
+
+impl Service {
+    /// Wait until every model is loaded and warmed up; the first failure is returned.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        while let Some(loaded) = self.loads.join_next().await {
+            match loaded {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(join) => return Err(anyhow!("a model load task failed: {join}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse new requests and stop the model threads (waiting for them until `deadline`).
+    pub async fn stop(self, deadline: Instant) {
+        self.inference.begin_shutdown();
+        stop_models(&self.models, deadline).await;
+    }
+}
+
+/// Check the configuration, find every model's files (downloading `hf-hub:` sources), and
+/// start loading them; the models turn ready in the background (see [`Service::wait_ready`]).
+pub async fn start_service(config: &Config) -> Result<Service> {
+    let specs = model_specs(config)?;
+    let device = backend::device::resolve(config.device_choice().map_err(|e| anyhow!(e))?)?;
+    let max_batch_size = config
+        .max_batch_size
+        .unwrap_or(if device.is_cuda() { 32 } else { 8 });
+    tracing::info!("{}", backend::device::summary(device));
+
+    // Checked before anything is downloaded or loaded.
+    let default_model = config
+        .default_model
+        .clone()
+        .unwrap_or_else(|| specs[0].name.clone());
+    if !specs.iter().any(|spec| spec.name == default_model) {
+        bail!("--default-model {default_model:?} is not among the served models");
+    }
+    let located = locate_all(&specs).await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let resources = budget::Resources::detect();
+    let budgets = Budgets::derive(config, &resources);
+    budgets.log(config, &resources);
+    let memory = Arc::new(budget::MemoryBudget::new(
+        budgets.memory,
+        metrics.memory_budget.clone(),
+        metrics.memory_in_use.clone(),
+    ));
+    let mut models = Vec::with_capacity(specs.len());
+    let mut loads = JoinSet::new();
+    for (spec, files) in specs.into_iter().zip(located) {
+        let model_config =
+            files
+                .config
+                .resolve(&spec.options)
+                .map_err(|message| LoadError::Invalid {
+                    model: spec.name.clone(),
+                    message,
+                })?;
+        let options = SpawnOptions {
+            device,
+            dtype: config.dtype,
+            max_batch_size,
+            batcher: BatcherConfig {
+                max_batch_size,
+                max_batch_delay: config.max_batch_delay(),
+            },
+            max_queue_images: config.max_queue_images,
+            intra_op_threads: Some(budgets.intra_op_threads),
+            batch_timeout: config.batch_timeout,
+        };
+        let model_metrics = metrics.for_model(&spec.name);
+        let (handle, loaded) = ModelHandle::spawn(
+            spec.name.clone(),
+            spec.source,
+            files,
+            model_config,
+            model_metrics,
+            options,
+        )?;
+        tracing::info!(
+            model = %spec.name,
+            architecture = %handle.info.architecture,
+            device = %handle.info.device,
+            input = ?handle.info.preprocess.input_size,
+            "loading model"
+        );
+        models.push(handle);
+        loads.spawn(wait_loaded(spec.name, loaded));
+    }
+
+    let inference = Arc::new(infer::Inference::new(
+        models.clone(),
+        default_model,
+        infer::Limits {
+            max_images_per_request: config.max_images_per_request,
+            max_concurrent_requests: config.max_concurrent_requests,
+            request_timeout: std::time::Duration::from_secs(config.request_timeout),
+            decode: DecodeOptions {
+                max_pixels: config.max_image_pixels,
+                exif_transpose: config.exif_transpose,
+            },
+        },
+        pipeline::DecodePool::new(budgets.decode_threads),
+        memory,
+        metrics,
+    ));
+    Ok(Service {
+        inference,
+        models,
+        loads,
+    })
 }
 
 /// The bounds derived from what the container gives (each overridable by its flag).

@@ -1,15 +1,53 @@
-//! The `visionserve` binary: parse flags, set up logging, bind, serve until SIGTERM/SIGINT.
+//! The `visionserve` binary: parse the subcommand (`serve` by default), set up logging, then
+//! serve until SIGTERM/SIGINT, or run `classify`, `models` or `download`.
 
 use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
+use visionserve::cli::{Cli, Command};
 use visionserve::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
     // Allocator and float-mode settings must precede libtorch's first allocation.
     visionserve::tune_process();
-    let config = Config::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(config)) => serve(*config),
+        Some(Command::Classify(args)) => {
+            init_logging_with("warn", LogFormat::Text);
+            finish(runtime().and_then(|rt| rt.block_on(visionserve::cli::classify(args))))
+        }
+        Some(Command::Models) => {
+            print!("{}", visionserve::cli::models());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Download(args)) => {
+            init_logging_with("warn", LogFormat::Text);
+            finish(visionserve::cli::download(args))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -44,12 +82,17 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log));
+    init_logging_with(&config.log, config.log_format);
+}
+
+fn init_logging_with(default_filter: &str, format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match config.log_format {
+    match format {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

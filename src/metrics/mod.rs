@@ -162,7 +162,11 @@ impl Metrics {
         let batch_size = Family::new_with_constructor(batch_histogram as fn() -> _);
         let queue_depth = Family::default();
         let model_ready = Family::default();
-        let unauthorized = Family::default();
+        let unauthorized = Family::<ProtocolLabel, Counter>::default();
+        // Both series exist from the start, so dashboards show 0 rather than nothing.
+        for protocol in ["http", "grpc"] {
+            let _ = unauthorized.get_or_create(&ProtocolLabel { protocol });
+        }
         let restarts = Family::default();
         let memory_budget = Gauge::default();
         let memory_in_use = Gauge::default();

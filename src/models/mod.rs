@@ -5,6 +5,7 @@
 //! ([`efficientnet`]), with module paths equal to the checkpoint keys and presets named after
 //! the checkpoints, sharing the inference-only layers in [`layers`].
 
+pub mod catalog;
 pub mod coatnet;
 pub mod efficientnet;
 pub mod layers;

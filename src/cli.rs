@@ -1,0 +1,535 @@
+//! The one binary's subcommands: `serve` (the default: flags alone run the server),
+//! `classify` (a batch job over files and folders, in process, through the server's own
+//! decoding, preprocessing, batching and models), `models` (the native presets and the released
+//! checkpoints they serve) and `download` (fill the Hugging Face cache ahead of time).
+
+use crate::config::Config;
+use crate::http::handlers::image_result;
+use crate::http::types::ImageResult;
+use crate::infer::{ImageInput, Inference, Outputs};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use std::collections::HashSet;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "visionserve",
+    version,
+    about = "Image-classification inference server (libtorch)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no subcommand, the flags are `serve`'s.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default when no subcommand is given).
+    Serve(Box<Config>),
+    /// Classify image files and folders in process and write one result per image.
+    Classify(ClassifyArgs),
+    /// List the natively implemented architectures and their released checkpoints.
+    Models,
+    /// Download `hf-hub:ORG/REPO[@REVISION]` checkpoints into the Hugging Face cache.
+    Download(DownloadArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// One JSON object per image: {"file", "model", "predictions", "batch_size", "timing_ms"}.
+    Jsonl,
+    /// One row per prediction: file,rank,index,label,score.
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// The model: a folder in the Hub layout, a weights file, or `hf-hub:ORG/REPO`, with
+    /// `?options` as for `serve --model`.
+    #[arg(long)]
+    pub model: String,
+    /// Classes per image, best first.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Jsonl)]
+    pub output: OutputFormat,
+    /// Write results to this file (appended to) instead of standard output.
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+    /// Skip images already in --out (resume an interrupted job).
+    #[arg(long, requires = "out")]
+    pub skip_existing: bool,
+    /// Where the model runs: `auto`, `cpu` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Largest batch [default: 8 on CPU, 32 on CUDA].
+    #[arg(long)]
+    pub max_batch_size: Option<usize>,
+    /// Image files, and folders searched recursively for .jpg, .jpeg, .png, .webp, .gif, .bmp.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// `hf-hub:ORG/REPO[@REVISION]` (the prefix may be left out).
+    #[arg(required = true)]
+    pub sources: Vec<String>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+/// Every image to classify, in a stable order: files as given, folders walked recursively
+/// and sorted.
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found: Vec<PathBuf> = walkdir::WalkDir::new(input)
+                .follow_links(true)
+                .into_iter()
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| entry.file_type().is_file() && is_image_name(entry.path()))
+                .map(|entry| entry.into_path())
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            bail!("{}: no such file or folder", input.display());
+        }
+    }
+    Ok(files)
+}
+
+fn is_image_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The files an earlier run already wrote to `out` (its `file` column or field).
+fn already_done(out: &Path, format: OutputFormat) -> Result<HashSet<String>> {
+    let file = match std::fs::File::open(out) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let mut done = HashSet::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        let name = match format {
+            OutputFormat::Jsonl => serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("file").and_then(|f| f.as_str()).map(str::to_owned)),
+            OutputFormat::Csv => csv_first_field(&line),
+        };
+        done.extend(name.filter(|n| n != "file"));
+    }
+    Ok(done)
+}
+
+/// A CSV field: quoted when it holds a comma, a quote or a line break (RFC 4180).
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+fn csv_first_field(line: &str) -> Option<String> {
+    if let Some(rest) = line.strip_prefix('"') {
+        let mut field = String::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    field.push('"');
+                    chars.next();
+                }
+                '"' => return Some(field),
+                c => field.push(c),
+            }
+        }
+        None
+    } else {
+        line.split(',').next().map(str::to_owned)
+    }
+}
+
+/// A `--output jsonl` line: the file, the model, then the server's per-image result.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    file: &'a str,
+    model: &'a str,
+    #[serde(flatten)]
+    result: &'a ImageResult,
+}
+
+/// One image's result in the chosen format (with a trailing newline).
+pub fn render(format: OutputFormat, file: &str, model: &str, result: &ImageResult) -> String {
+    match format {
+        OutputFormat::Jsonl => {
+            // Serialised as the server does (f32 scores print the same digits).
+            let line = JsonLine {
+                file,
+                model,
+                result,
+            };
+            let mut text = serde_json::to_string(&line).expect("a result serialises");
+            text.push('\n');
+            text
+        }
+        OutputFormat::Csv => result
+            .predictions
+            .iter()
+            .enumerate()
+            .map(|(rank, p)| {
+                format!(
+                    "{},{},{},{},{}\n",
+                    csv_field(file),
+                    rank + 1,
+                    p.index,
+                    csv_field(&p.label),
+                    p.score
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Progress on standard error: a bar with rate and ETA on a terminal, a plain line every few
+/// seconds otherwise (logs and CI).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    done: u64,
+    failed: u64,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40.cyan/blue} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            total,
+            done: 0,
+            failed: 0,
+            started: Instant::now(),
+            last_line: Instant::now(),
+        }
+    }
+
+    fn report_failure(&mut self, file: &str, error: &str) {
+        self.failed += 1;
+        let line = format!("skipped {file}: {error}");
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn advance(&mut self) {
+        self.done += 1;
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                if self.failed > 0 {
+                    bar.set_message(format!("{} skipped", self.failed));
+                }
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(5) => {
+                self.last_line = Instant::now();
+                eprintln!(
+                    "{}/{} images, {:.1} images/s",
+                    self.done,
+                    self.total,
+                    self.rate()
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn finish(self, skipped_existing: usize) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "classified {} of {} images in {:.1} s ({:.1} images/s); {} unreadable, {} already done",
+            self.done - self.failed,
+            self.total,
+            self.started.elapsed().as_secs_f64(),
+            self.rate(),
+            self.failed,
+            skipped_existing
+        );
+    }
+}
+
+/// `visionserve classify`: load the model as the server does, then keep its queue full
+/// (requests of one image each, enough in flight for full batches while the next ones decode).
+pub async fn classify(args: ClassifyArgs) -> Result<()> {
+    let mut config = Config::for_models([format!("model={}", args.model)]);
+    config.device = args.device.clone();
+    config.max_batch_size = args.max_batch_size;
+    config.log = "warn".into();
+    let files = collect_images(&args.inputs)?;
+    let done = match (&args.out, args.skip_existing) {
+        (Some(out), true) => already_done(out, args.output)?,
+        _ => HashSet::new(),
+    };
+    let todo: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|f| !done.contains(&f.display().to_string()))
+        .collect();
+    let skipped_existing = done.len();
+
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let fresh_csv = args.output == OutputFormat::Csv
+        && args
+            .out
+            .as_ref()
+            .is_none_or(|p| std::fs::metadata(p).map(|m| m.len() == 0).unwrap_or(true));
+    if fresh_csv {
+        out.write_all(b"file,rank,index,label,score\n")?;
+    }
+
+    let mut service = crate::start_service(&config).await?;
+    service.wait_ready().await?;
+    let inference = service.inference.clone();
+    let model = inference.default_model().to_owned();
+    let handle = inference.model(&model)?.clone();
+    let top_k = args.top_k.clamp(1, handle.info.num_classes);
+    let labels = handle.info.labels.clone();
+    // Two full batches in flight plus one decoding per CPU keeps the model busy.
+    let in_flight = handle.info.max_batch_size * 2 + crate::budget::Resources::detect().cpus;
+
+    let mut progress = Progress::new(todo.len() as u64);
+    let mut results = futures::stream::iter(todo)
+        .map(|file| {
+            let inference = inference.clone();
+            let model = model.clone();
+            async move {
+                let outcome = classify_file(&inference, &model, &file, top_k).await;
+                (file, outcome)
+            }
+        })
+        .buffered(in_flight);
+    while let Some((file, outcome)) = results.next().await {
+        let name = file.display().to_string();
+        match outcome {
+            Ok(output) => {
+                let result = image_result(&labels, output);
+                out.write_all(render(args.output, &name, &model, &result).as_bytes())?;
+            }
+            Err(e) => progress.report_failure(&name, &e),
+        }
+        progress.advance();
+    }
+    out.flush()?;
+    progress.finish(skipped_existing);
+    service.stop(Instant::now() + Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn classify_file(
+    inference: &Arc<Inference>,
+    model: &str,
+    file: &Path,
+    top_k: usize,
+) -> Result<crate::infer::ImageOutput, String> {
+    let bytes = tokio::fs::read(file).await.map_err(|e| e.to_string())?;
+    let mut infer = inference.begin(model).map_err(|e| e.to_string())?;
+    let images = vec![ImageInput::Encoded(bytes.into())];
+    match infer.run(images, Outputs::top_k(top_k)).await {
+        Ok(mut outputs) => {
+            infer.succeeded();
+            outputs.pop().ok_or_else(|| "no output".to_owned())
+        }
+        Err(e) => {
+            infer.failed(e.error_type(), false, &e);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// `visionserve models`: every native architecture, with the released timm checkpoints it
+/// serves and their preprocessing.
+pub fn models() -> String {
+    use crate::models::catalog::{Checkpoint, CHECKPOINTS};
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<28} {:<48} {:>5} {:>5} {:>6} {:<7} {:<8} {}\n",
+        "architecture",
+        "released checkpoint (hf-hub:)",
+        "input",
+        "test",
+        "crop",
+        "mode",
+        "interp",
+        "mean / std"
+    ));
+    for architecture in crate::models::native_architectures() {
+        let released: Vec<&Checkpoint> = CHECKPOINTS
+            .iter()
+            .filter(|c| c.architecture() == architecture)
+            .collect();
+        if released.is_empty() {
+            out.push_str(&format!(
+                "{architecture:<28} (no released weights: any checkpoint of this architecture)\n"
+            ));
+        }
+        for c in released {
+            out.push_str(&format!(
+                "{:<28} {:<48} {:>5} {:>5} {:>6} {:<7} {:<8} {}\n",
+                architecture,
+                format!("timm/{}", c.repo),
+                c.input,
+                c.test_input.map_or("-".to_owned(), |t| t.to_string()),
+                c.crop_pct,
+                c.crop_mode,
+                c.interpolation,
+                c.normalization,
+            ));
+        }
+    }
+    out
+}
+
+/// `visionserve download`: resolve each source through the cache (downloading what it lacks).
+pub fn download(args: DownloadArgs) -> Result<()> {
+    let mut failed = 0;
+    for source in &args.sources {
+        let source = if source.starts_with(crate::hub::PREFIX) {
+            source.clone()
+        } else {
+            format!("{}{source}", crate::hub::PREFIX)
+        };
+        match crate::hub::resolve(&source) {
+            Ok(weights) => println!(
+                "{source}: {}",
+                weights.parent().unwrap_or(&weights).display()
+            ),
+            Err(e) => {
+                eprintln!("{source}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(anyhow!(
+            "{failed} of {} downloads failed",
+            args.sources.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_what_needs_it_and_reads_it_back() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        let line = format!("{},1,2,x,0.5", csv_field("dir/a, \"b\".jpg"));
+        assert_eq!(csv_first_field(&line).unwrap(), "dir/a, \"b\".jpg");
+        assert_eq!(csv_first_field("plain.jpg,1,2").unwrap(), "plain.jpg");
+    }
+
+    #[test]
+    fn collects_images_sorted_and_recursive() {
+        let dir = std::env::temp_dir().join(format!("vs-cli-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for name in ["b.JPG", "a.png", "notes.txt", "sub/c.webp"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let files = collect_images(std::slice::from_ref(&dir)).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a.png", "b.JPG", "sub/c.webp"]);
+        assert!(collect_images(&[dir.join("missing")]).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn resumes_from_either_format() {
+        let dir = std::env::temp_dir().join(format!("vs-cli-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jsonl = dir.join("out.jsonl");
+        std::fs::write(&jsonl, "{\"file\":\"a.jpg\"}\n{\"file\":\"b.jpg\"}\n").unwrap();
+        let done = already_done(&jsonl, OutputFormat::Jsonl).unwrap();
+        assert_eq!(
+            done,
+            HashSet::from(["a.jpg".to_owned(), "b.jpg".to_owned()])
+        );
+        let csv = dir.join("out.csv");
+        std::fs::write(&csv, "file,rank,index,label,score\n\"x,y.png\",1,3,z,0.1\n").unwrap();
+        let done = already_done(&csv, OutputFormat::Csv).unwrap();
+        assert_eq!(done, HashSet::from(["x,y.png".to_owned()]));
+        assert!(already_done(&dir.join("none"), OutputFormat::Csv)
+            .unwrap()
+            .is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn flags_alone_still_serve() {
+        let cli = Cli::try_parse_from(["visionserve", "--model", "m=x", "--port", "9"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.port, 9);
+        let cli = Cli::try_parse_from(["visionserve", "serve", "--model", "m=x"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(_))));
+        let cli = Cli::try_parse_from(["visionserve", "classify", "--model", "m", "dir"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Classify(_))));
+    }
+
+    #[test]
+    fn lists_every_native_architecture() {
+        let listing = models();
+        for architecture in crate::models::native_architectures() {
+            assert!(listing.contains(architecture), "{architecture}");
+        }
+        assert!(listing.contains("timm/tf_efficientnetv2_s.in21k_ft_in1k"));
+    }
+}
