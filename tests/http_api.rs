@@ -453,7 +453,11 @@ fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
         let value: f64 = value
             .parse()
             .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        assert!(series.starts_with("visionserve_"), "{line:?}");
+        // Ours, and the standard process metrics every Prometheus client exports.
+        assert!(
+            series.starts_with("visionserve_") || series.starts_with("process_"),
+            "{line:?}"
+        );
         samples.insert(series.to_owned(), value);
     }
     samples
@@ -506,6 +510,18 @@ async fn metrics_move_and_parse() {
         1.0
     );
     assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0"}"#));
+    moved("process_cpu_seconds_total");
+    assert!(
+        get(&after, "process_resident_memory_bytes") > 50e6,
+        "{text}"
+    );
+    assert!(get(&after, "process_open_fds") >= 3.0, "{text}");
+    let build = format!(
+        "visionserve_build_info{{version=\"{}\",libtorch=\"2.11.0",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&build), "{text}");
+    assert!(get(&after, r#"visionserve_model_warmup_seconds{model="lite0"}"#) > 0.0);
     // `make test` installs promtool and sets VISIONSERVE_REQUIRE_PROMTOOL=1 so this cannot be
     // skipped there; a bare `cargo test` without promtool checks the parse above only.
     let promtool = std::process::Command::new("promtool")
