@@ -510,6 +510,15 @@ async fn metrics_move_and_parse() {
         1.0
     );
     assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0"}"#));
+    // Every admitted image was answered, so every admission was given back.
+    assert_eq!(
+        get(&after, r#"visionserve_admitted_images{model="lite0"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(&after, r#"visionserve_max_admitted_images{model="lite0"}"#),
+        256.0
+    );
     moved("process_cpu_seconds_total");
     assert!(
         get(&after, "process_resident_memory_bytes") > 50e6,

@@ -159,6 +159,9 @@ pub struct Admission {
     _permits: OwnedSemaphorePermit,
     link: Arc<BatcherLink>,
     incoming: usize,
+    /// `visionserve_admitted_images`, given back with the permits.
+    admitted: prometheus_client::metrics::gauge::Gauge,
+    images: i64,
 }
 
 impl Admission {
@@ -178,6 +181,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.release_incoming();
+        self.admitted.dec_by(self.images);
     }
 }
 
@@ -263,6 +267,7 @@ impl ModelHandle {
         };
         tokio::spawn(supervisor.run(loaded_tx));
 
+        metrics.admission_limit.set(options.max_queue_images as i64);
         let handle = Arc::new(Self {
             info,
             status,
@@ -309,10 +314,13 @@ impl ModelHandle {
         match permits {
             Ok(permits) => {
                 self.link.images_admitted(images);
+                self.metrics.admitted.inc_by(images as i64);
                 Ok(Admission {
                     _permits: permits,
                     link: self.link.clone(),
                     incoming: images,
+                    admitted: self.metrics.admitted.clone(),
+                    images: images as i64,
                 })
             }
             Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {

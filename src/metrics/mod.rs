@@ -33,6 +33,8 @@ pub const UNAUTHORIZED: &str = "unauthorized_requests";
 pub const MODEL_RESTARTS: &str = "model_restarts";
 pub const MEMORY_BUDGET: &str = "memory_budget_bytes";
 pub const MEMORY_IN_USE: &str = "memory_in_flight_bytes";
+pub const ADMITTED: &str = "admitted_images";
+pub const ADMISSION_LIMIT: &str = "max_admitted_images";
 pub const BUILD_INFO: &str = "build_info";
 pub const MODEL_LOAD: &str = "model_load_seconds";
 pub const MODEL_WARMUP: &str = "model_warmup_seconds";
@@ -115,6 +117,8 @@ pub struct Metrics {
     restarts: Family<ReasonLabels, Counter>,
     load_seconds: Family<ModelLabel, SecondsGauge>,
     warmup_seconds: Family<ModelLabel, SecondsGauge>,
+    admitted: Family<ModelLabel, Gauge>,
+    admission_limit: Family<ModelLabel, Gauge>,
     /// The in-flight memory budget and the part of it held now.
     pub memory_budget: Gauge,
     pub memory_in_use: Gauge,
@@ -141,6 +145,18 @@ impl Metrics {
         );
         let load_seconds = Family::default();
         let warmup_seconds = Family::default();
+        let admitted = Family::default();
+        let admission_limit = Family::default();
+        registry.register(
+            ADMITTED,
+            "Images admitted and not yet answered (decoding, queued or running); new requests get 429 when this reaches max_admitted_images",
+            admitted.clone(),
+        );
+        registry.register(
+            ADMISSION_LIMIT,
+            "The model's --max-queue-images: images it admits at once",
+            admission_limit.clone(),
+        );
         registry.register(
             MODEL_LOAD,
             "How long the model's last load took (reading and placing the weights)",
@@ -258,6 +274,8 @@ impl Metrics {
             restarts,
             load_seconds,
             warmup_seconds,
+            admitted,
+            admission_limit,
             memory_budget,
             memory_in_use,
         }
@@ -305,6 +323,8 @@ impl Metrics {
             restarts_batch_timeout,
             restarts_panic,
             load_seconds: self.load_seconds.get_or_create(&label).clone(),
+            admitted: self.admitted.get_or_create(&label).clone(),
+            admission_limit: self.admission_limit.get_or_create(&label).clone(),
             warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
             requests: self.requests.clone(),
             images: self.images.clone(),
@@ -444,6 +464,9 @@ pub struct ModelMetrics {
     pub restarts_panic: Counter<u64, AtomicU64>,
     load_seconds: SecondsGauge,
     warmup_seconds: SecondsGauge,
+    /// Images holding an admission permit now, and how many permits there are.
+    pub admitted: Gauge,
+    pub admission_limit: Gauge,
     requests: Family<OutcomeLabels, Counter>,
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,
