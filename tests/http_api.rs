@@ -510,14 +510,15 @@ async fn metrics_move_and_parse() {
         1.0
     );
     assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0"}"#));
-    // Every admitted image was answered, so every admission was given back.
-    assert_eq!(
-        get(&after, r#"visionserve_admitted_images{model="lite0"}"#),
-        0.0
-    );
-    assert_eq!(
-        get(&after, r#"visionserve_max_admitted_images{model="lite0"}"#),
-        256.0
+    // Other tests share this server, so some of their images may be admitted right now: the
+    // count is between 0 and the limit, never negative (an admission given back twice) nor
+    // above it.
+    let admitted = get(&after, r#"visionserve_admitted_images{model="lite0"}"#);
+    let limit = get(&after, r#"visionserve_max_admitted_images{model="lite0"}"#);
+    assert_eq!(limit, 256.0);
+    assert!(
+        (0.0..=limit).contains(&admitted),
+        "{admitted} admitted\n{text}"
     );
     moved("process_cpu_seconds_total");
     assert!(
