@@ -383,7 +383,7 @@ async fn classify_file(
             outputs.pop().ok_or_else(|| "no output".to_owned())
         }
         Err(e) => {
-            infer.failed(e.error_type(), false, &e);
+            infer.failed(e.error_type(), e.is_server_error(), &e);
             Err(e.to_string())
         }
     }
