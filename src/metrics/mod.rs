@@ -4,6 +4,7 @@
 //! counters get `_total` from the encoder. Per-model handles are resolved once when a model is
 //! registered so the request path does no label hashing beyond the outcome label.
 
+mod gpu;
 mod process;
 
 pub use process::ProcessStats;
@@ -136,6 +137,8 @@ impl Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
         let registry = root.sub_registry_with_prefix(PREFIX);
+        // visionserve_gpu_* from NVML at each scrape (gpu.rs); no series without a GPU/driver.
+        registry.register_collector(Box::new(gpu::GpuCollector::new()));
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info.get_or_create(&BuildLabels::THIS).set(1);
         registry.register(
