@@ -49,7 +49,9 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_DEVICE", default_value = "auto")]
     pub device: String,
 
-    /// Weight and activation precision. Half types are only accepted on CUDA.
+    /// Weight and activation precision: f32 (the default, faithful to the checkpoint), f16
+    /// (CUDA only) or bf16 (CUDA, or CPUs with bf16 instructions; elsewhere oneDNN emulates it
+    /// and it is slower than f32). BENCHMARKS.md gives its speed and agreement with f32.
     #[arg(long, env = "VISIONSERVE_DTYPE", value_enum, default_value_t = DType::F32)]
     pub dtype: DType,
 
@@ -63,6 +65,13 @@ pub struct Config {
     /// flight never waits).
     #[arg(long, env = "VISIONSERVE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
     pub max_batch_delay_ms: u64,
+
+    /// Copies of each model, each run by its own thread and fed from the same queue: on a GPU,
+    /// one copy's upload and download overlap another's compute; on a CPU, N copies with
+    /// 1/N of the cores each run without the threads of one operator waiting for each other.
+    /// Each copy holds its own weights.
+    #[arg(long, env = "VISIONSERVE_INSTANCES", default_value_t = 1)]
+    pub instances: usize,
 
     /// Images admitted per model (being decoded, queued or running) before new requests get
     /// 429 Too Many Requests.
@@ -126,9 +135,9 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
     pub memory_budget: Option<u64>,
 
-    /// Threads libtorch uses inside one operator [default: the CPUs the process may use,
-    /// cgroup CPU quota included; libtorch's own default, the machine's physical cores,
-    /// oversubscribes a container].
+    /// Threads libtorch uses inside one operator, per model instance [default: the CPUs the
+    /// process may use (cgroup CPU quota included) divided by --instances, at least 1;
+    /// libtorch's own default, the machine's physical cores, oversubscribes a container].
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
 
@@ -223,11 +232,11 @@ impl Config {
     /// Reject combinations that cannot work, before anything is loaded.
     pub fn validate(&self) -> Result<(), String> {
         let device = self.device_choice()?;
-        if self.dtype != DType::F32 && device == DeviceChoice::Cpu {
-            return Err(format!(
-                "--dtype {:?} needs CUDA: half precision is not supported on CPU",
-                self.dtype
-            ));
+        if self.dtype == DType::F16 && device == DeviceChoice::Cpu {
+            return Err(
+                "--dtype f16 needs CUDA (CPUs have no fast f16 convolutions); on CPU use --dtype bf16 or f32"
+                    .into(),
+            );
         }
         if self.max_batch_size == Some(0) {
             return Err("--max-batch-size must be at least 1".into());
@@ -248,6 +257,9 @@ impl Config {
                 "--max-concurrent-requests, --body-timeout and --request-timeout must be at least 1"
                     .into(),
             );
+        }
+        if self.instances == 0 {
+            return Err("--instances must be at least 1".into());
         }
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());
@@ -283,11 +295,17 @@ mod tests {
     }
 
     #[test]
-    fn rejects_half_precision_on_cpu() {
+    fn rejects_f16_but_not_bf16_on_cpu() {
         let mut c = Config::for_models(["m=weights/x"]);
         c.device = "cpu".into();
         c.dtype = DType::F16;
-        assert!(c.validate().unwrap_err().contains("needs CUDA"));
+        let error = c.validate().unwrap_err();
+        assert!(
+            error.contains("needs CUDA") && error.contains("bf16"),
+            "{error}"
+        );
+        c.dtype = DType::Bf16;
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod infer;
 pub mod labels;
 pub mod metrics;
 pub mod models;
+pub mod openmp;
 pub mod pipeline;
 pub mod repository;
 pub mod v2;
@@ -277,7 +278,9 @@ pub async fn start_service(config: &Config) -> Result<Service> {
             batcher: BatcherConfig {
                 max_batch_size,
                 max_batch_delay: config.max_batch_delay(),
+                instances: config.instances,
             },
+            instances: config.instances,
             max_queue_images: config.max_queue_images,
             intra_op_threads: Some(budgets.intra_op_threads),
             batch_timeout: config.batch_timeout,
@@ -342,7 +345,9 @@ impl Budgets {
             // in bursts between batches, and a model thread limited to half the cores would
             // leave them idle whenever nothing decodes.
             decode_threads: config.decode_threads.unwrap_or(resources.cpus),
-            intra_op_threads: config.intra_op_threads.unwrap_or(resources.cpus),
+            intra_op_threads: config
+                .intra_op_threads
+                .unwrap_or((resources.cpus / config.instances.max(1)).max(1)),
         }
     }
 

@@ -403,6 +403,36 @@ async fn models_endpoint_describes_each_model() {
         4,
         "every batch size warmed up"
     );
+    // The profile gives each size's throughput, and the policy derived from it stops batches
+    // at the smallest size within 3 % of the best throughput.
+    let profile: Vec<(u64, f64)> = model["warmup_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let (batch, millis) = (
+                t["batch_size"].as_u64().unwrap(),
+                t["millis"].as_f64().unwrap(),
+            );
+            let rate = t["images_per_second"].as_f64().unwrap();
+            assert!(
+                (rate - batch as f64 * 1e3 / millis).abs() < 1e-6 * rate,
+                "{t}"
+            );
+            (batch, rate)
+        })
+        .collect();
+    let best = profile.iter().map(|p| p.1).fold(0.0, f64::max);
+    let preferred = model["batch_policy"]["preferred_batch_size"]
+        .as_u64()
+        .unwrap();
+    let expected = profile
+        .iter()
+        .filter(|p| p.1 >= best * 0.97)
+        .map(|p| p.0)
+        .min();
+    assert_eq!(Some(preferred), expected, "{profile:?}");
+    assert_eq!(model["instances"], 1);
     assert_eq!(by_name("lite0_ts")["backend"], "torchscript");
     assert_eq!(by_name("lite0_ts")["default"], false);
     assert_eq!(by_name("lite0_pth")["weights_format"], "pickle");

@@ -37,8 +37,8 @@ pub fn describe(device: Device) -> String {
 pub fn kind(dtype: DType, device: Device) -> Result<Kind> {
     match (dtype, device) {
         (DType::F32, _) => Ok(Kind::Float),
-        (_, Device::Cpu) => {
-            bail!("--dtype {dtype:?} needs CUDA: half precision is not supported on CPU")
+        (DType::F16, Device::Cpu) => {
+            bail!("--dtype f16 needs CUDA (CPUs have no fast f16 convolutions); on CPU use --dtype bf16 or f32")
         }
         (DType::F16, _) => Ok(Kind::Half),
         (DType::Bf16, _) => Ok(Kind::BFloat16),

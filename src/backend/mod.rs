@@ -35,14 +35,52 @@ pub struct ModelInfo {
     pub max_batch_size: usize,
     pub max_batch_delay_ms: u64,
     pub max_queue_images: usize,
+    /// Copies of the model, each with its own thread (`--instances`).
+    pub instances: usize,
     #[serde(skip)]
     pub labels: Arc<Vec<String>>,
 }
 
+/// One row of a model's warm-up profile: the fastest of a few timed runs of a batch size.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct WarmupTiming {
     pub batch_size: usize,
     pub millis: f64,
+    pub images_per_second: f64,
+}
+
+impl WarmupTiming {
+    pub fn new(batch_size: usize, millis: f64) -> Self {
+        Self {
+            batch_size,
+            millis,
+            images_per_second: batch_size as f64 * 1e3 / millis.max(1e-6),
+        }
+    }
+}
+
+/// The batch size the batcher stops at, and why.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct BatchPolicy {
+    /// Batches stop growing here (at most `max_batch_size`).
+    pub preferred_batch_size: usize,
+    /// The rule, for people reading `/v1/models`.
+    #[schema(example = "the smallest batch size within 3 % of the best warm-up throughput")]
+    pub rule: &'static str,
+}
+
+impl BatchPolicy {
+    /// The policy for a warm-up profile (`queue::preferred_batch_size`).
+    pub fn from_profile(profile: &[WarmupTiming]) -> Option<Self> {
+        let points: Vec<(usize, f64)> = profile
+            .iter()
+            .map(|t| (t.batch_size, t.images_per_second))
+            .collect();
+        Some(Self {
+            preferred_batch_size: crate::pipeline::queue::preferred_batch_size(&points)?,
+            rule: "the smallest batch size within 3 % of the best warm-up throughput",
+        })
+    }
 }
 
 // The default state (0) is "loading".
@@ -60,6 +98,7 @@ pub struct ModelStatus {
     failure: Mutex<Option<String>>,
     restarts: std::sync::atomic::AtomicU64,
     warmup: OnceLock<Vec<WarmupTiming>>,
+    batch_policy: OnceLock<BatchPolicy>,
     embedding_size: OnceLock<Option<usize>>,
 }
 
@@ -101,6 +140,11 @@ impl ModelStatus {
         self.warmup.get().map_or(&[], Vec::as_slice)
     }
 
+    /// Where batches stop growing, once the first warm-up measured it.
+    pub fn batch_policy(&self) -> Option<BatchPolicy> {
+        self.batch_policy.get().copied()
+    }
+
     /// The length of the model's embeddings, once loaded (`None` before, or if it has none).
     pub fn embedding_size(&self) -> Option<usize> {
         self.embedding_size.get().copied().flatten()
@@ -133,8 +177,14 @@ impl ModelStatus {
         let _ = self.backend.set(backend);
     }
 
-    fn set_warmup(&self, timings: Vec<WarmupTiming>) {
+    /// Keep the first profile measured (instances warm up one after another, alike) and the
+    /// policy derived from it; returns that policy.
+    fn set_warmup(&self, timings: Vec<WarmupTiming>) -> Option<BatchPolicy> {
+        if let Some(policy) = BatchPolicy::from_profile(&timings) {
+            let _ = self.batch_policy.set(policy);
+        }
         let _ = self.warmup.set(timings);
+        self.batch_policy()
     }
 }
 
@@ -150,7 +200,8 @@ pub struct ModelHandle {
     jobs: mpsc::Sender<ImageJob>,
     admission: Arc<Semaphore>,
     closing: watch::Sender<bool>,
-    thread: supervisor::ThreadSlot,
+    /// One per instance.
+    threads: Vec<supervisor::ThreadSlot>,
 }
 
 /// Images a request has been allowed to put in flight. While held, they count against
@@ -194,6 +245,8 @@ pub struct SpawnOptions {
     pub intra_op_threads: Option<usize>,
     /// A batch running longer than this marks the model not ready and replaces its thread.
     pub batch_timeout: std::time::Duration,
+    /// Copies of the model, each with its own thread and supervisor.
+    pub instances: usize,
 }
 
 impl ModelHandle {
@@ -222,6 +275,7 @@ impl ModelHandle {
             max_batch_size: options.max_batch_size,
             max_batch_delay_ms: options.batcher.max_batch_delay.as_millis() as u64,
             max_queue_images: options.max_queue_images,
+            instances: options.instances.max(1),
             labels: Arc::new(config.labels),
         };
         let status = Arc::new(ModelStatus::default());
@@ -231,7 +285,6 @@ impl ModelHandle {
         // One slot: the batch waiting while another runs.
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (closing_tx, closing_rx) = watch::channel(false);
-        let (loaded_tx, loaded_rx) = oneshot::channel();
 
         tokio::spawn(batcher::run(
             jobs_rx,
@@ -241,7 +294,7 @@ impl ModelHandle {
             options.batcher,
             closing_rx.clone(),
         ));
-        let worker_spec = worker::WorkerSpec {
+        let worker_spec = Arc::new(worker::WorkerSpec {
             name: name.clone(),
             files,
             preprocess: config.preprocess,
@@ -250,22 +303,39 @@ impl ModelHandle {
             kind,
             max_batch_size: options.max_batch_size,
             intra_op_threads: options.intra_op_threads,
-        };
-        let thread = supervisor::ThreadSlot::default();
-        let supervisor = supervisor::Supervisor {
-            ctx: Arc::new(worker::WorkerContext {
-                spec: worker_spec,
-                batches: Mutex::new(batch_rx),
-                link: link.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-                heartbeat: health::Heartbeat::default(),
-            }),
-            batch_timeout: options.batch_timeout,
-            thread: thread.clone(),
-            closing: closing_rx,
-        };
-        tokio::spawn(supervisor.run(loaded_tx));
+        });
+        // Every instance takes batches from the same hand-off and warms up alone, so that its
+        // timings are not skewed by another instance warming up at the same time.
+        let batches = Arc::new(Mutex::new(batch_rx));
+        let warmup_gate = Arc::new(Mutex::new(()));
+        let mut threads = Vec::with_capacity(info.instances);
+        let mut loads = Vec::with_capacity(info.instances);
+        for instance in 0..info.instances {
+            let thread = supervisor::ThreadSlot::default();
+            let (loaded_tx, loaded_rx) = oneshot::channel();
+            let supervisor = supervisor::Supervisor {
+                ctx: Arc::new(worker::WorkerContext {
+                    spec: worker_spec.clone(),
+                    instance,
+                    batches: batches.clone(),
+                    warmup_gate: warmup_gate.clone(),
+                    link: link.clone(),
+                    status: status.clone(),
+                    metrics: metrics.clone(),
+                    heartbeat: health::Heartbeat::default(),
+                }),
+                batch_timeout: options.batch_timeout,
+                thread: thread.clone(),
+                closing: closing_rx.clone(),
+            };
+            tokio::spawn(supervisor.run(loaded_tx));
+            threads.push(thread);
+            loads.push(loaded_rx);
+        }
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = loaded_tx.send(all_loaded(loads).await);
+        });
 
         metrics.admission_limit.set(options.max_queue_images as i64);
         let handle = Arc::new(Self {
@@ -276,7 +346,7 @@ impl ModelHandle {
             jobs: jobs_tx,
             admission: Arc::new(Semaphore::new(options.max_queue_images)),
             closing: closing_tx,
-            thread,
+            threads,
         });
         Ok((handle, loaded_rx))
     }
@@ -370,13 +440,24 @@ impl ModelHandle {
         let _ = self.closing.send(true);
     }
 
-    /// Wait for the model thread to exit (after `close`).
+    /// Wait for the model threads to exit (after `close`).
     pub fn join(&self) {
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            if thread.join().is_err() {
-                tracing::error!(model = %self.info.name, "model thread panicked");
+        for slot in &self.threads {
+            let thread = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(thread) = thread {
+                if thread.join().is_err() {
+                    tracing::error!(model = %self.info.name, "model thread panicked");
+                }
             }
         }
     }
+}
+
+/// The model is loaded when every instance is: the first failure otherwise.
+async fn all_loaded(loads: Vec<LoadOutcome>) -> Result<(), String> {
+    for load in loads {
+        load.await
+            .unwrap_or_else(|_| Err("the model thread exited while loading".into()))?;
+    }
+    Ok(())
 }

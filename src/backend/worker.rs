@@ -13,6 +13,7 @@ use crate::pipeline::queue::Abandonable;
 use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outputs, Pixels};
 use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +43,11 @@ pub struct Runner {
     std: Tensor,
     num_classes: usize,
     channels_last: bool,
+    /// Where a batch's u8 pixels are gathered: `[capacity, H, W, 3]`, allocated once for the
+    /// largest batch seen and reused, so that a batch costs one copy per image and no
+    /// allocation. On CUDA it is pinned (page-locked) memory, so the upload is a DMA that
+    /// runs without blocking this thread.
+    staging: RefCell<Option<Tensor>>,
 }
 
 impl Runner {
@@ -78,6 +84,7 @@ impl Runner {
             mean: channel_tensor(spec.preprocess.mean)?,
             std: channel_tensor(spec.preprocess.std)?,
             num_classes: spec.num_classes,
+            staging: RefCell::new(None),
         })
     }
 
@@ -116,17 +123,16 @@ impl Runner {
 
     /// `u8` HWC images to normalised `f32` NCHW.
     fn normalize(&self, images: &[&[u8]]) -> Result<Tensor> {
-        let n = images.len() as i64;
-        let mut pixels = Vec::with_capacity(images.iter().map(|p| p.len()).sum());
-        for image in images {
-            pixels.extend_from_slice(image);
-        }
+        let batch = self.stage(images)?;
         // The u8 buffer is NHWC; permuting gives an NCHW view with channels-last strides,
-        // which native models keep, and TorchScript exports get as a contiguous copy.
-        let nchw = Tensor::from_slice(&pixels)
-            .f_view([n, self.height, self.width, 3])?
-            .f_to_device(self.device)?
-            .f_permute([0, 3, 1, 2])?;
+        // which native models keep, and TorchScript exports get as a contiguous copy. On a GPU
+        // the upload is asynchronous: it is ordered before the kernels that read it.
+        let on_device = if self.device == Device::Cpu {
+            batch
+        } else {
+            batch.f_to_device_(self.device, Kind::Uint8, true, false)?
+        };
+        let nchw = on_device.f_permute([0, 3, 1, 2])?;
         let nchw = if self.channels_last {
             nchw
         } else {
@@ -137,6 +143,49 @@ impl Runner {
             .f_div_scalar(255)?
             .f_sub(&self.mean)?
             .f_div(&self.std)?)
+    }
+
+    /// Copy `images` into the staging buffer; returns the `[n, H, W, 3]` part they fill.
+    fn stage(&self, images: &[&[u8]]) -> Result<Tensor> {
+        let n = images.len() as i64;
+        let image_bytes = (self.height * self.width * 3) as usize;
+        if let Some(bad) = images.iter().find(|image| image.len() != image_bytes) {
+            bail!(
+                "an image of {} bytes does not match the model input ({image_bytes} bytes)",
+                bad.len()
+            );
+        }
+        let mut staging = self.staging.borrow_mut();
+        let capacity = staging.as_ref().map_or(0, |t| t.size()[0]);
+        if capacity < n {
+            let buffer =
+                Tensor::f_empty([n, self.height, self.width, 3], (Kind::Uint8, Device::Cpu))?;
+            *staging = Some(if self.device.is_cuda() {
+                buffer.f_pin_memory(self.device)?
+            } else {
+                buffer
+            });
+        }
+        let batch = staging
+            .as_ref()
+            .expect("allocated above")
+            .f_narrow(0, 0, n)?;
+        let base = batch.data_ptr() as *mut u8;
+        for (i, image) in images.iter().enumerate() {
+            // SAFETY: `batch` is a contiguous u8 tensor of n * image_bytes bytes that this
+            // thread alone uses (the previous batch's reads of it finished: its outputs were
+            // copied off, which waits for the device), and each image has exactly
+            // image_bytes bytes (checked above), so the copies stay inside it and do not
+            // overlap their sources.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    image.as_ptr(),
+                    base.add(i * image_bytes),
+                    image_bytes,
+                );
+            }
+        }
+        Ok(batch)
     }
 
     /// One CHW image a client normalised itself, as `[1, 3, H, W]` with the strides the model
@@ -213,6 +262,12 @@ impl Runner {
                 prediction.embeddings = Some(row);
             }
         }
+        let copied_off = k > 0 || outputs.probabilities || outputs.logits || outputs.embeddings;
+        if let (Device::Cuda(index), false) = (self.device, copied_off) {
+            // Nothing was copied off, which would have waited for the device: wait here, so
+            // that the next batch does not overwrite the staging buffer while it uploads.
+            tch::Cuda::synchronize(index as i64);
+        }
         let phases = BatchPhases {
             input: input_done - start,
             infer: forward_done - input_done,
@@ -230,30 +285,56 @@ impl Runner {
             .map(|e| e.size().last().copied().unwrap_or(0) as usize))
     }
 
-    /// Run every batch size once so that no client pays for first-call costs (graph
-    /// optimisation, allocator growth, cuDNN autotuning).
+    /// Run every batch size so that no client pays for first-call costs (graph optimisation,
+    /// allocator growth, cuDNN autotuning), then time them: up to `TIMED_PASSES` passes over
+    /// every size in turn (fewer once `TIMED_TIME` is spent, at least one), keeping each
+    /// size's fastest run. Passes interleave the sizes so that a slow spell of the host hits
+    /// them alike instead of making the later, larger sizes look slow, and the fastest run is
+    /// the one other processes disturbed least. The profile decides where batches stop
+    /// growing (`BatchPolicy`).
     fn warm_up(&self, max_batch_size: usize) -> Result<Vec<WarmupTiming>> {
+        const TIMED_PASSES: usize = 3;
+        const TIMED_TIME: Duration = Duration::from_secs(3);
         let image = Pixels::Rgb8(vec![0u8; (self.height * self.width * 3) as usize]);
-        (1..=max_batch_size)
-            .map(|batch| {
-                let images = vec![&image; batch];
-                let start = Instant::now();
-                self.run(&images, Outputs::top_k(1))
-                    .with_context(|| format!("warm-up at batch size {batch}"))?;
-                Ok(WarmupTiming {
-                    batch_size: batch,
-                    millis: start.elapsed().as_secs_f64() * 1e3,
-                })
-            })
-            .collect()
+        let run = |batch: usize| -> Result<Duration> {
+            let images = vec![&image; batch];
+            let start = Instant::now();
+            self.run(&images, Outputs::top_k(1))
+                .with_context(|| format!("warm-up at batch size {batch}"))?;
+            Ok(start.elapsed())
+        };
+        for batch in 1..=max_batch_size {
+            run(batch)?;
+        }
+        let (mut fastest, mut spent) = (vec![Duration::MAX; max_batch_size], Duration::ZERO);
+        for _ in 0..TIMED_PASSES {
+            for (i, fastest) in fastest.iter_mut().enumerate() {
+                let took = run(i + 1)?;
+                *fastest = (*fastest).min(took);
+                spent += took;
+            }
+            if spent >= TIMED_TIME {
+                break;
+            }
+        }
+        Ok(fastest
+            .iter()
+            .enumerate()
+            .map(|(i, took)| WarmupTiming::new(i + 1, took.as_secs_f64() * 1e3))
+            .collect())
     }
 }
 
 /// What every generation of a model's thread shares with the others and with the supervisor.
 pub struct WorkerContext {
-    pub spec: WorkerSpec,
-    /// The batcher's hand-off channel: whichever generation is current receives from it.
-    pub batches: Mutex<mpsc::Receiver<Batch>>,
+    pub spec: Arc<WorkerSpec>,
+    /// Which copy of the model this is (`--instances`), for logs and thread names.
+    pub instance: usize,
+    /// The batcher's hand-off channel, shared by every instance: whichever generation of each
+    /// is current receives from it.
+    pub batches: Arc<Mutex<mpsc::Receiver<Batch>>>,
+    /// Held while an instance warms up, so that instances are timed one at a time.
+    pub warmup_gate: Arc<Mutex<()>>,
     pub link: Arc<BatcherLink>,
     pub status: Arc<ModelStatus>,
     pub metrics: ModelMetrics,
@@ -343,7 +424,7 @@ pub fn run(
     if exit == Exit::Closed {
         ctx.metrics.ready.set(0);
     }
-    tracing::info!(model = %spec.name, generation, exit = ?exit, "model thread stopped");
+    tracing::info!(model = %spec.name, instance = ctx.instance, generation, exit = ?exit, "model thread stopped");
     exit
 }
 
@@ -353,18 +434,30 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     let runner = Runner::load(spec)?;
     status.set_backend(runner.backend());
     let loaded_in = start.elapsed();
-    let timings = runner.warm_up(spec.max_batch_size)?;
+    let timings = {
+        let _alone = ctx.warmup_gate.lock().unwrap_or_else(|e| e.into_inner());
+        runner.warm_up(spec.max_batch_size)?
+    };
     ctx.metrics
         .model_loaded(loaded_in, start.elapsed() - loaded_in);
     status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,
+        instance = ctx.instance,
         backend = status.backend(),
         load_ms = loaded_in.as_millis() as u64,
         warmup = %timings.iter().map(|t| format!("{}:{:.1}ms", t.batch_size, t.millis)).collect::<Vec<_>>().join(" "),
         "model loaded and warmed up"
     );
-    status.set_warmup(timings);
+    if let Some(policy) = status.set_warmup(timings) {
+        tracing::info!(
+            model = %spec.name,
+            preferred_batch_size = policy.preferred_batch_size,
+            max_batch_size = spec.max_batch_size,
+            "batch policy from the warm-up profile"
+        );
+        ctx.link.set_batch_limit(policy.preferred_batch_size);
+    }
     Ok(runner)
 }
 

@@ -271,7 +271,13 @@ pub struct ModelDescription {
     failure: Option<String>,
     /// Times the model thread was replaced after a wedged batch or a panic.
     restarts: u64,
+    /// The warm-up profile: every batch size up to `max_batch_size`, its fastest time and
+    /// throughput.
     warmup_ms: Vec<crate::backend::WarmupTiming>,
+    /// Where the batcher stops growing batches, derived from the profile (absent until the
+    /// model has warmed up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_policy: Option<crate::backend::BatchPolicy>,
 }
 
 fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
@@ -286,6 +292,7 @@ fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
         failure: model.status.failure(),
         restarts: model.status.restarts(),
         warmup_ms: model.status.warmup().to_vec(),
+        batch_policy: model.status.batch_policy(),
     }
 }
 

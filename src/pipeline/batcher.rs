@@ -29,6 +29,8 @@ pub struct BatcherLink {
     /// The model thread is being replaced: queued images are answered at once instead of
     /// waiting, possibly for minutes, for the new thread.
     restarting: std::sync::atomic::AtomicBool,
+    /// The batch size the model's warm-up profile prefers (0: not known yet, use the maximum).
+    batch_limit: AtomicUsize,
 }
 
 impl BatcherLink {
@@ -61,6 +63,13 @@ impl BatcherLink {
         self.wake.notify_one();
     }
 
+    /// The model thread measured where batches stop paying off (see
+    /// `queue::preferred_batch_size`).
+    pub fn set_batch_limit(&self, limit: usize) {
+        self.batch_limit.store(limit, Ordering::Release);
+        self.wake.notify_one();
+    }
+
     /// Recent model time per image.
     pub fn micros_per_image(&self) -> u64 {
         self.micros_per_image.load(Ordering::Relaxed).max(1)
@@ -82,6 +91,8 @@ impl BatcherLink {
 pub struct BatcherConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
+    /// Model instances (threads) taking batches.
+    pub instances: usize,
 }
 
 /// Run until `closing` turns true and every queued image has been handed over (or the model
@@ -94,7 +105,8 @@ pub async fn run(
     config: BatcherConfig,
     mut closing: watch::Receiver<bool>,
 ) {
-    let mut queue = BatchQueue::new(config.max_batch_size, config.max_batch_delay);
+    let mut queue = BatchQueue::new(config.max_batch_size, config.max_batch_delay)
+        .with_instances(config.instances);
     let mut jobs_open = true;
     loop {
         while let Ok(job) = jobs.try_recv() {
@@ -119,6 +131,7 @@ pub async fn run(
             }
         }
         metrics.queue_depth.set(queue.len() as i64);
+        queue.set_batch_limit(link.batch_limit.load(Ordering::Acquire));
 
         let deadline = match queue.decide(Instant::now(), link.model_state()) {
             Decision::Dispatch(n) => {

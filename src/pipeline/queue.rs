@@ -5,9 +5,12 @@
 //! below pin it down exactly.
 //!
 //! Policy (one queue entry per image, so any image can join any batch):
-//! - a full batch (`max_batch_size` images) is sent as soon as the model can take it: while a
-//!   batch runs, the next full one waits in the one-slot hand-off, prepared;
-//! - an idle model takes what is queued at once when nothing more is on its way;
+//! - a full batch is sent as soon as the model can take it: while every instance of the model
+//!   runs a batch, the next full one waits in the one-slot hand-off, prepared. "Full" is the
+//!   batch limit: `max_batch_size`, or less where the model's warm-up profile shows that larger
+//!   batches stop raising its throughput (`preferred_batch_size`);
+//! - an idle model (an instance with nothing to run) takes what is queued at once when nothing
+//!   more is on its way;
 //! - when images are still being decoded, an idle model waits for them, but never longer than
 //!   `max_batch_delay` after the oldest queued image arrived;
 //! - while the model is busy, a partial batch stays open so that it fills up: those images
@@ -55,11 +58,13 @@ pub enum Decision {
 pub struct BatchQueue<T> {
     entries: VecDeque<Queued<T>>,
     max_batch_size: usize,
+    /// The size a batch stops growing at (at most `max_batch_size`).
+    batch_limit: usize,
     max_batch_delay: Duration,
+    /// Model instances taking batches from the hand-off: up to `instances` batches run at once,
+    /// and one more waits, prepared, in the hand-off slot.
+    instances: usize,
 }
-
-/// How many batches may be outstanding: one running plus one prepared in the hand-off slot.
-const MAX_OUTSTANDING: usize = 2;
 
 impl<T: Abandonable> BatchQueue<T> {
     pub fn new(max_batch_size: usize, max_batch_delay: Duration) -> Self {
@@ -67,8 +72,24 @@ impl<T: Abandonable> BatchQueue<T> {
         Self {
             entries: VecDeque::new(),
             max_batch_size,
+            batch_limit: max_batch_size,
             max_batch_delay,
+            instances: 1,
         }
+    }
+
+    /// A queue feeding `instances` copies of the model.
+    pub fn with_instances(mut self, instances: usize) -> Self {
+        self.instances = instances.max(1);
+        self
+    }
+
+    /// Stop growing batches at `limit` images (0 or above `max_batch_size`: at the maximum).
+    pub fn set_batch_limit(&mut self, limit: usize) {
+        self.batch_limit = match limit {
+            0 => self.max_batch_size,
+            limit => limit.min(self.max_batch_size),
+        };
     }
 
     pub fn len(&self) -> usize {
@@ -112,14 +133,15 @@ impl<T: Abandonable> BatchQueue<T> {
         let Some(oldest) = self.entries.front() else {
             return Decision::Wait(None);
         };
-        if model.outstanding_batches >= MAX_OUTSTANDING {
+        if model.outstanding_batches > self.instances {
+            // Every instance runs a batch and the hand-off slot is taken.
             return Decision::Wait(None);
         }
         let queued = self.entries.len();
-        if queued >= self.max_batch_size {
-            return Decision::Dispatch(self.max_batch_size);
+        if queued >= self.batch_limit {
+            return Decision::Dispatch(self.batch_limit);
         }
-        if model.outstanding_batches > 0 {
+        if model.outstanding_batches >= self.instances {
             // Busy: keep the batch open so it fills; it is sent when full or when the model
             // finishes (a completion triggers a new decision).
             return Decision::Wait(None);
@@ -145,6 +167,26 @@ impl<T: Abandonable> BatchQueue<T> {
     pub fn drain(&mut self) -> Vec<Queued<T>> {
         self.entries.drain(..).collect()
     }
+}
+
+/// A batch size within this fraction of the best warm-up throughput is as good as the best.
+pub const PLATEAU: f64 = 0.97;
+
+/// Where a batch should stop growing, from a throughput profile of `(batch size, images/s)`:
+/// the smallest batch size whose throughput is within [`PLATEAU`] of the best one. Larger
+/// batches would only add latency (every image of a batch waits for the whole batch), and the
+/// tolerance keeps noise in the warm-up timings from picking a larger batch for a 1 % gain.
+/// `None` for an empty profile.
+pub fn preferred_batch_size(profile: &[(usize, f64)]) -> Option<usize> {
+    let best = profile
+        .iter()
+        .map(|&(_, images_per_s)| images_per_s)
+        .fold(f64::NAN, f64::max);
+    profile
+        .iter()
+        .filter(|&&(_, images_per_s)| images_per_s >= best * PLATEAU)
+        .map(|&(batch, _)| batch)
+        .min()
 }
 
 #[cfg(test)]
@@ -282,6 +324,60 @@ mod tests {
             Decision::Wait(None)
         );
         assert_eq!(queue_with(4, now).decide(now, busy), Decision::Dispatch(4));
+    }
+
+    #[test]
+    fn batches_stop_at_the_preferred_size() {
+        let now = Instant::now();
+        let mut q = queue_with(4, now);
+        q.set_batch_limit(3);
+        let busy = ModelState {
+            outstanding_batches: 1,
+            images_incoming: 5,
+        };
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(3));
+        q.set_batch_limit(0);
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(4));
+        q.set_batch_limit(9);
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(4));
+    }
+
+    #[test]
+    fn an_idle_instance_takes_a_partial_batch() {
+        let now = Instant::now();
+        let q = queue_with(3, now).with_instances(2);
+        let one_running = ModelState {
+            outstanding_batches: 1,
+            images_incoming: 0,
+        };
+        assert_eq!(q.decide(now, one_running), Decision::Dispatch(3));
+        let both_running = ModelState {
+            outstanding_batches: 2,
+            images_incoming: 0,
+        };
+        assert_eq!(q.decide(now, both_running), Decision::Wait(None));
+        let slot_taken = ModelState {
+            outstanding_batches: 3,
+            images_incoming: 0,
+        };
+        assert_eq!(
+            queue_with(8, now).with_instances(2).decide(now, slot_taken),
+            Decision::Wait(None)
+        );
+    }
+
+    #[test]
+    fn preferred_batch_size_is_where_throughput_stops_rising() {
+        // Lite0-like on 2 cores: throughput keeps rising to 8.
+        let rising = [(1, 80.0), (2, 100.0), (4, 125.0), (8, 144.0)];
+        assert_eq!(preferred_batch_size(&rising), Some(8));
+        // A GPU-like profile that saturates at 16: 32 is within 3 % and only adds latency.
+        let plateau = [(1, 300.0), (8, 2000.0), (16, 3000.0), (32, 3050.0)];
+        assert_eq!(preferred_batch_size(&plateau), Some(16));
+        // Throughput that falls past a point (cache spills).
+        let falling = [(1, 50.0), (2, 90.0), (4, 85.0), (8, 60.0)];
+        assert_eq!(preferred_batch_size(&falling), Some(2));
+        assert_eq!(preferred_batch_size(&[]), None);
     }
 
     #[test]
