@@ -36,7 +36,6 @@ pub mod infer;
 pub mod labels;
 pub mod metrics;
 pub mod models;
-pub mod openmp;
 pub mod pipeline;
 pub mod repository;
 pub mod v2;

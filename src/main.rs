@@ -9,8 +9,6 @@ use visionserve::cli::{Cli, Command};
 use visionserve::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
-    // First, before anything else runs: this may replace the process with itself.
-    visionserve::openmp::reexec_with_passive_wait();
     // Allocator and float-mode settings must precede libtorch's first allocation.
     visionserve::tune_process();
     let cli = Cli::parse();
