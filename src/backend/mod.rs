@@ -65,7 +65,9 @@ pub struct BatchPolicy {
     /// Batches stop growing here (at most `max_batch_size`).
     pub preferred_batch_size: usize,
     /// The rule, for people reading `/v1/models`.
-    #[schema(example = "the smallest batch size within 3 % of the best warm-up throughput")]
+    #[schema(
+        example = "the smallest size from which every larger size is within 3 % of the best throughput (where throughput stops rising); else the largest"
+    )]
     pub rule: &'static str,
 }
 
@@ -78,7 +80,7 @@ impl BatchPolicy {
             .collect();
         Some(Self {
             preferred_batch_size: crate::pipeline::queue::preferred_batch_size(&points)?,
-            rule: "the smallest batch size within 3 % of the best warm-up throughput",
+            rule: "the smallest size from which every larger size is within 3 % of the best throughput (where throughput stops rising); else the largest",
         })
     }
 }

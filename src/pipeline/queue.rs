@@ -169,24 +169,27 @@ impl<T: Abandonable> BatchQueue<T> {
     }
 }
 
-/// A batch size within this fraction of the best warm-up throughput is as good as the best.
+/// Throughputs within this fraction of the best are as good as the best.
 pub const PLATEAU: f64 = 0.97;
 
-/// Where a batch should stop growing, from a throughput profile of `(batch size, images/s)`:
-/// the smallest batch size whose throughput is within [`PLATEAU`] of the best one. Larger
-/// batches would only add latency (every image of a batch waits for the whole batch), and the
-/// tolerance keeps noise in the warm-up timings from picking a larger batch for a 1 % gain.
-/// `None` for an empty profile.
+/// Where a batch should stop growing, from a throughput profile of `(batch size, images/s)`
+/// ordered by batch size (`None` for an empty profile): the smallest size from which every
+/// larger size is within [`PLATEAU`] of the best, i.e. where throughput has stopped rising
+/// (larger batches would only add latency: every image of a batch waits for the whole batch).
+/// Without such a plateau, the largest size.
+///
+/// Only a plateau is acted on, never a fall: a warm-up on a busy host (another server starting
+/// beside this one, a noisy neighbour) slows the long runs of large batches more than the short
+/// ones, so an apparent fall past some size is more often a disturbed timing than a real one,
+/// and capping batches on it would cost throughput for the life of the process. A false
+/// plateau needs every larger size to look as fast as the best, which noise rarely fakes.
 pub fn preferred_batch_size(profile: &[(usize, f64)]) -> Option<usize> {
-    let best = profile
-        .iter()
-        .map(|&(_, images_per_s)| images_per_s)
-        .fold(f64::NAN, f64::max);
-    profile
-        .iter()
-        .filter(|&&(_, images_per_s)| images_per_s >= best * PLATEAU)
-        .map(|&(batch, _)| batch)
-        .min()
+    let best = profile.iter().map(|p| p.1).fold(f64::NAN, f64::max);
+    let plateau = (0..profile.len()).find(|&i| profile[i..].iter().all(|p| p.1 >= best * PLATEAU));
+    // No plateau means the largest size is not within PLATEAU of the best: a fall, ignored.
+    plateau
+        .or(profile.len().checked_sub(1))
+        .map(|i| profile[i].0)
 }
 
 #[cfg(test)]
@@ -372,11 +375,24 @@ mod tests {
         let rising = [(1, 80.0), (2, 100.0), (4, 125.0), (8, 144.0)];
         assert_eq!(preferred_batch_size(&rising), Some(8));
         // A GPU-like profile that saturates at 16: 32 is within 3 % and only adds latency.
-        let plateau = [(1, 300.0), (8, 2000.0), (16, 3000.0), (32, 3050.0)];
+        let plateau = [
+            (1, 300.0),
+            (8, 2000.0),
+            (16, 3000.0),
+            (24, 2960.0),
+            (32, 3050.0),
+        ];
         assert_eq!(preferred_batch_size(&plateau), Some(16));
-        // Throughput that falls past a point (cache spills).
+        // A fall past some size is not acted on (more likely a disturbed timing).
         let falling = [(1, 50.0), (2, 90.0), (4, 85.0), (8, 60.0)];
-        assert_eq!(preferred_batch_size(&falling), Some(2));
+        assert_eq!(preferred_batch_size(&falling), Some(8));
+        // One lucky small batch in a rising profile is noise, not a plateau.
+        let noisy = [(1, 80.0), (2, 140.0), (3, 110.0), (4, 120.0), (8, 136.0)];
+        assert_eq!(preferred_batch_size(&noisy), Some(8));
+        // One thread per instance: batching barely raises throughput, so images run at once.
+        let flat = [(1, 40.0), (2, 40.5), (4, 41.0), (8, 40.8)];
+        assert_eq!(preferred_batch_size(&flat), Some(1));
+        assert_eq!(preferred_batch_size(&[(1, 10.0)]), Some(1));
         assert_eq!(preferred_batch_size(&[]), None);
     }
 
