@@ -40,9 +40,33 @@ pub fn kind(dtype: DType, device: Device) -> Result<Kind> {
         (DType::F16, Device::Cpu) => {
             bail!("--dtype f16 needs CUDA (CPUs have no fast f16 convolutions); on CPU use --dtype bf16 or f32")
         }
+        (DType::Bf16, Device::Cpu) => {
+            if !cpu_has_bf16() {
+                tracing::warn!(
+                    "--dtype bf16 on a CPU without bf16 instructions (avx512_bf16 or amx_bf16): \
+                     oneDNN emulates it, and it ran about 30x slower than f32 on such a CPU \
+                     (BENCHMARKS.md); use f32 here"
+                );
+            }
+            Ok(Kind::BFloat16)
+        }
         (DType::F16, _) => Ok(Kind::Half),
         (DType::Bf16, _) => Ok(Kind::BFloat16),
     }
+}
+
+/// Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from the kernel's
+/// CPU flags; without it libtorch's bf16 convolutions are emulated, far slower than f32.
+fn cpu_has_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .find(|line| line.starts_with("flags"))
+            .is_some_and(|flags| {
+                flags
+                    .split_whitespace()
+                    .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
+            })
+    })
 }
 
 /// Flush denormal floats to zero on this thread (and on threads it creates later, which
