@@ -6,8 +6,14 @@
 #   make bench-protocols   /v1 vs v2 REST vs v2 gRPC on one server
 #   make bench-classify   visionserve classify vs the server, same photo, interleaved
 #   make bench-models   native vs TorchScript vs timm eager for four models
+#   make bench-ceiling  the server end to end vs the model alone (its ceiling): Lite0, EfficientNetV2-B0, CoAtNet-nano
+#   make bench-levers   CPU levers (OpenMP wait policy, instances) interleaved, vs the ceiling
+#   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
+#   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
+#   make device-bundle   gather into target/device-bundle what a lent GPU machine lacks (server, model bench, weights, images)
+#   make device-check    on that GPU machine: f32/f16/bf16 throughput at 1-128 clients vs the model alone, f16 agreement
 #
 # libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (tch 0.24 builds against exactly
 # this version; bump both together). The venv lives outside the checkout and is shared by every
@@ -55,7 +61,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-classify fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-ceiling bench-levers bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -183,6 +189,16 @@ bench-classify: deps venv weights test-data
 	cargo test --release --no-run
 	benches/classify.sh $(BIN) $(CURDIR)/$(DEFAULT_MODEL) $(TEST_DATA)/photos/rocket.jpg 300 3 32
 
+# The peer kit (../shared/bench-peers, see its README.md), copied to target/bench-peers and set up
+# there on first use (apt wrk/hey, a ~5 GB venv, models: about 10 minutes): ROUNDS (3) interleaved
+# passes of PEERS ("torchserve_2w ours fastapi_2w ours2"), DURATION (10) s per run at 1, 8 and 32
+# clients, then visionserve / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
+# coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server.
+# About 15 minutes at the defaults (about 5 a round), more while the kit waits for a quiet machine.
+bench-peers: deps venv weights
+	cargo test --release --no-run
+	VISIONSERVE_BIN=$(BIN) benches/peers.sh
+
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 # Fuzzing (fuzz/, cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z
 # flags). No sanitizer: the Rust code is memory-safe and the C decoders are not instrumented by
@@ -228,6 +244,44 @@ bench-models: deps venv weights parity-data
 	  if [ -f $$model/model.pt ]; then cargo bench -q --bench model -- --model $$model/model.pt --batch-sizes 1,8 --threads $(BENCH_THREADS) --seconds 5 || exit 1; fi; \
 	  MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 $(PYTHON) benches/timm_eager.py --model $$model --batch-sizes 1,8 --threads $(BENCH_THREADS) --seconds 5 || exit 1; \
 	done
+
+# End to end against the model alone (benches/levers.py: interleaved rounds, medians, the ratio
+# to the model-alone batch-8 rate), at the server's defaults, for three models at their test size.
+CEILING_MODELS := $(CURDIR)/$(DEFAULT_MODEL) $(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 $(PARITY_FAST)/coatnet/coatnet_nano_rw_224
+ROUNDS ?= 3
+bench-ceiling: deps venv weights test-data parity-data
+	cargo test --release --no-run
+	cargo bench --no-run
+	@for model in $(CEILING_MODELS); do echo "== $$model"; \
+	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) --config default= || exit 1; \
+	done
+
+# Each CPU lever against the defaults, interleaved (BENCHMARKS.md, "CPU levers").
+bench-levers: deps venv weights test-data
+	cargo test --release --no-run
+	cargo bench --no-run
+	$(PYTHON) benches/levers.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
+	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2'
+
+# Allocators under the model alone (needs: apt-get install libjemalloc2 libmimalloc2.0).
+bench-allocators: deps venv weights
+	cargo bench --bench model --no-run
+	benches/allocators.sh "cargo bench -q --bench model --" $(CURDIR)/$(DEFAULT_MODEL) $(ROUNDS)
+
+# The GPU check, in two halves (benches/device-check.sh says what it measures). Here,
+# `make device-bundle` builds the server and benches/model.rs and gathers what the GPU machine
+# lacks into target/device-bundle (stripped, xz-compressed binaries, Lite0, an int8-packed
+# random-weight tf_efficientnetv2_s, 300 agreement images: about 50 MiB, for the device tool's
+# `carry`). There (bash + python3 with torch, no Rust, no network), `make device-check` or
+# `bash benches/device-check.sh` writes $OUT (default target/device-check); DEVICE, DTYPES,
+# MODELS, CONCURRENCY, BATCH_SIZES, ROW_SECONDS, DEADLINE override its defaults.
+device-bundle: deps venv weights test-data parity-data
+	cargo test --release --no-run
+	cargo bench --bench model --no-run
+	benches/device-bundle.sh $(dir $(BIN)) $(PYTHON) $(PARITY_FAST) $(TEST_DATA)
+
+device-check:
+	bash benches/device-check.sh
 
 clean:
 	cargo clean

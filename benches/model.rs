@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use visionserve::backend::device;
 use visionserve::backend::worker::{Runner, WorkerSpec};
+use visionserve::config::{DType, DeviceChoice};
 use visionserve::pipeline::{Outputs, Pixels};
 use visionserve::repository::{ModelFiles, ModelOptions};
 
@@ -34,6 +35,16 @@ struct Args {
     /// Leave glibc's malloc at its defaults (to measure what the tuning buys).
     #[arg(long)]
     no_malloc_tuning: bool,
+    /// Element type the model runs in (f32, bf16 on CPU; f16 too on CUDA).
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    dtype: DType,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Independent copies of the model, each run by its own thread (as the server's
+    /// `--instances`); images/s is their sum.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -44,11 +55,15 @@ fn main() -> anyhow::Result<()> {
     if !args.no_malloc_tuning {
         device::tune_allocator();
     }
-    device::flush_denormals();
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
+    let device = match DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)? {
+        DeviceChoice::Cuda(i) => tch::Device::Cuda(i),
+        _ => tch::Device::Cpu,
+    };
+    let kind = device::kind(args.dtype, device)?;
+    if device.is_cuda() {
+        // As the server's model thread: cuDNN picks its fastest kernels during the warm-up runs.
+        tch::Cuda::cudnn_set_benchmark(true);
     }
-    let _no_grad = tch::no_grad_guard();
     let files = ModelFiles::locate(&args.model).map_err(anyhow::Error::msg)?;
     let options = ModelOptions {
         input_size: args.input_size,
@@ -59,39 +74,81 @@ fn main() -> anyhow::Result<()> {
         name: config.architecture.clone(),
         preprocess: config.preprocess.clone(),
         num_classes: config.num_classes,
-        device: tch::Device::Cpu,
-        kind: tch::Kind::Float,
+        device,
+        kind,
         max_batch_size: 1,
         intra_op_threads: None,
         files,
     };
-    let runner = Runner::load(&spec)?;
-    let backend = runner.backend();
     let (h, w) = config.preprocess.input_size;
-    let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
     for batch in &args.batch_sizes {
-        let images = vec![&image; *batch];
-        for _ in 0..3 {
-            runner.run(&images, Outputs::top_k(5))?;
-        }
-        let (mut runs, start) = (0u32, Instant::now());
-        while start.elapsed() < Duration::from_secs_f64(args.seconds) {
-            runner.run(&images, Outputs::top_k(5))?;
-            runs += 1;
-        }
-        let per_batch = start.elapsed().as_secs_f64() / f64::from(runs);
+        // Each instance loads its own copy, warms up, then all run for the same wall time.
+        let per_instance = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..args.instances)
+                .map(|_| scope.spawn(|| time_batches(&spec, &args, *batch)))
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("bench thread panicked"))
+                .collect::<anyhow::Result<Vec<Timed>>>()
+        })?;
+        let images_per_s: f64 = per_instance.iter().map(|t| t.images_per_s).sum();
+        let per_batch_ms =
+            per_instance.iter().map(|t| t.per_batch_ms).sum::<f64>() / per_instance.len() as f64;
         println!(
-            "| {} | {backend} | {h}x{w} | {} | {batch} | {:.1} | {:.2} |{}",
+            "| {} | {} | {h}x{w} | {} | {batch} | {:.1} | {:.2} |{}{}",
             config.architecture,
-            tch::get_num_threads(),
-            *batch as f64 / per_batch,
-            per_batch * 1e3,
-            if args.no_malloc_tuning {
-                " malloc defaults"
+            per_instance[0].backend,
+            per_instance[0].threads,
+            images_per_s,
+            per_batch_ms,
+            match args.dtype {
+                DType::F32 => String::new(),
+                other => format!(" {other:?}").to_lowercase(),
+            },
+            if args.instances > 1 {
+                format!(" x{} instances", args.instances)
             } else {
-                ""
-            }
+                String::new()
+            },
         );
+        if args.no_malloc_tuning {
+            println!("(glibc malloc defaults)");
+        }
     }
     Ok(())
+}
+
+struct Timed {
+    backend: &'static str,
+    threads: i32,
+    images_per_s: f64,
+    per_batch_ms: f64,
+}
+
+/// Load the model on this thread, warm it up at `batch`, then run it for `--seconds`.
+fn time_batches(spec: &WorkerSpec, args: &Args, batch: usize) -> anyhow::Result<Timed> {
+    device::flush_denormals();
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let _no_grad = tch::no_grad_guard();
+    let runner = Runner::load(spec)?;
+    let (h, w) = spec.preprocess.input_size;
+    let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
+    let images = vec![&image; batch];
+    for _ in 0..3 {
+        runner.run(&images, Outputs::top_k(5))?;
+    }
+    let (mut runs, start) = (0u32, Instant::now());
+    while start.elapsed() < Duration::from_secs_f64(args.seconds) {
+        runner.run(&images, Outputs::top_k(5))?;
+        runs += 1;
+    }
+    let per_batch = start.elapsed().as_secs_f64() / f64::from(runs);
+    Ok(Timed {
+        backend: runner.backend(),
+        threads: tch::get_num_threads(),
+        images_per_s: batch as f64 / per_batch,
+        per_batch_ms: per_batch * 1e3,
+    })
 }

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The server end to end against the model alone, for several server configurations, interleaved.
+
+Each round runs, in turn: the model alone (`benches/model.rs`, batch 1 and 8: the ceiling) and
+then the server (`benches/http.rs`, closed-loop clients posting one photo) under each
+configuration, so that the host's drift hits them alike. Prints every round, then the medians
+and the ratio of each configuration's end-to-end images/s to the model-alone batch-8 ceiling.
+
+    python3 benches/levers.py --model weights/tf_efficientnet_lite0 --image target/test-data/photos/rocket.jpg \\
+        --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config x2='--instances 2' --rounds 3
+
+A configuration is NAME=[ENV=VALUE ...] [--server-flag ...]: environment variables for the
+server process first, then extra server flags.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+
+ROW = re.compile(r"^\|(.+)\|\s*$")
+
+
+def cargo_bench(name, args, env=None):
+    command = ["cargo", "bench", "-q", "--bench", name, "--"] + args
+    result = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return [line for line in result.stdout.splitlines() if ROW.match(line) and not line.startswith("|---")]
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def model_alone(model, seconds, dtype):
+    rows = cargo_bench("model", ["--model", model, "--batch-sizes", "1,8", "--seconds", str(seconds), "--dtype", dtype])
+    # | arch | backend | input | threads | batch | images/s | ms/batch |
+    return {int(cells(r)[4]): float(cells(r)[5]) for r in rows}
+
+
+def end_to_end(model, image, concurrency, seconds, env, flags, dtype):
+    rows = cargo_bench(
+        "http",
+        ["--image", image, "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds),
+         "--server", "--model", f"m={model}", "--device", "cpu", "--dtype", dtype] + flags,
+        env,
+    )
+    # | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch |
+    out = {}
+    for r in rows:
+        c = cells(r)
+        if c[0] == "protocol":
+            continue
+        out[int(c[1])] = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
+                          "batch": float(c[8])}
+    return out
+
+
+def parse_config(text):
+    name, _, rest = text.partition("=")
+    env, flags = {}, []
+    for word in shlex.split(rest):
+        if not flags and "=" in word and not word.startswith("-"):
+            key, _, value = word.partition("=")
+            env[key] = value
+        else:
+            flags.append(word)
+    return name, env, flags
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--config", action="append", default=[], help="NAME=[ENV=V ...] [--flag ...]")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--model-seconds", type=float, default=4)
+    parser.add_argument("--dtype", default="f32")
+    args = parser.parse_args()
+    configs = [parse_config(c) for c in (args.config or ["default="])]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    ceiling, results = [], {name: [] for name, _, _ in configs}
+    for round_ in range(1, args.rounds + 1):
+        alone = model_alone(args.model, args.model_seconds, args.dtype)
+        ceiling.append(alone)
+        print(f"round {round_}: model alone  b1 {alone[1]:.1f}  b8 {alone[8]:.1f} images/s", flush=True)
+        for name, env, flags in configs:
+            e2e = end_to_end(args.model, args.image, concurrency, args.seconds, env, flags, args.dtype)
+            results[name].append(e2e)
+            line = "  ".join(
+                f"c{c} {e2e[c]['rate']:.1f}/s p50 {e2e[c]['p50']:.1f} p99 {e2e[c]['p99']:.1f} b{e2e[c]['batch']:.2f}"
+                + (f" ERR {e2e[c]['errors']}" if e2e[c]["errors"] else "")
+                for c in concurrency
+            )
+            print(f"round {round_}: {name:<12} {line}", flush=True)
+
+    b1 = statistics.median(a[1] for a in ceiling)
+    b8 = statistics.median(a[8] for a in ceiling)
+    print()
+    print(f"model alone (median of {args.rounds}): batch 1 {b1:.1f} images/s ({1e3 / b1:.2f} ms), batch 8 {b8:.1f} images/s")
+    print()
+    header = " | ".join(f"{c} clients: images/s (x ceiling) p50/p99 ms" for c in concurrency)
+    print(f"| configuration | {header} |")
+    print("|---|" + "---|" * len(concurrency))
+    for name, _, _ in configs:
+        row = []
+        for c in concurrency:
+            rate = statistics.median(r[c]["rate"] for r in results[name])
+            p50 = statistics.median(r[c]["p50"] for r in results[name])
+            p99 = statistics.median(r[c]["p99"] for r in results[name])
+            row.append(f"{rate:.1f} ({rate / b8:.2f}x) {p50:.1f}/{p99:.1f}")
+        print(f"| {name} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
