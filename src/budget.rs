@@ -126,6 +126,14 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size: write e.g. 512MiB, 2GiB or bytes"))
 }
 
+/// [`parse_bytes`], or `0` for a feature sized by bytes that is off (`--cache-bytes 0`).
+pub fn parse_bytes_or_off(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(text)
+}
+
 /// Bytes for people: `48.0 MiB`.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)

@@ -41,6 +41,40 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
 
+    /// Who may change the served models at run time: `none` (the models given at start-up),
+    /// `explicit` (the management API: POST /v1/models, DELETE /v1/models/{m}, v2's
+    /// /v2/repository/...; needs --admin-token) or `poll` (--model-repository is watched and
+    /// its added, changed and removed folders are loaded, rolled out and unloaded).
+    #[arg(long, env = "VISIONSERVE_MODEL_CONTROL", value_enum, default_value_t = crate::manage::ModelControl::None)]
+    pub model_control: crate::manage::ModelControl,
+
+    /// How often --model-control poll scans --model-repository (e.g. 5s, 500ms); a folder's
+    /// change is applied once two scans agree.
+    #[arg(long, env = "VISIONSERVE_REPOSITORY_POLL_INTERVAL", default_value = "5s", value_parser = crate::infer::parse_timeout)]
+    pub repository_poll_interval: Duration,
+
+    /// The key for the management API (GET /v1/repository, POST /v1/models, DELETE
+    /// /v1/models/{m}, /v2/repository/...), sent as `Authorization: Bearer KEY` or
+    /// `x-api-key: KEY`. Separate from --api-key: inference keys do not manage models and this
+    /// key does not classify. Without it the management API answers 403.
+    #[arg(long, env = "VISIONSERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<crate::auth::Secret>,
+
+    /// Memory the served models may take together, as estimated before each load (weights per
+    /// instance plus working memory for the largest batch); a run-time load that does not fit
+    /// is refused with 507. During a rollout the old and the new version both count
+    /// [default: the memory limit minus --memory-budget, minus --cache-bytes, minus 512 MiB for
+    /// the runtime, at least 256 MiB].
+    #[arg(long, env = "VISIONSERVE_MODEL_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
+    pub model_memory_budget: Option<u64>,
+
+    /// Bytes of per-image answers the response cache keeps (e.g. 256MiB); 0 turns it off.
+    /// Keyed by the image bytes' BLAKE3 hash, the model, its version and the requested outputs;
+    /// a hit skips decoding and the queue. `Cache-Control: no-cache` on a request skips the
+    /// lookup, `no-store` the cache.
+    #[arg(long, env = "VISIONSERVE_CACHE_BYTES", default_value = "0", value_parser = crate::budget::parse_bytes_or_off)]
+    pub cache_bytes: u64,
+
     /// The model `POST /v1/classify` uses (default: the first model given).
     #[arg(long, env = "VISIONSERVE_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -263,6 +297,21 @@ impl Config {
         }
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());
+        }
+        if self.model_control == crate::manage::ModelControl::Explicit && self.admin_token.is_none()
+        {
+            return Err(
+                "--model-control explicit needs --admin-token: without it anyone who reaches the \
+                 port could load files from this machine"
+                    .into(),
+            );
+        }
+        if self.model_control == crate::manage::ModelControl::Poll
+            && self.model_repository.is_none()
+        {
+            return Err(
+                "--model-control poll needs --model-repository (the folder to watch)".into(),
+            );
         }
         if self.models.is_empty() && self.model_repository.is_none() {
             return Err("no model given: pass --model NAME=PATH or --model-repository DIR".into());

@@ -30,7 +30,6 @@ pub fn status(err: &V2Error) -> Status {
     let message = err.to_string();
     match err {
         V2Error::InvalidArgument(_) => Status::invalid_argument(message),
-        V2Error::VersionNotFound { .. } => Status::not_found(message),
         V2Error::Infer(err) => match err {
             InferError::ModelNotFound { .. } => Status::not_found(message),
             InferError::NotReady { .. } | InferError::ShuttingDown => Status::unavailable(message),
@@ -177,14 +176,10 @@ struct InferenceService {
 }
 
 impl InferenceService {
-    fn model(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<&Arc<crate::backend::ModelHandle>, Status> {
-        let model = self.inference.model(name).map_err(|e| status(&e.into()))?;
-        v2::check_version(name, Some(version)).map_err(|e| status(&e))?;
-        Ok(model)
+    fn model(&self, name: &str, version: &str) -> Result<Arc<crate::backend::ModelHandle>, Status> {
+        self.inference
+            .model_version(name, Some(version))
+            .map_err(|e| status(&e.into()))
     }
 
     async fn infer(
@@ -210,7 +205,7 @@ impl InferenceService {
         let outputs = v2::render(&model, &plan, &results);
         Ok(proto::ModelInferResponse {
             model_name: model.name().to_owned(),
-            model_version: v2::MODEL_VERSION.to_owned(),
+            model_version: model.version().to_owned(),
             id: request.id,
             parameters: Default::default(),
             raw_output_contents: outputs.iter().map(|o| o.data.to_raw().into()).collect(),
@@ -447,7 +442,13 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(proto::ServerMetadataResponse {
             name: env!("CARGO_PKG_NAME").to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            extensions: v2::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+            // The repository extension is REST-only here: the KServe gRPC service has no
+            // repository methods.
+            extensions: v2::EXTENSIONS
+                .iter()
+                .filter(|e| **e != "model_repository")
+                .map(|e| (*e).to_owned())
+                .collect(),
         }))
     }
 
@@ -457,7 +458,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
         let request = request.into_inner();
         let model = self.model(&request.name, &request.version)?;
-        let metadata = v2::model_metadata(model);
+        let metadata = v2::model_metadata(&model, self.inference.registry().versions(model.name()));
         let tensors = |tensors: Vec<v2::TensorMetadata>| {
             tensors
                 .into_iter()
@@ -491,6 +492,11 @@ impl GrpcInferenceService for InferenceService {
             .map_or_else(std::time::Instant::now, |a| a.0);
         let deadline = grpc_timeout(request.metadata())
             .map(|t| arrived + t.saturating_sub((t / 5).min(std::time::Duration::from_millis(25))));
+        let cache_control = request
+            .metadata()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let request = request.into_inner();
         let id = match request.id.as_str() {
             "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
@@ -499,13 +505,14 @@ impl GrpcInferenceService for InferenceService {
         let span =
             tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
         let answer = async move {
-            v2::check_version(&request.model_name, Some(&request.model_version))
-                .map_err(|e| status(&e))?;
             let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
             let mut infer = self
                 .inference
-                .begin(&request.model_name)
+                .begin_version(&request.model_name, Some(&request.model_version))
                 .map_err(|e| status(&e.into()))?;
+            infer.use_cache(crate::cache::CacheUse::from_cache_control(
+                cache_control.as_deref(),
+            ));
             if let Some(deadline) = deadline {
                 infer.limit_time(deadline.saturating_duration_since(infer.started()));
             }
@@ -549,7 +556,7 @@ impl GrpcInferenceService for InferenceService {
                 .collect()
         } else {
             let model = self.model(&request.name, &request.version)?;
-            vec![statistics(v2::model_stats(model))]
+            vec![statistics(v2::model_stats(&model))]
         };
         Ok(Response::new(proto::ModelStatisticsResponse {
             model_stats,

@@ -14,13 +14,15 @@
 //!
 //! The service never sees an HTTP or gRPC type; its errors are [`InferError`]s.
 
-use crate::backend::ModelHandle;
+use crate::backend::{InFlight, ModelHandle};
 use crate::budget::{MemoryBudget, Reservation, BUDGET_WAIT};
+use crate::cache::{CacheKey, CacheUse, ResponseCache};
 pub use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::pipeline::decode::DecodeOptions;
 use crate::pipeline::{self, DecodePool, ImageJob, InferenceError};
 pub use crate::pipeline::{ImagePrediction, Outputs, Pixels};
+use crate::registry::{split_version, Lookup, Registry};
 use bytes::Bytes;
 use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,50 +66,68 @@ pub enum ImageInput {
     Pixels(Pixels),
 }
 
-/// The answer for one image, with its own decode and preprocess times (zero for pixels).
+/// The answer for one image, with its own decode and preprocess times (zero for pixels and
+/// for answers from the response cache).
 #[derive(Debug, Clone)]
 pub struct ImageOutput {
     pub prediction: ImagePrediction,
     pub decode: Duration,
     pub preprocess: Duration,
+    /// Answered from the response cache: nothing was decoded or run.
+    pub cached: bool,
 }
 
 /// The served models and what every request shares.
 pub struct Inference {
-    models: Vec<Arc<ModelHandle>>,
+    registry: Arc<Registry>,
     default_model: String,
     limits: Limits,
     pool: DecodePool,
     memory: Arc<MemoryBudget>,
     metrics: Arc<Metrics>,
+    cache: Option<Arc<ResponseCache>>,
     /// One permit per request being handled (`--max-concurrent-requests`).
     requests: Arc<Semaphore>,
     shutting_down: AtomicBool,
 }
 
+/// What [`Inference`] is built from.
+pub struct Parts {
+    pub registry: Arc<Registry>,
+    pub default_model: String,
+    pub limits: Limits,
+    pub pool: DecodePool,
+    pub memory: Arc<MemoryBudget>,
+    pub metrics: Arc<Metrics>,
+    pub cache: Option<Arc<ResponseCache>>,
+}
+
 impl Inference {
-    pub fn new(
-        models: Vec<Arc<ModelHandle>>,
-        default_model: String,
-        limits: Limits,
-        pool: DecodePool,
-        memory: Arc<MemoryBudget>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
         Self {
-            models,
-            default_model,
-            memory,
-            requests: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
-            limits,
-            pool,
-            metrics,
+            registry: parts.registry,
+            default_model: parts.default_model,
+            memory: parts.memory,
+            requests: Arc::new(Semaphore::new(parts.limits.max_concurrent_requests)),
+            limits: parts.limits,
+            pool: parts.pool,
+            metrics: parts.metrics,
+            cache: parts.cache,
             shutting_down: AtomicBool::new(false),
         }
     }
 
-    pub fn models(&self) -> &[Arc<ModelHandle>] {
-        &self.models
+    /// Every name's serving version, by name.
+    pub fn models(&self) -> Vec<Arc<ModelHandle>> {
+        self.registry.serving()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn cache(&self) -> Option<&Arc<ResponseCache>> {
+        self.cache.as_ref()
     }
 
     pub fn default_model(&self) -> &str {
@@ -122,23 +142,28 @@ impl Inference {
         &self.metrics
     }
 
-    /// The model named `name`, or `ModelNotFound` listing the served ones.
-    pub fn model(&self, name: &str) -> Result<&Arc<ModelHandle>, InferError> {
-        self.models
-            .iter()
-            .find(|m| m.name() == name)
-            .ok_or_else(|| InferError::ModelNotFound {
-                name: name.to_owned(),
-                available: self.model_names(),
-            })
+    /// The model a client named: `name` (its serving version) or `name@version`.
+    pub fn model(&self, spec: &str) -> Result<Arc<ModelHandle>, InferError> {
+        let (name, version) = split_version(spec);
+        self.model_version(name, version)
+    }
+
+    /// `name` at `version` (`None` or empty: the serving version), or `ModelNotFound` listing
+    /// what exists.
+    pub fn model_version(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelHandle>, InferError> {
+        let version = version.filter(|v| !v.is_empty());
+        match self.registry.lookup(name, version) {
+            Lookup::Found(model) => Ok(model),
+            missing => Err(not_found(name, version, missing)),
+        }
     }
 
     pub fn model_names(&self) -> String {
-        self.models
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.registry.available()
     }
 
     pub fn begin_shutdown(&self) {
@@ -149,18 +174,32 @@ impl Inference {
         self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Live and every model loaded and warmed up.
+    /// Live and every serving model loaded and warmed up. Versions loading beside a serving
+    /// one (a rollout) or under a new name do not count: loading a model at run time never
+    /// takes a ready server out of its load balancer.
     pub fn all_ready(&self) -> bool {
-        !self.is_shutting_down() && self.models.iter().all(|m| m.status.is_ready())
+        !self.is_shutting_down() && self.models().iter().all(|m| m.status.is_ready())
     }
 
-    /// Start a request for `model_name`: everything that can be decided before its body is
-    /// read. A refusal is counted in the metrics here.
-    pub fn begin(&self, model_name: &str) -> Result<InferRequest, InferError> {
+    /// Start a request for `model_spec` (`name` or `name@version`): everything that can be
+    /// decided before its body is read. A refusal is counted in the metrics here.
+    pub fn begin(&self, model_spec: &str) -> Result<InferRequest, InferError> {
+        let (name, version) = split_version(model_spec);
+        self.begin_version(name, version)
+    }
+
+    /// [`Inference::begin`] with the version apart (v2 routes and gRPC carry it so).
+    pub fn begin_version(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<InferRequest, InferError> {
         let started = Instant::now();
-        let model = match self.model(model_name) {
-            Ok(model) => model.clone(),
-            Err(err) => {
+        let version = version.filter(|v| !v.is_empty());
+        let (model, in_flight) = match self.registry.lease(name, version) {
+            Ok(leased) => leased,
+            Err(missing) => {
+                let err = not_found(name, version, missing);
                 self.metrics.unknown_model_request(err.error_type());
                 return Err(err);
             }
@@ -181,9 +220,12 @@ impl Inference {
             limits: self.limits,
             pool: self.pool.clone(),
             memory: self.memory.clone(),
+            cache: self.cache.clone(),
+            cache_use: CacheUse::default(),
             held: Vec::new(),
             span: tracing::Span::current(),
             _permit: permit,
+            _in_flight: in_flight,
             recorded: false,
         })
     }
@@ -203,6 +245,37 @@ impl Inference {
     }
 }
 
+/// `ModelNotFound` for a name or version that is not served, listing what is.
+fn not_found(name: &str, version: Option<&str>, missing: Lookup) -> InferError {
+    match (missing, version) {
+        (Lookup::NoVersion { versions }, Some(version)) => InferError::ModelNotFound {
+            name: format!("{name}@{version}"),
+            available: versions
+                .iter()
+                .map(|v| format!("{name}@{v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+        (Lookup::NoModel { available }, _) => InferError::ModelNotFound {
+            name: name.to_owned(),
+            available,
+        },
+        // A name with only a loading version: nothing serves it yet.
+        (Lookup::NoVersion { versions }, None) => InferError::ModelNotFound {
+            name: name.to_owned(),
+            available: format!(
+                "none yet under this name: {} is loading (it serves once ready)",
+                versions
+                    .iter()
+                    .map(|v| format!("{name}@{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        (Lookup::Found(_), _) => InferError::Internal,
+    }
+}
+
 /// A request admitted by [`Inference::begin`]; holds its concurrency permit until dropped.
 pub struct InferRequest {
     model: Arc<ModelHandle>,
@@ -213,11 +286,15 @@ pub struct InferRequest {
     limits: Limits,
     pool: DecodePool,
     memory: Arc<MemoryBudget>,
+    cache: Option<Arc<ResponseCache>>,
+    cache_use: CacheUse,
     /// Memory budget held until the request ends: its body and its queued model inputs.
     held: Vec<Reservation>,
     /// The front end's request span: the model thread logs about this request's images in it.
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
+    /// Keeps the version from being freed while this request uses it.
+    _in_flight: InFlight,
     recorded: bool,
 }
 
@@ -235,6 +312,11 @@ impl InferRequest {
     /// a longer one than the server's `--request-timeout` is capped.
     pub fn limit_time(&mut self, timeout: Duration) {
         self.timeout = self.timeout.min(timeout);
+    }
+
+    /// How this request may use the response cache (the client's `Cache-Control`).
+    pub fn use_cache(&mut self, usage: CacheUse) {
+        self.cache_use = usage;
     }
 
     pub fn deadline(&self) -> Instant {
@@ -264,7 +346,8 @@ impl InferRequest {
         }
     }
 
-    /// Classify `images`, computing `outputs` for each; answers in image order. Past the
+    /// Classify `images`, computing `outputs` for each; answers in image order. Images the
+    /// response cache knows are answered from it; the others are decoded and run. Past the
     /// request's deadline it answers `DeadlineExceeded` and its queued images are dropped.
     pub async fn run(
         &mut self,
@@ -273,6 +356,112 @@ impl InferRequest {
     ) -> Result<Vec<ImageOutput>, InferError> {
         self.validate(&images, &outputs)?;
         self.images = images.len();
+        let Some(cache) = self.cache.clone() else {
+            return self.run_model(images, outputs).await;
+        };
+        let keys = self.cache_keys(&images, outputs).await;
+        let mut answers: Vec<Option<ImageOutput>> = Vec::with_capacity(images.len());
+        let mut misses = Vec::new();
+        for (image, key) in images.into_iter().zip(&keys) {
+            let hit = match key {
+                Some(key) if self.cache_use.read => cache.get(key),
+                _ => None,
+            };
+            match (hit, key) {
+                (Some(prediction), _) => {
+                    self.model.metrics.cache_hits.inc();
+                    answers.push(Some(ImageOutput {
+                        prediction,
+                        decode: Duration::ZERO,
+                        preprocess: Duration::ZERO,
+                        cached: true,
+                    }));
+                }
+                (None, key) => {
+                    if key.is_some() && self.cache_use.read {
+                        self.model.metrics.cache_misses.inc();
+                    }
+                    answers.push(None);
+                    misses.push(image);
+                }
+            }
+        }
+        if !misses.is_empty() {
+            // Errors name the image by its place in the request, not among the misses.
+            let positions: Vec<usize> = (0..answers.len())
+                .filter(|&i| answers[i].is_none())
+                .collect();
+            let mut fresh = self
+                .run_model(misses, outputs)
+                .await
+                .map_err(|e| match e {
+                    InferError::Image { index, source } => InferError::Image {
+                        index: positions.get(index).copied().unwrap_or(index),
+                        source,
+                    },
+                    other => other,
+                })?
+                .into_iter();
+            for (slot, key) in answers.iter_mut().zip(keys) {
+                if slot.is_none() {
+                    let answer = fresh.next().ok_or(InferError::Internal)?;
+                    if let (Some(key), true) = (key, self.cache_use.write) {
+                        cache.insert(key, &answer.prediction);
+                    }
+                    *slot = Some(answer);
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or(InferError::Internal))
+            .collect()
+    }
+
+    /// The cache key of every encoded image (`None` for pixels, or when the request uses no
+    /// cache). Large images are hashed off the async workers.
+    async fn cache_keys(&self, images: &[ImageInput], outputs: Outputs) -> Vec<Option<CacheKey>> {
+        const HASH_INLINE_BYTES: usize = 256 * 1024;
+        if !self.cache_use.read && !self.cache_use.write {
+            return images.iter().map(|_| None).collect();
+        }
+        let encoded: Vec<Option<Bytes>> = images
+            .iter()
+            .map(|image| match image {
+                ImageInput::Encoded(bytes) => Some(bytes.clone()),
+                ImageInput::Pixels(_) => None,
+            })
+            .collect();
+        let total: usize = encoded.iter().flatten().map(Bytes::len).sum();
+        let (model, version) = (
+            self.model.name().to_owned(),
+            self.model.version().to_owned(),
+        );
+        let hash_all = move || {
+            encoded
+                .iter()
+                .map(|bytes| {
+                    bytes
+                        .as_ref()
+                        .map(|b| CacheKey::new(b, &model, &version, outputs))
+                })
+                .collect::<Vec<_>>()
+        };
+        if total <= HASH_INLINE_BYTES {
+            return hash_all();
+        }
+        match tokio::task::spawn_blocking(hash_all).await {
+            Ok(keys) => keys,
+            Err(_) => images.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Decode, queue and run `images` on the model.
+    async fn run_model(
+        &mut self,
+        images: Vec<ImageInput>,
+        outputs: Outputs,
+    ) -> Result<Vec<ImageOutput>, InferError> {
         let model = self.model.clone();
         // A wait the deadline cannot cover is refused now rather than after it.
         let wait = model.least_wait(images.len());
@@ -355,6 +544,7 @@ impl InferRequest {
                     prediction,
                     decode,
                     preprocess,
+                    cached: false,
                 })
             })
             .collect()

@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod backend;
 pub mod budget;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -34,9 +35,11 @@ pub mod http;
 pub mod hub;
 pub mod infer;
 pub mod labels;
+pub mod manage;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod registry;
 pub mod repository;
 pub mod v2;
 
@@ -44,9 +47,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use backend::{ModelHandle, SpawnOptions};
 use config::Config;
 use error::LoadError;
+use manage::{Manager, ManagerParts, ModelControl};
 use metrics::Metrics;
 use pipeline::batcher::BatcherConfig;
 use pipeline::decode::DecodeOptions;
+use registry::Lookup;
 use repository::{ModelFiles, ModelSpec};
 use std::future::Future;
 use std::sync::Arc;
@@ -113,13 +118,21 @@ pub async fn serve(
     );
     log_authentication(&keys, config.protect_metrics);
     tokio::spawn(auth::reload_on_sighup(keys.clone()));
+    let admin = match &config.admin_token {
+        Some(token) => Some(Arc::new(
+            auth::ApiKeys::new(std::slice::from_ref(token), None).map_err(|e| anyhow!(e))?,
+        )),
+        None => None,
+    };
     let Service {
         inference,
-        models,
+        manager,
         mut loads,
     } = start_service(&config).await?;
     let state = Arc::new(http::AppState {
         inference: inference.clone(),
+        manager: manager.clone(),
+        admin,
         limits: http::RequestLimits {
             max_images_per_request: config.max_images_per_request,
             max_body_bytes: config.max_body_bytes,
@@ -151,6 +164,13 @@ pub async fn serve(
         }
         None => None,
     };
+    if manager.control() == ModelControl::Poll {
+        tokio::spawn(
+            manager
+                .clone()
+                .poll(config.repository_poll_interval, stopped()),
+        );
+    }
     let address = listener.local_addr()?;
     let app = http::router(state.clone());
     let http_shutdown = stopped();
@@ -179,6 +199,7 @@ pub async fn serve(
     let deadline = Instant::now() + config.shutdown_timeout();
     tracing::info!("shutting down: no new connections, finishing admitted requests");
     inference.begin_shutdown();
+    manager.begin_shutdown();
     let _ = stop_tx.send(true);
     match tokio::time::timeout_at(deadline.into(), server).await {
         Ok(Ok(Ok(()))) => {}
@@ -194,7 +215,7 @@ pub async fn serve(
             Err(_) => tracing::warn!("shutdown timeout reached with gRPC calls still in flight"),
         }
     }
-    stop_models(&models, deadline).await;
+    stop_models(&manager.registry().all_handles(), deadline).await;
     match failure {
         Some(e) => Err(e.into()),
         None => Ok(()),
@@ -205,7 +226,7 @@ pub async fn serve(
 /// `visionserve classify` drives in process.
 pub struct Service {
     pub inference: Arc<infer::Inference>,
-    models: Vec<Arc<ModelHandle>>,
+    pub manager: Arc<Manager>,
     /// One task per model, finishing when it is loaded and warmed up (or failed to).
     loads: JoinSet<Result<(), LoadError>>,
 }
@@ -226,7 +247,8 @@ impl Service {
     /// Refuse new requests and stop the model threads (waiting for them until `deadline`).
     pub async fn stop(self, deadline: Instant) {
         self.inference.begin_shutdown();
-        stop_models(&self.models, deadline).await;
+        self.manager.begin_shutdown();
+        stop_models(&self.manager.registry().all_handles(), deadline).await;
     }
 }
 
@@ -259,18 +281,12 @@ pub async fn start_service(config: &Config) -> Result<Service> {
         metrics.memory_budget.clone(),
         metrics.memory_in_use.clone(),
     ));
-    let mut models = Vec::with_capacity(specs.len());
-    let mut loads = JoinSet::new();
-    for (spec, files) in specs.into_iter().zip(located) {
-        let model_config =
-            files
-                .config
-                .resolve(&spec.options)
-                .map_err(|message| LoadError::Invalid {
-                    model: spec.name.clone(),
-                    message,
-                })?;
-        let options = SpawnOptions {
+    let registry = Arc::new(registry::Registry::default());
+    let cache = cache::ResponseCache::new(config.cache_bytes, &metrics).map(Arc::new);
+    let manager = Arc::new(Manager::new(ManagerParts {
+        registry: registry.clone(),
+        control: config.model_control,
+        settings: SpawnOptions {
             device,
             dtype: config.dtype,
             max_batch_size,
@@ -283,31 +299,38 @@ pub async fn start_service(config: &Config) -> Result<Service> {
             max_queue_images: config.max_queue_images,
             intra_op_threads: Some(budgets.intra_op_threads),
             batch_timeout: config.batch_timeout,
-        };
-        let model_metrics = metrics.for_model(&spec.name);
-        let (handle, loaded) = ModelHandle::spawn(
-            spec.name.clone(),
-            spec.source,
-            files,
-            model_config,
-            model_metrics,
-            options,
-        )?;
-        tracing::info!(
-            model = %spec.name,
-            architecture = %handle.info.architecture,
-            device = %handle.info.device,
-            input = ?handle.info.preprocess.input_size,
-            "loading model"
-        );
-        models.push(handle);
+        },
+        metrics: metrics.clone(),
+        memory_budget: budgets.models,
+        // No admitted request outlives its timeout plus the time to send its body.
+        drain_timeout: std::time::Duration::from_secs(config.request_timeout + config.body_timeout),
+        repository: config.model_repository.clone(),
+        cache: cache.clone(),
+    }));
+    let mut loads = JoinSet::new();
+    for (spec, files) in specs.into_iter().zip(located) {
+        let loaded = manager
+            .start(&spec.name, &spec.source, files, &spec.options)
+            .map_err(|e| LoadError::Invalid {
+                model: spec.name.clone(),
+                message: format!("{e:#}"),
+            })?;
+        if let Lookup::Found(handle) = registry.lookup(&spec.name, None) {
+            tracing::info!(
+                model = %spec.name,
+                architecture = %handle.info.architecture,
+                device = %handle.info.device,
+                input = ?handle.info.preprocess.input_size,
+                "loading model"
+            );
+        }
         loads.spawn(wait_loaded(spec.name, loaded));
     }
 
-    let inference = Arc::new(infer::Inference::new(
-        models.clone(),
+    let inference = Arc::new(infer::Inference::new(infer::Parts {
+        registry,
         default_model,
-        infer::Limits {
+        limits: infer::Limits {
             max_images_per_request: config.max_images_per_request,
             max_concurrent_requests: config.max_concurrent_requests,
             request_timeout: std::time::Duration::from_secs(config.request_timeout),
@@ -316,13 +339,14 @@ pub async fn start_service(config: &Config) -> Result<Service> {
                 exif_transpose: config.exif_transpose,
             },
         },
-        pipeline::DecodePool::new(budgets.decode_threads),
+        pool: pipeline::DecodePool::new(budgets.decode_threads),
         memory,
         metrics,
-    ));
+        cache,
+    }));
     Ok(Service {
         inference,
-        models,
+        manager,
         loads,
     })
 }
@@ -330,16 +354,29 @@ pub async fn start_service(config: &Config) -> Result<Service> {
 /// The bounds derived from what the container gives (each overridable by its flag).
 struct Budgets {
     memory: u64,
+    /// What the models' estimates may add up to (`--model-memory-budget`).
+    models: u64,
     decode_threads: usize,
     intra_op_threads: usize,
 }
 
 impl Budgets {
     fn derive(config: &Config, resources: &budget::Resources) -> Self {
+        const RUNTIME: u64 = 512 << 20;
+        const MIN_MODELS: u64 = 256 << 20;
+        let memory = config
+            .memory_budget
+            .unwrap_or_else(|| resources.default_budget());
         Self {
-            memory: config
-                .memory_budget
-                .unwrap_or_else(|| resources.default_budget()),
+            memory,
+            models: config.model_memory_budget.unwrap_or_else(|| {
+                resources
+                    .memory_limit
+                    .saturating_sub(memory)
+                    .saturating_sub(config.cache_bytes)
+                    .saturating_sub(RUNTIME)
+                    .max(MIN_MODELS)
+            }),
             // Decoding and the model share the CPUs rather than splitting them: decoding runs
             // in bursts between batches, and a model thread limited to half the cores would
             // leave them idle whenever nothing decodes.
@@ -364,6 +401,7 @@ impl Budgets {
             memory_limit_from = %resources.memory_source,
             cpus = resources.cpus,
             memory_budget = %budget::mib(self.memory),
+            model_memory_budget = %budget::mib(self.models),
             memory_budget_from = %origin(config.memory_budget.is_some(), "memory limit / 4, at least 64 MiB"),
             decode_threads = self.decode_threads,
             intra_op_threads = self.intra_op_threads,
@@ -464,23 +502,13 @@ async fn locate_all(specs: &[ModelSpec]) -> Result<Vec<ModelFiles>> {
     Ok(found.into_iter().flatten().collect())
 }
 
-/// Find a model's files; `hf-hub:` sources may download (blocking), so this runs off the
-/// async workers.
+/// Find a model's files (`hf-hub:` sources may download).
 async fn locate(spec: &ModelSpec) -> Result<ModelFiles> {
-    let spec = spec.clone();
-    let name = spec.name.clone();
-    tokio::task::spawn_blocking(move || {
-        let path = if spec.source.starts_with(hub::PREFIX) {
-            hub::resolve(&spec.source)?
-        } else {
-            std::path::PathBuf::from(&spec.source)
-        };
-        ModelFiles::locate_with(&path, spec.options.arch.as_deref())
-    })
-    .await?
-    .map_err(|message| LoadError::Invalid {
-        model: name.clone(),
-        message,
-    })
-    .with_context(|| format!("locating model {name:?}"))
+    manage::locate(&spec.source, spec.options.arch.as_deref())
+        .await
+        .map_err(|message| LoadError::Invalid {
+            model: spec.name.clone(),
+            message,
+        })
+        .with_context(|| format!("locating model {:?}", spec.name))
 }

@@ -27,19 +27,20 @@ pub const OUTPUT_PROBABILITIES: &str = "probabilities";
 pub const OUTPUT_LOGITS: &str = "logits";
 pub const OUTPUT_EMBEDDINGS: &str = "embeddings";
 
-/// Every model has one version until run-time model management brings more.
-pub const MODEL_VERSION: &str = "1";
 pub const PLATFORM: &str = "visionserve";
 /// The extensions of the protocol served, for `GET /v2` and ServerMetadata.
-pub const EXTENSIONS: &[&str] = &["classification", "binary_tensor_data", "statistics"];
+pub const EXTENSIONS: &[&str] = &[
+    "classification",
+    "binary_tensor_data",
+    "statistics",
+    "model_repository",
+];
 
 /// A v2 error: the request does not fit the protocol or the model, or the service refused it.
 #[derive(Debug, thiserror::Error)]
 pub enum V2Error {
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("model {model:?} has no version {version:?}; its versions: {MODEL_VERSION}")]
-    VersionNotFound { model: String, version: String },
     #[error(transparent)]
     Infer(#[from] InferError),
 }
@@ -49,7 +50,6 @@ impl V2Error {
     pub fn error_type(&self) -> &'static str {
         match self {
             V2Error::InvalidArgument(_) => "bad_request",
-            V2Error::VersionNotFound { .. } => "model_not_found",
             V2Error::Infer(err) => err.error_type(),
         }
     }
@@ -61,17 +61,6 @@ impl V2Error {
 
 fn invalid(message: impl Into<String>) -> V2Error {
     V2Error::InvalidArgument(message.into())
-}
-
-/// The only version a model has; anything else is `VersionNotFound`.
-pub fn check_version(model: &str, version: Option<&str>) -> Result<(), V2Error> {
-    match version {
-        None | Some("") | Some(MODEL_VERSION) => Ok(()),
-        Some(other) => Err(V2Error::VersionNotFound {
-            model: model.to_owned(),
-            version: other.to_owned(),
-        }),
-    }
 }
 
 /// The tensor datatypes the protocol names.
@@ -508,8 +497,8 @@ pub struct ModelMetadata {
     pub outputs: Vec<TensorMetadata>,
 }
 
-/// The model's tensors as the metadata endpoints describe them.
-pub fn model_metadata(model: &ModelHandle) -> ModelMetadata {
+/// The model's tensors as the metadata endpoints describe them; `versions`: those loaded.
+pub fn model_metadata(model: &ModelHandle, versions: Vec<String>) -> ModelMetadata {
     let (h, w) = model.info.preprocess.input_size;
     let classes = model.info.num_classes as i64;
     let mut outputs = vec![
@@ -533,7 +522,7 @@ pub fn model_metadata(model: &ModelHandle) -> ModelMetadata {
     }
     ModelMetadata {
         name: model.name().to_owned(),
-        versions: vec![MODEL_VERSION.to_owned()],
+        versions,
         platform: format!("{PLATFORM}_{}", model.status.backend()),
         inputs: vec![
             TensorMetadata {
@@ -611,7 +600,7 @@ pub fn model_stats(model: &ModelHandle) -> ModelStats {
         .collect();
     ModelStats {
         name: model.name().to_owned(),
-        version: MODEL_VERSION.to_owned(),
+        version: model.version().to_owned(),
         last_inference: stats.last_inference_ms.load(Ordering::Relaxed),
         inference_count: stats.inference_count.load(Ordering::Relaxed),
         execution_count: stats.execution_count.load(Ordering::Relaxed),
@@ -680,13 +669,5 @@ mod tests {
         assert_eq!(Datatype::parse("FP32").unwrap(), Datatype::Fp32);
         assert_eq!(Datatype::Bytes.name(), "BYTES");
         assert!(Datatype::parse("FLOAT").is_err());
-    }
-
-    #[test]
-    fn only_version_one_exists() {
-        assert!(check_version("m", None).is_ok());
-        assert!(check_version("m", Some("1")).is_ok());
-        let err = check_version("m", Some("2")).unwrap_err();
-        assert_eq!(err.error_type(), "model_not_found");
     }
 }

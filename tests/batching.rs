@@ -102,9 +102,9 @@ async fn post_64_concurrent_images(server: &TestServer) -> (f64, Vec<usize>) {
     let value = |series: &str| {
         metric(&metrics, series).unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
     };
-    let batches = value(r#"visionserve_batch_size_count{model="lite0"}"#);
-    let images = value(r#"visionserve_batch_size_sum{model="lite0"}"#);
-    let at_most_max = value(r#"visionserve_batch_size_bucket{model="lite0",le="8"}"#);
+    let batches = value(r#"visionserve_batch_size_count{model="lite0",version="1"}"#);
+    let images = value(r#"visionserve_batch_size_sum{model="lite0",version="1"}"#);
+    let at_most_max = value(r#"visionserve_batch_size_bucket{model="lite0",version="1",le="8"}"#);
     assert_eq!(images, 64.0, "every image ran exactly once");
     assert_eq!(
         at_most_max, batches,

@@ -311,7 +311,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_working() {
         .await,
         404,
         "model_not_found",
-        "lite0, lite0_ts",
+        "lite0, lite0_pth, lite0_ts",
     )
     .await;
     let response = client()
@@ -526,24 +526,35 @@ async fn metrics_move_and_parse() {
         let (b, a) = (get(&before, k), get(&after, k));
         assert!(a > b, "{k} did not move ({b} -> {a})\n{text}");
     };
-    moved(r#"visionserve_requests_total{model="lite0",outcome="success"}"#);
-    moved(r#"visionserve_images_total{model="lite0",outcome="success"}"#);
-    moved(r#"visionserve_request_failures_total{model="lite0",reason="undecodable_image"}"#);
-    moved(r#"visionserve_request_duration_seconds_count{model="lite0"}"#);
-    moved(r#"visionserve_preprocess_duration_seconds_count{model="lite0"}"#);
-    moved(r#"visionserve_inference_duration_seconds_count{model="lite0"}"#);
-    moved(r#"visionserve_queue_wait_seconds_count{model="lite0"}"#);
-    moved(r#"visionserve_batch_size_count{model="lite0"}"#);
+    moved(r#"visionserve_requests_total{model="lite0",version="1",outcome="success"}"#);
+    moved(r#"visionserve_images_total{model="lite0",version="1",outcome="success"}"#);
+    moved(
+        r#"visionserve_request_failures_total{model="lite0",version="1",reason="undecodable_image"}"#,
+    );
+    moved(r#"visionserve_request_duration_seconds_count{model="lite0",version="1"}"#);
+    moved(r#"visionserve_preprocess_duration_seconds_count{model="lite0",version="1"}"#);
+    moved(r#"visionserve_inference_duration_seconds_count{model="lite0",version="1"}"#);
+    moved(r#"visionserve_queue_wait_seconds_count{model="lite0",version="1"}"#);
+    moved(r#"visionserve_batch_size_count{model="lite0",version="1"}"#);
     assert_eq!(
-        get(&after, r#"visionserve_model_ready{model="lite0"}"#),
+        get(
+            &after,
+            r#"visionserve_model_ready{model="lite0",version="1"}"#
+        ),
         1.0
     );
-    assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0"}"#));
+    assert!(after.contains_key(r#"visionserve_queue_depth{model="lite0",version="1"}"#));
     // Other tests share this server, so some of their images may be admitted right now: the
     // count is between 0 and the limit, never negative (an admission given back twice) nor
     // above it.
-    let admitted = get(&after, r#"visionserve_admitted_images{model="lite0"}"#);
-    let limit = get(&after, r#"visionserve_max_admitted_images{model="lite0"}"#);
+    let admitted = get(
+        &after,
+        r#"visionserve_admitted_images{model="lite0",version="1"}"#,
+    );
+    let limit = get(
+        &after,
+        r#"visionserve_max_admitted_images{model="lite0",version="1"}"#,
+    );
     assert_eq!(limit, 256.0);
     assert!(
         (0.0..=limit).contains(&admitted),
@@ -560,7 +571,12 @@ async fn metrics_move_and_parse() {
         env!("CARGO_PKG_VERSION")
     );
     assert!(text.contains(&build), "{text}");
-    assert!(get(&after, r#"visionserve_model_warmup_seconds{model="lite0"}"#) > 0.0);
+    assert!(
+        get(
+            &after,
+            r#"visionserve_model_warmup_seconds{model="lite0",version="1"}"#
+        ) > 0.0
+    );
     // `make test` installs promtool and sets VISIONSERVE_REQUIRE_PROMTOOL=1 so this cannot be
     // skipped there; a bare `cargo test` without promtool checks the parse above only.
     let promtool = std::process::Command::new("promtool")

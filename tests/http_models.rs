@@ -75,7 +75,7 @@ async fn efficientnet_and_coatnet_side_by_side() {
     for (name, _) in MODELS {
         let images = metric(
             &metrics,
-            &format!("visionserve_batch_size_sum{{model=\"{name}\"}}"),
+            &format!("visionserve_batch_size_sum{{model=\"{name}\",version=\"1\"}}"),
         );
         assert_eq!(
             images,

@@ -199,7 +199,7 @@ async fn wait_for_first_batch(base: &str, requests: usize) {
         let text = scrape(base).await;
         let batches_run = metric(
             &text,
-            r#"visionserve_inference_duration_seconds_count{model="lite0"}"#,
+            r#"visionserve_inference_duration_seconds_count{model="lite0",version="1"}"#,
         )
         .unwrap_or(0.0);
         assert!(
@@ -333,9 +333,10 @@ async fn disconnected_clients_are_dropped_before_inference() {
     for _ in 0..100 {
         let metrics = scrape(&server.base).await;
         let value = |series: &str| metric(&metrics, series).unwrap_or(0.0);
-        let dropped =
-            value(r#"visionserve_dropped_images_total{model="lite0",reason="client_gone"}"#);
-        let ran = value(r#"visionserve_batch_size_sum{model="lite0"}"#);
+        let dropped = value(
+            r#"visionserve_dropped_images_total{model="lite0",version="1",reason="client_gone"}"#,
+        );
+        let ran = value(r#"visionserve_batch_size_sum{model="lite0",version="1"}"#);
         settled = if (ran, dropped) == last {
             settled + 1
         } else {
@@ -355,9 +356,11 @@ async fn disconnected_clients_are_dropped_before_inference() {
             assert!(ran < 16.0, "abandoned images ran anyway\n{metrics}");
             // An impatient client whose image ran first may be answered within its 100 ms:
             // every request is counted once, as answered or as gone.
-            let gone =
-                value(r#"visionserve_request_failures_total{model="lite0",reason="client_gone"}"#);
-            let served = value(r#"visionserve_requests_total{model="lite0",outcome="success"}"#);
+            let gone = value(
+                r#"visionserve_request_failures_total{model="lite0",version="1",reason="client_gone"}"#,
+            );
+            let served =
+                value(r#"visionserve_requests_total{model="lite0",version="1",outcome="success"}"#);
             assert!(gone >= 1.0, "no hung-up client was counted\n{metrics}");
             assert_eq!(
                 gone + served,
@@ -508,11 +511,15 @@ async fn requests_past_their_deadline_get_504_and_their_images_never_run() {
     // Whether refused up front (the queue's estimated wait) or dropped from the queue when
     // their deadline passed, the timed-out images never reached the model.
     let text = scrape(&server.base).await;
-    let ran = metric(&text, r#"visionserve_batch_size_sum{model="lite0"}"#).unwrap();
+    let ran = metric(
+        &text,
+        r#"visionserve_batch_size_sum{model="lite0",version="1"}"#,
+    )
+    .unwrap();
     assert_eq!(ran, 8.0, "only the patient requests' images ran\n{text}");
     let timed_out = metric(
         &text,
-        r#"visionserve_request_failures_total{model="lite0",reason="deadline_exceeded"}"#,
+        r#"visionserve_request_failures_total{model="lite0",version="1",reason="deadline_exceeded"}"#,
     )
     .unwrap();
     assert_eq!(timed_out, 4.0, "{text}");

@@ -144,13 +144,18 @@ async fn a_wedged_or_panicking_model_is_answered_for_and_restarted() {
     let restarts = |reason: &str| {
         metric(
             &text,
-            &format!(r#"visionserve_model_restarts_total{{model="lite0",reason="{reason}"}}"#),
+            &format!(
+                r#"visionserve_model_restarts_total{{model="lite0",version="1",reason="{reason}"}}"#
+            ),
         )
     };
     assert_eq!(restarts("batch_timeout"), Some(1.0));
     assert_eq!(restarts("panic"), Some(1.0));
     assert_eq!(
-        metric(&text, r#"visionserve_model_ready{model="lite0"}"#),
+        metric(
+            &text,
+            r#"visionserve_model_ready{model="lite0",version="1"}"#
+        ),
         Some(1.0)
     );
 

@@ -156,7 +156,10 @@ async fn metadata_describes_the_models_tensors() {
     let (status, version) = get("/v2/models/lite0/versions/2").await;
     assert_eq!(status, 404);
     assert!(
-        version["error"].as_str().unwrap().contains("no version"),
+        version["error"]
+            .as_str()
+            .unwrap()
+            .contains("available: lite0@1"),
         "{version}"
     );
 }

@@ -16,7 +16,7 @@ use crate::pipeline::preprocess::PreprocessConfig;
 use crate::pipeline::{BatcherLink, ImageJob};
 use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
 use serde::Serialize;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcqu
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
+    /// The version `name@version` addresses (the first load of a name is `1`).
+    pub version: String,
     pub architecture: String,
     pub tag: Option<String>,
     pub source: String,
@@ -90,6 +92,8 @@ const READY: u8 = 1;
 const FAILED: u8 = 2;
 /// The model thread wedged or panicked; a new one is being started.
 const RESTARTING: u8 = 3;
+/// Loaded, timing every batch size before it is ready.
+const WARMING: u8 = 4;
 
 /// Load state, written by the model thread and read by handlers.
 #[derive(Debug, Default)]
@@ -114,6 +118,7 @@ impl ModelStatus {
             READY => "ready",
             FAILED => "failed",
             RESTARTING => "restarting",
+            WARMING => "warming",
             _ => "loading",
         }
     }
@@ -161,6 +166,14 @@ impl ModelStatus {
         self.state.store(READY, Ordering::Release);
     }
 
+    /// The weights are loaded and warm-up begins (only on the first load: a restart stays
+    /// `restarting` until ready).
+    fn set_warming(&self) {
+        let _ = self
+            .state
+            .compare_exchange(0, WARMING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     fn set_failed(&self, message: String) {
         self.set_failure(Some(message));
         self.state.store(FAILED, Ordering::Release);
@@ -204,6 +217,18 @@ pub struct ModelHandle {
     closing: watch::Sender<bool>,
     /// One per instance.
     threads: Vec<supervisor::ThreadSlot>,
+    /// Requests holding this version (see [`InFlight`]).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A request's hold on a model version: counted from the lookup that found the version
+/// (`Registry::lease`) until the request ends, so that draining knows when it is done.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Images a request has been allowed to put in flight. While held, they count against
@@ -238,6 +263,8 @@ impl Drop for Admission {
     }
 }
 
+/// How a model version is spawned: the server-wide settings every version gets.
+#[derive(Debug, Clone, Copy)]
 pub struct SpawnOptions {
     pub device: tch::Device,
     pub dtype: DType,
@@ -255,8 +282,10 @@ impl ModelHandle {
     /// Start the batcher task and the model's supervisor, which starts the model thread; the
     /// thread loads and warms the model up and the outcome is reported on the returned
     /// channel.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         name: String,
+        version: String,
         source: String,
         files: ModelFiles,
         config: ModelConfig,
@@ -266,6 +295,7 @@ impl ModelHandle {
         let kind = device::kind(options.dtype, options.device)?;
         let info = ModelInfo {
             name: name.clone(),
+            version,
             architecture: config.architecture.clone(),
             tag: config.tag.clone(),
             source,
@@ -349,12 +379,28 @@ impl ModelHandle {
             admission: Arc::new(Semaphore::new(options.max_queue_images)),
             closing: closing_tx,
             threads,
+            in_flight: Arc::default(),
         });
         Ok((handle, loaded_rx))
     }
 
     pub fn name(&self) -> &str {
         &self.info.name
+    }
+
+    pub fn version(&self) -> &str {
+        &self.info.version
+    }
+
+    /// Count one more request holding this version until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Requests holding this version now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     pub fn ensure_ready(&self) -> Result<(), InferError> {

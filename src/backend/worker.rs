@@ -433,6 +433,7 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     let start = Instant::now();
     let runner = Runner::load(spec)?;
     status.set_backend(runner.backend());
+    status.set_warming();
     let loaded_in = start.elapsed();
     let timings = {
         let _alone = ctx.warmup_gate.lock().unwrap_or_else(|e| e.into_inner());

@@ -6,7 +6,7 @@ use super::input::discard_body;
 use super::AppState;
 use crate::auth::AuthError;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,6 +18,9 @@ pub async fn require_api_key(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
+    if is_management(request.method(), path) {
+        return require_admin_key(&state, request, next).await;
+    }
     if is_open(path, state.protect_metrics) {
         return next.run(request).await;
     }
@@ -33,6 +36,46 @@ pub async fn require_api_key(
         Err(err) => {
             state.inference.metrics().unauthorized_request("http");
             let v2 = path.starts_with("/v2");
+            discard_body(request);
+            refusal(err, v2)
+        }
+    }
+}
+
+/// The management API's routes: they take the admin key, and only it.
+fn is_management(method: &Method, path: &str) -> bool {
+    path == "/v1/repository"
+        || path.starts_with("/v2/repository/")
+        || (method == Method::POST && path == "/v1/models")
+        || (method == Method::DELETE && path.starts_with("/v1/models/"))
+}
+
+/// `--admin-token`: 403 when none is configured (the API is off), 401 for a wrong or missing
+/// key; an inference key is a wrong key here.
+async fn require_admin_key(state: &AppState, request: Request, next: Next) -> Response {
+    let v2 = request.uri().path().starts_with("/v2");
+    let Some(admin) = &state.admin else {
+        discard_body(request);
+        let message = "the management API is off: start the server with --admin-token (and \
+                       --model-control explicit to load and unload models)";
+        let body = if v2 {
+            serde_json::json!({ "error": message })
+        } else {
+            serde_json::json!({ "error": message, "error_type": "management_disabled" })
+        };
+        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+    };
+    let headers = request.headers();
+    let verdict = admin.check(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        headers.get("x-api-key").map(HeaderValue::as_bytes),
+    );
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(err) => {
+            state.inference.metrics().unauthorized_request("http");
             discard_body(request);
             refusal(err, v2)
         }

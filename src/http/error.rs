@@ -52,7 +52,6 @@ pub fn infer_status(err: &InferError) -> StatusCode {
 pub fn v2_status(err: &V2Error) -> StatusCode {
     match err {
         V2Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        V2Error::VersionNotFound { .. } => StatusCode::NOT_FOUND,
         V2Error::Infer(err) => match infer_status(err) {
             status @ (StatusCode::NOT_FOUND
             | StatusCode::SERVICE_UNAVAILABLE

@@ -165,6 +165,7 @@ async fn classify_images(
     for timeout in [query_timeout, header_timeout].into_iter().flatten() {
         infer.limit_time(timeout);
     }
+    infer.use_cache(cache_use(request.headers()));
     let request = reserve_body(infer, request, state.limits.max_body_bytes).await?;
     let RequestImages {
         images,
@@ -186,9 +187,13 @@ async fn classify_images(
         results.push(result);
     }
     request_timing.total = millis(infer.started().elapsed());
-    let server_timing = request_timing.server_timing();
+    let mut server_timing = request_timing.server_timing();
+    if state.inference.cache().is_some() {
+        server_timing.push_str(&cache_timing(results.iter().map(|r| r.cached)));
+    }
     let body = ClassifyResponse {
         model: model.name().to_owned(),
+        version: model.version().to_owned(),
         results,
         timing_ms: request_timing,
     };
@@ -197,6 +202,31 @@ async fn classify_images(
         response.headers_mut().insert("server-timing", value);
     }
     Ok(response)
+}
+
+/// How the request may use the response cache, from its `Cache-Control` header.
+pub fn cache_use(headers: &HeaderMap) -> crate::cache::CacheUse {
+    crate::cache::CacheUse::from_cache_control(
+        headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// The `Server-Timing` entry saying whether the answers came from the response cache: `hit`
+/// (all of them), `miss` (none) or `partial`.
+pub fn cache_timing(cached: impl Iterator<Item = bool>) -> String {
+    let (mut hits, mut total) = (0, 0);
+    for hit in cached {
+        total += 1;
+        hits += usize::from(hit);
+    }
+    let word = match hits {
+        0 => "miss",
+        h if h == total => "hit",
+        _ => "partial",
+    };
+    format!(", cache;desc={word}")
 }
 
 /// The `Request-Timeout` header (`250ms`, `1.5s`, ...), if the client sent one.
@@ -223,6 +253,7 @@ pub(crate) fn image_result(labels: &[String], output: ImageOutput) -> ImageResul
         prediction,
         decode,
         preprocess,
+        cached,
     } = output;
     let predictions = prediction
         .top
@@ -235,6 +266,7 @@ pub(crate) fn image_result(labels: &[String], output: ImageOutput) -> ImageResul
         .collect();
     ImageResult {
         predictions,
+        cached,
         batch_size: prediction.batch_size,
         timing_ms: Timing {
             decode: millis(decode),
@@ -309,6 +341,7 @@ pub struct ModelList {
 #[allow(dead_code)] // a schema: the handlers write `ModelStatus::state_name()`'s words
 enum ModelStateSchema {
     Loading,
+    Warming,
     Ready,
     Failed,
     Restarting,
@@ -340,7 +373,7 @@ pub async fn get_model(
     Path(name): Path<String>,
 ) -> Result<Json<ModelDescription>, ApiError> {
     let model = state.inference.model(&name)?;
-    Ok(Json(describe(&state, model)))
+    Ok(Json(describe(&state, &model)))
 }
 
 /// The page to try the models in a browser (`src/http/ui/index.html`: one self-contained file,
@@ -448,6 +481,9 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         UnauthorizedResponse,
     ))]
 pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(cache) = state.inference.cache() {
+        cache.refresh_gauges();
+    }
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -6,6 +6,7 @@ pub mod error;
 pub(crate) mod handlers;
 mod input;
 pub(crate) mod linger;
+mod manage;
 pub mod openapi;
 pub mod types;
 mod v2;
@@ -58,6 +59,10 @@ pub struct RequestLimits {
 /// Everything handlers share: the inference service, the HTTP limits and the API keys.
 pub struct AppState {
     pub inference: Arc<Inference>,
+    /// Loads, rolls out and unloads models (the management API).
+    pub manager: Arc<crate::manage::Manager>,
+    /// `--admin-token`: the key of the management API (`None`: the API answers 403).
+    pub admin: Option<Arc<ApiKeys>>,
     pub limits: RequestLimits,
     pub keys: Arc<ApiKeys>,
     /// `--protect-metrics`: `/metrics` needs a key too.
@@ -92,6 +97,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/models/{model}/classify",
     "/v1/models",
     "/v1/models/{model}",
+    "/v1/repository",
     "/health/live",
     "/health/ready",
     "/metrics",
@@ -107,6 +113,9 @@ pub const ROUTES: &[&str] = &[
     "/v2/models/{model}/versions/{version}/stats",
     "/v2/models/{model}/infer",
     "/v2/models/{model}/versions/{version}/infer",
+    "/v2/repository/index",
+    "/v2/repository/models/{model}/load",
+    "/v2/repository/models/{model}/unload",
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -116,8 +125,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/classify", post(handlers::classify_default))
         .route("/v1/models/{model}/classify", post(handlers::classify_model))
-        .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model))
+        .route(
+            "/v1/models",
+            get(handlers::list_models).post(manage::load),
+        )
+        .route(
+            "/v1/models/{model}",
+            get(handlers::get_model).delete(manage::unload),
+        )
+        .route("/v1/repository", get(manage::repository))
+        .route("/v2/repository/index", post(manage::v2_index))
+        .route("/v2/repository/models/{model}/load", post(manage::v2_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(manage::v2_unload),
+        )
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))

@@ -45,6 +45,12 @@ use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
         versioned_model_ready,
         versioned_model_stats,
         versioned_infer,
+        super::manage::repository,
+        super::manage::load,
+        super::manage::unload,
+        super::manage::v2_index,
+        super::manage::v2_load,
+        super::manage::v2_unload,
     ),
     components(schemas(
         ErrorBody,
@@ -59,6 +65,7 @@ use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
     tags(
         (name = "v1", description = "The native API: images in, labelled top-k and per-stage timing out"),
         (name = "v2", description = "KServe v2 / Open Inference Protocol, with Triton's binary tensor, classification and statistics extensions"),
+        (name = "management", description = "Load, roll out and unload models at run time (--model-control explicit); every route takes the --admin-token key"),
         (name = "operations", description = "Health probes, metrics, the API description and the web page"),
     ),
 )]
@@ -103,11 +110,16 @@ pub const ERROR_TYPES: &[&str] = &[
     "bad_request",
     "body_timeout",
     "body_too_large",
+    "conflict",
     "deadline_exceeded",
     "empty_image",
     "image_too_large",
+    "insufficient_memory",
     "internal",
+    "load_failed",
+    "management_disabled",
     "memory_busy",
+    "model_control_disabled",
     "model_not_found",
     "not_found",
     "not_ready",
@@ -188,7 +200,7 @@ pub struct ModelPathParam {
 pub struct VersionedModelPathParam {
     /// A served model's name.
     model: String,
-    /// The model's version: every model serves version `1`.
+    /// The model's version: `1` for a name's first load, the next number for each rollout (GET /v2/models/{model} lists those loaded).
     #[param(example = "1")]
     version: String,
 }
@@ -336,7 +348,7 @@ impl IntoResponses for V2UnauthorizedResponse {
 // The versioned v2 routes run the same handlers as the unversioned ones; these functions only
 // carry their documentation.
 
-/// Model metadata, for a version (every model serves version `1`).
+/// Model metadata, for a version.
 #[utoipa::path(get, path = "/v2/models/{model}/versions/{version}", tag = "v2",
     params(VersionedModelPathParam),
     responses(

@@ -5,6 +5,8 @@ use serde::Serialize;
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClassifyResponse {
     pub model: String,
+    /// The version that answered (`name@version` addresses one).
+    pub version: String,
     pub results: Vec<ImageResult>,
     pub timing_ms: Timing,
 }
@@ -12,6 +14,9 @@ pub struct ClassifyResponse {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImageResult {
     pub predictions: Vec<Prediction>,
+    /// Answered from the response cache (`--cache-bytes`): nothing was decoded or run, and
+    /// the stage times are zero.
+    pub cached: bool,
     /// Images in the batch this image ran in.
     pub batch_size: usize,
     pub timing_ms: Timing,

@@ -195,13 +195,11 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(ServerReady { ready })).into_response()
 }
 
-fn find_model<'a>(
-    inference: &'a Inference,
+fn find_model(
+    inference: &Inference,
     path: &ModelPath,
-) -> Result<&'a Arc<crate::backend::ModelHandle>, Failure> {
-    let model = inference.model(&path.model)?;
-    v2::check_version(&path.model, path.version.as_deref())?;
-    Ok(model)
+) -> Result<Arc<crate::backend::ModelHandle>, Failure> {
+    Ok(inference.model_version(&path.model, path.version.as_deref())?)
 }
 
 /// Model metadata: its tensors (inputs `image` BYTES or `pixels` UINT8; outputs
@@ -218,7 +216,8 @@ pub(super) async fn model_metadata(
     Path(path): Path<ModelPath>,
 ) -> Result<Json<v2::ModelMetadata>, Failure> {
     let model = find_model(&state.inference, &path)?;
-    Ok(Json(v2::model_metadata(model)))
+    let versions = state.inference.registry().versions(model.name());
+    Ok(Json(v2::model_metadata(&model, versions)))
 }
 
 /// Model readiness.
@@ -261,7 +260,7 @@ pub(super) async fn model_stats(
 ) -> Result<Json<Statistics>, Failure> {
     let model = find_model(&state.inference, &path)?;
     Ok(Json(Statistics {
-        model_stats: vec![v2::model_stats(model)],
+        model_stats: vec![v2::model_stats(&model)],
     }))
 }
 
@@ -293,9 +292,10 @@ pub(super) async fn infer(
     Path(path): Path<ModelPath>,
     request: Request,
 ) -> Response {
-    let begun = v2::check_version(&path.model, path.version.as_deref())
-        .map_err(Failure::from)
-        .and_then(|()| state.inference.begin(&path.model).map_err(Failure::from));
+    let begun = state
+        .inference
+        .begin_version(&path.model, path.version.as_deref())
+        .map_err(Failure::from);
     let mut infer = match begun {
         Ok(infer) => infer,
         Err(err) => {
@@ -331,6 +331,7 @@ async fn run_infer(
             return Err(err);
         }
     };
+    infer.use_cache(super::handlers::cache_use(request.headers()));
     let request = reserve_body(infer, request, limits.max_body_bytes)
         .await
         .map_err(Failure::from)?;
@@ -355,12 +356,20 @@ async fn run_infer(
     let images = std::mem::take(&mut plan.images);
     let results = infer.run(images, plan.outputs).await?;
     let outputs = v2::render(&model, &plan, &results);
-    Ok(render_response(
+    let mut response = render_response(
         model.name(),
+        model.version(),
         parsed.id,
         outputs,
         &parsed.binary,
-    ))
+    );
+    if state.inference.cache().is_some() {
+        let timing = super::handlers::cache_timing(results.iter().map(|r| r.cached));
+        if let Ok(value) = HeaderValue::from_str(timing.trim_start_matches(", ")) {
+            response.headers_mut().insert("server-timing", value);
+        }
+    }
+    Ok(response)
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Failure> {
@@ -658,7 +667,7 @@ pub struct InferResponseJson<'a> {
     #[schema(value_type = String)]
     model_name: &'a str,
     #[schema(value_type = String)]
-    model_version: &'static str,
+    model_version: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     outputs: Vec<OutputTensorJson<'a>>,
@@ -703,6 +712,7 @@ enum OutputDataJson<'a> {
 /// The response: JSON alone, or JSON followed by the binary outputs.
 fn render_response(
     model: &str,
+    version: &str,
     id: Option<String>,
     outputs: Vec<Output>,
     binary: &BinaryOutputs,
@@ -738,7 +748,7 @@ fn render_response(
         .collect();
     let json = serde_json::to_vec(&InferResponseJson {
         model_name: model,
-        model_version: v2::MODEL_VERSION,
+        model_version: version,
         id,
         outputs: tensors,
     })
@@ -848,7 +858,7 @@ mod tests {
             all: true,
             named: HashMap::new(),
         };
-        let response = render_response("m", Some("x".into()), outputs, &binary);
+        let response = render_response("m", "1", Some("x".into()), outputs, &binary);
         let length: usize = response.headers()[HEADER_LENGTH]
             .to_str()
             .unwrap()

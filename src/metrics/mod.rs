@@ -39,6 +39,11 @@ pub const ADMISSION_LIMIT: &str = "max_admitted_images";
 pub const BUILD_INFO: &str = "build_info";
 pub const MODEL_LOAD: &str = "model_load_seconds";
 pub const MODEL_WARMUP: &str = "model_warmup_seconds";
+pub const CACHE_HITS: &str = "cache_hits";
+pub const CACHE_MISSES: &str = "cache_misses";
+pub const CACHE_EVICTIONS: &str = "cache_evictions";
+pub const CACHE_BYTES: &str = "cache_bytes";
+pub const CACHE_CAPACITY: &str = "cache_capacity_bytes";
 
 /// `visionserve_build_info`'s labels: what this binary is and what it was built against.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +72,8 @@ pub const UNKNOWN_MODEL: &str = "_unknown";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
     pub model: String,
+    /// The model version (`1` for the first load of a name): rollouts get their own series.
+    pub version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,12 +84,14 @@ pub struct ProtocolLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub model: String,
+    pub version: String,
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub model: String,
+    pub version: String,
     pub reason: &'static str,
 }
 
@@ -123,6 +132,12 @@ pub struct Metrics {
     /// The in-flight memory budget and the part of it held now.
     pub memory_budget: Gauge,
     pub memory_in_use: Gauge,
+    /// The response cache (`--cache-bytes`): lookups by model, evictions, size and capacity.
+    cache_hits: Family<ModelLabel, Counter>,
+    cache_misses: Family<ModelLabel, Counter>,
+    pub cache_evictions: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_capacity: Gauge,
 }
 
 impl Default for Metrics {
@@ -260,7 +275,42 @@ impl Metrics {
             "Bytes of the in-flight memory budget held by requests now",
             memory_in_use.clone(),
         );
+        let cache_hits = Family::default();
+        let cache_misses = Family::default();
+        let cache_evictions = Counter::default();
+        let cache_bytes = Gauge::default();
+        let cache_capacity = Gauge::default();
+        registry.register(
+            CACHE_HITS,
+            "Images answered from the response cache, by model and version (no decode, no queue)",
+            cache_hits.clone(),
+        );
+        registry.register(
+            CACHE_MISSES,
+            "Images looked up in the response cache and not found, by model and version",
+            cache_misses.clone(),
+        );
+        registry.register(
+            CACHE_EVICTIONS,
+            "Response cache entries evicted to stay within --cache-bytes",
+            cache_evictions.clone(),
+        );
+        registry.register(
+            CACHE_BYTES,
+            "Bytes the response cache holds (keys and answers, as estimated)",
+            cache_bytes.clone(),
+        );
+        registry.register(
+            CACHE_CAPACITY,
+            "The response cache's capacity (--cache-bytes; 0: off)",
+            cache_capacity.clone(),
+        );
         Self {
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_bytes,
+            cache_capacity,
             registry: root,
             requests,
             images,
@@ -284,35 +334,29 @@ impl Metrics {
         }
     }
 
-    /// Handles for one model, resolved once.
-    pub fn for_model(&self, model: &str) -> ModelMetrics {
+    /// Handles for one model version, resolved once.
+    pub fn for_model(&self, model: &str, version: &str) -> ModelMetrics {
         let label = ModelLabel {
             model: model.to_owned(),
+            version: version.to_owned(),
+        };
+        let reason_labels = |reason| ReasonLabels {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            reason,
         };
         // One statement per handle: `get_or_create` returns a read guard, and a second call on
         // the same family in the same expression would wait for it to create its series.
-        let dropped = |reason| {
-            self.dropped
-                .get_or_create(&ReasonLabels {
-                    model: model.to_owned(),
-                    reason,
-                })
-                .clone()
-        };
+        let dropped = |reason| self.dropped.get_or_create(&reason_labels(reason)).clone();
         let dropped_client_gone = dropped("client_gone");
         let dropped_deadline = dropped("deadline_exceeded");
-        let restarted = |reason| {
-            self.restarts
-                .get_or_create(&ReasonLabels {
-                    model: model.to_owned(),
-                    reason,
-                })
-                .clone()
-        };
+        let restarted = |reason| self.restarts.get_or_create(&reason_labels(reason)).clone();
         let restarts_batch_timeout = restarted("batch_timeout");
         let restarts_panic = restarted("panic");
         ModelMetrics {
             model: model.to_owned(),
+            version: version.to_owned(),
+            failure_reasons: Arc::default(),
             stats: Arc::default(),
             queue_wait: self.queue_wait.get_or_create(&label).clone(),
             preprocess: self.preprocess.get_or_create(&label).clone(),
@@ -328,6 +372,8 @@ impl Metrics {
             load_seconds: self.load_seconds.get_or_create(&label).clone(),
             admitted: self.admitted.get_or_create(&label).clone(),
             admission_limit: self.admission_limit.get_or_create(&label).clone(),
+            cache_hits: self.cache_hits.get_or_create(&label).clone(),
+            cache_misses: self.cache_misses.get_or_create(&label).clone(),
             warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
             requests: self.requests.clone(),
             images: self.images.clone(),
@@ -341,11 +387,16 @@ impl Metrics {
         self.requests
             .get_or_create(&OutcomeLabels {
                 model: model.clone(),
+                version: String::new(),
                 outcome: OUTCOME_CLIENT_ERROR,
             })
             .inc();
         self.failures
-            .get_or_create(&ReasonLabels { model, reason })
+            .get_or_create(&ReasonLabels {
+                model,
+                version: String::new(),
+                reason,
+            })
             .inc();
     }
 
@@ -354,6 +405,59 @@ impl Metrics {
         self.unauthorized
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+    }
+
+    /// Drop every series of a model version that was unloaded or replaced: a version that no
+    /// longer exists has no series, and rollouts do not pile them up.
+    pub fn remove_model(&self, model: &ModelMetrics) {
+        let label = ModelLabel {
+            model: model.model.clone(),
+            version: model.version.clone(),
+        };
+        for family in [
+            &self.request_duration,
+            &self.queue_wait,
+            &self.preprocess,
+            &self.inference,
+            &self.batch_size,
+        ] {
+            family.remove(&label);
+        }
+        for family in [
+            &self.queue_depth,
+            &self.model_ready,
+            &self.admitted,
+            &self.admission_limit,
+        ] {
+            family.remove(&label);
+        }
+        self.load_seconds.remove(&label);
+        self.warmup_seconds.remove(&label);
+        for outcome in [OUTCOME_SUCCESS, OUTCOME_CLIENT_ERROR, OUTCOME_SERVER_ERROR] {
+            let labels = OutcomeLabels {
+                model: label.model.clone(),
+                version: label.version.clone(),
+                outcome,
+            };
+            self.requests.remove(&labels);
+            self.images.remove(&labels);
+        }
+        let reasons = model
+            .failure_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for reason in reasons {
+            self.failures.remove(&model.reason(reason));
+        }
+        for reason in ["client_gone", "deadline_exceeded"] {
+            self.dropped.remove(&model.reason(reason));
+        }
+        for reason in ["batch_timeout", "panic"] {
+            self.restarts.remove(&model.reason(reason));
+        }
+        self.cache_hits.remove(&label);
+        self.cache_misses.remove(&label);
     }
 
     /// Text exposition format 0.0.4 (what Prometheus and `promtool check metrics` expect).
@@ -453,6 +557,9 @@ impl Default for InferStats {
 #[derive(Clone)]
 pub struct ModelMetrics {
     model: String,
+    version: String,
+    /// The `reason`s this version has failed with, so that its series can be removed.
+    failure_reasons: Arc<std::sync::Mutex<Vec<&'static str>>>,
     pub stats: Arc<InferStats>,
     queue_wait: Histogram,
     pub preprocess: Histogram,
@@ -473,11 +580,17 @@ pub struct ModelMetrics {
     requests: Family<OutcomeLabels, Counter>,
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
 }
 
 impl ModelMetrics {
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// The model (re)loaded in `load` and warmed up in `warmup`.
@@ -546,18 +659,29 @@ impl ModelMetrics {
         if images > 0 {
             self.outcome(&self.images, outcome).inc_by(images as u64);
         }
-        self.failures
-            .get_or_create(&ReasonLabels {
-                model: self.model.clone(),
-                reason,
-            })
-            .inc();
+        self.failures.get_or_create(&self.reason(reason)).inc();
+        let mut reasons = self
+            .failure_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
+        }
+    }
+
+    fn reason(&self, reason: &'static str) -> ReasonLabels {
+        ReasonLabels {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            reason,
+        }
     }
 
     fn outcome(&self, family: &Family<OutcomeLabels, Counter>, outcome: &'static str) -> Counter {
         family
             .get_or_create(&OutcomeLabels {
                 model: self.model.clone(),
+                version: self.version.clone(),
                 outcome,
             })
             .clone()
@@ -571,7 +695,7 @@ mod tests {
     #[test]
     fn encodes_counters_histograms_and_gauges() {
         let metrics = Metrics::new();
-        let m = metrics.for_model("lite0");
+        let m = metrics.for_model("lite0", "1");
         m.request_succeeded(3, Duration::from_millis(12));
         m.request_failed("undecodable_image", 1, false, Duration::from_millis(1));
         m.batch_finished(3, Duration::from_millis(30), BatchPhases::default());
@@ -579,22 +703,35 @@ mod tests {
         metrics.unknown_model_request("model_not_found");
         let text = metrics.encode_prometheus();
         assert!(
-            text.contains(r#"visionserve_requests_total{model="lite0",outcome="success"} 1"#),
+            text.contains(
+                r#"visionserve_requests_total{model="lite0",version="1",outcome="success"} 1"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"visionserve_images_total{model="lite0",outcome="success"} 3"#));
         assert!(text.contains(
-            r#"visionserve_request_failures_total{model="lite0",reason="undecodable_image"} 1"#
+            r#"visionserve_images_total{model="lite0",version="1",outcome="success"} 3"#
         ));
         assert!(text.contains(
-            r#"visionserve_request_failures_total{model="_unknown",reason="model_not_found"} 1"#
+            r#"visionserve_request_failures_total{model="lite0",version="1",reason="undecodable_image"} 1"#
+        ));
+        assert!(text.contains(
+            r#"visionserve_request_failures_total{model="_unknown",version="",reason="model_not_found"} 1"#
         ));
         assert!(
-            text.contains(r#"visionserve_batch_size_bucket{model="lite0",le="4"} 1"#),
+            text.contains(r#"visionserve_batch_size_bucket{model="lite0",version="1",le="4"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"visionserve_queue_depth{model="lite0"} 2"#));
+        assert!(text.contains(r#"visionserve_queue_depth{model="lite0",version="1"} 2"#));
         assert!(!text.contains("# EOF"));
+        // An unloaded version leaves no series behind; another version's stay.
+        let other = metrics.for_model("lite0", "2");
+        other.request_succeeded(1, Duration::from_millis(1));
+        metrics.remove_model(&m);
+        let text = metrics.encode_prometheus();
+        assert!(!text.contains(r#"version="1""#), "{text}");
+        assert!(text.contains(
+            r#"visionserve_requests_total{model="lite0",version="2",outcome="success"} 1"#
+        ));
         assert!(metrics.encode_openmetrics().ends_with("# EOF\n"));
     }
 }

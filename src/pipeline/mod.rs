@@ -31,7 +31,7 @@ pub enum Pixels {
 
 /// What a caller wants back for one image. The model thread computes every output for the
 /// whole batch, but copies off the device only what some image asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Outputs {
     /// The `top_k` most probable classes (0: none).
     pub top_k: usize,

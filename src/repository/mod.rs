@@ -18,7 +18,7 @@ mod spec;
 
 pub use config::{HubConfig, LabelDescriptions, ModelConfig, PretrainedCfg};
 pub use layout::{ModelFiles, WeightsFormat, CONFIG_FILE, WEIGHT_FILES};
-pub use spec::{ModelOptions, ModelSpec};
+pub use spec::{parse_options, ModelOptions, ModelSpec};
 
 use spec::default_name;
 use std::path::Path;

@@ -51,7 +51,8 @@ impl ModelSpec {
     }
 }
 
-fn parse_options(query: &str) -> Result<ModelOptions, String> {
+/// `input_size=300&arch=...`: the options after a `--model` spec's `?`.
+pub fn parse_options(query: &str) -> Result<ModelOptions, String> {
     let mut options = ModelOptions::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair
