@@ -175,15 +175,7 @@ impl Registry {
         budget: u64,
     ) -> Result<String, RegistryError> {
         let mut entries = self.write();
-        if let Some(loading) = entries
-            .iter()
-            .find(|e| e.name == name && e.phase == Phase::Loading)
-        {
-            return Err(RegistryError::LoadInProgress {
-                name: name.to_owned(),
-                version: loading.version.clone(),
-            });
-        }
+        no_load_in_progress(&entries, name)?;
         let mut highest = self.highest.lock().unwrap_or_else(|e| e.into_inner());
         let last = highest.get(name).copied().unwrap_or(0);
         let version = match version {
@@ -263,15 +255,7 @@ impl Registry {
     /// Refused while a version of it loads: unload after the load finishes.
     pub fn begin_unload(&self, name: &str) -> Result<Vec<Arc<ModelHandle>>, RegistryError> {
         let mut entries = self.write();
-        if let Some(loading) = entries
-            .iter()
-            .find(|e| e.name == name && e.phase == Phase::Loading)
-        {
-            return Err(RegistryError::LoadInProgress {
-                name: name.to_owned(),
-                version: loading.version.clone(),
-            });
-        }
+        no_load_in_progress(&entries, name)?;
         let serving = |e: &Entry| e.name == name && e.phase == Phase::Serving && e.handle.is_some();
         if !entries.iter().any(serving) {
             return Err(RegistryError::NotFound {
@@ -312,6 +296,20 @@ impl Registry {
         entries
             .iter_mut()
             .find(|e| e.name == name && e.version == version)
+    }
+}
+
+/// One load per name at a time: a second load or an unload waits for it to finish.
+fn no_load_in_progress(entries: &[Entry], name: &str) -> Result<(), RegistryError> {
+    match entries
+        .iter()
+        .find(|e| e.name == name && e.phase == Phase::Loading)
+    {
+        Some(loading) => Err(RegistryError::LoadInProgress {
+            name: name.to_owned(),
+            version: loading.version.clone(),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -238,13 +238,7 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The old version is gone: by name and version it is not found, and its series are gone.
-    let old = client
-        .post(format!("{base}/v1/models/m@1/classify"))
-        .header("content-type", "image/jpeg")
-        .body(read("photos/rocket.jpg"))
-        .send()
-        .await
-        .unwrap();
+    let old = post_rocket(&client, &base, "m@1").await;
     assert_eq!(old.status(), 404);
     let metrics = scrape(&base).await;
     let served = format!(
@@ -327,14 +321,19 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-async fn classify(client: &reqwest::Client, base: &str, model: &str) -> Value {
-    let response = client
+/// `rocket.jpg` classified by `model` (`name` or `name@version`).
+async fn post_rocket(client: &reqwest::Client, base: &str, model: &str) -> reqwest::Response {
+    client
         .post(format!("{base}/v1/models/{model}/classify"))
         .header("content-type", "image/jpeg")
         .body(read("photos/rocket.jpg"))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn classify(client: &reqwest::Client, base: &str, model: &str) -> Value {
+    let response = post_rocket(client, base, model).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -489,13 +488,7 @@ async fn the_poller_loads_rolls_out_and_unloads_repository_folders() {
     // Removed.
     std::fs::remove_dir_all(root.join("b")).unwrap();
     wait_for("b", &[]).await;
-    let gone = client
-        .post(format!("{base}/v1/models/b/classify"))
-        .header("content-type", "image/jpeg")
-        .body(read("photos/rocket.jpg"))
-        .send()
-        .await
-        .unwrap();
+    let gone = post_rocket(&client, &base, "b").await;
     assert_eq!(gone.status(), 404);
     server.terminate();
     let _ = std::fs::remove_dir_all(&root);

@@ -4,7 +4,7 @@
 
 use super::input::discard_body;
 use super::AppState;
-use crate::auth::AuthError;
+use crate::auth::{ApiKeys, AuthError};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -24,22 +24,26 @@ pub async fn require_api_key(
     if is_open(path, state.protect_metrics) {
         return next.run(request).await;
     }
-    let headers = request.headers();
-    let verdict = state.keys.check(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-        headers.get("x-api-key").map(HeaderValue::as_bytes),
-    );
-    match verdict {
+    let v2 = path.starts_with("/v2");
+    match check_key(&state.keys, &request) {
         Ok(()) => next.run(request).await,
         Err(err) => {
             state.inference.metrics().unauthorized_request("http");
-            let v2 = path.starts_with("/v2");
             discard_body(request);
             refusal(err, v2)
         }
     }
+}
+
+/// The key a request presents (`Authorization: Bearer` or `x-api-key`), checked against `keys`.
+fn check_key(keys: &ApiKeys, request: &Request) -> Result<(), AuthError> {
+    let headers = request.headers();
+    keys.check(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        headers.get("x-api-key").map(HeaderValue::as_bytes),
+    )
 }
 
 /// The management API's routes: they take the admin key, and only it.
@@ -65,14 +69,7 @@ async fn require_admin_key(state: &AppState, request: Request, next: Next) -> Re
         };
         return (StatusCode::FORBIDDEN, Json(body)).into_response();
     };
-    let headers = request.headers();
-    let verdict = admin.check(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-        headers.get("x-api-key").map(HeaderValue::as_bytes),
-    );
-    match verdict {
+    match check_key(admin, &request) {
         Ok(()) => next.run(request).await,
         Err(err) => {
             state.inference.metrics().unauthorized_request("http");
