@@ -8,6 +8,7 @@
 #   make bench-models   native vs TorchScript vs timm eager for four models
 #   make bench-ceiling  the server end to end vs the model alone (its ceiling): Lite0, EfficientNetV2-B0, CoAtNet-nano
 #   make bench-levers   CPU levers (OpenMP wait policy, instances) interleaved, vs the ceiling
+#   make bench-cache   the response cache (--cache-bytes 256MiB) vs none at a 30 % repeat rate, interleaved
 #   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
 #   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
@@ -61,7 +62,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-ceiling bench-levers bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-ceiling bench-levers bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -262,6 +263,13 @@ bench-levers: deps venv weights test-data
 	cargo bench --no-run
 	$(PYTHON) benches/levers.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
 	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2'
+
+# The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
+# 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).
+bench-cache: deps venv weights test-data
+	cargo test --release --no-run
+	cargo bench --no-run
+	$(PYTHON) benches/cache.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS)
 
 # Allocators under the model alone (needs: apt-get install libjemalloc2 libmimalloc2.0).
 bench-allocators: deps venv weights

@@ -9,11 +9,19 @@
 //! concurrency they run interleaved, `--rounds` times in turn, so that the host's drift hits
 //! them alike; the table gives each protocol's median round.
 //!
+//! `--repeat-ratio R` (v1 only) posts a mix instead of one image: with probability R a
+//! byte-identical copy of a variant already answered earlier in the run, else a new variant. The
+//! variants are the `--image` JPEG with a unique comment (COM) segment after its SOI marker:
+//! the same pixels, different bytes. Two more columns then give the fraction of requests that
+//! were repeats and of responses that said `"cached": true` (the response cache's hits).
+//!
 //! Server flags go after `--server`, e.g. `--server --model lite0=weights/tf_efficientnet_lite0`.
 
 mod support;
 
 use clap::Parser;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::Server;
 use visionserve::grpc::proto;
@@ -39,6 +47,10 @@ struct Args {
     /// Interleaved rounds per protocol and concurrency (the median is reported).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// v1 only: the fraction of requests (0 to 1) that repeat an image variant already sent;
+    /// the others post a new variant. Absent: every request posts the same bytes.
+    #[arg(long)]
+    repeat_ratio: Option<f64>,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -62,6 +74,8 @@ enum Caller {
         url: String,
         headers: Vec<(&'static str, String)>,
         body: bytes::Bytes,
+        /// `--repeat-ratio`: the body is chosen per request.
+        repeat: Option<Repeat>,
     },
     Grpc {
         client: GrpcInferenceServiceClient<tonic::transport::Channel>,
@@ -84,6 +98,7 @@ impl Caller {
                 url: format!("{}/v1/models/{model}/classify", server.base),
                 headers: vec![("content-type", "image/jpeg".into())],
                 body: bytes::Bytes::copy_from_slice(image),
+                repeat: None,
             },
             Protocol::V2 => {
                 let tensor = length_prefixed(image);
@@ -101,6 +116,7 @@ impl Caller {
                         ("content-type", "application/octet-stream".into()),
                     ],
                     body: [header, tensor].concat().into(),
+                    repeat: None,
                 }
             }
             Protocol::Grpc => Caller::Grpc {
@@ -132,60 +148,254 @@ impl Caller {
         }
     }
 
-    /// Send one request; true when it succeeded.
-    async fn call(&mut self) -> bool {
+    /// Each client its own random stream (`--repeat-ratio`).
+    fn reseed(&mut self) {
+        if let Caller::Http {
+            repeat: Some(repeat),
+            ..
+        } = self
+        {
+            repeat.reseed();
+        }
+    }
+
+    /// Send one request.
+    async fn call(&mut self) -> Outcome {
         match self {
             Caller::Http {
                 client,
                 url,
                 headers,
                 body,
+                repeat: None,
             } => {
                 let mut request = client.post(url.as_str()).body(body.clone());
                 for (name, value) in headers.iter() {
                     request = request.header(*name, value);
                 }
-                match request.send().await {
+                let ok = match request.send().await {
                     Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
                     _ => false,
+                };
+                match ok {
+                    true => Outcome::Ok {
+                        repeated: false,
+                        cached: false,
+                    },
+                    false => Outcome::Failed,
                 }
             }
-            Caller::Grpc { client, request } => client.model_infer(*request.clone()).await.is_ok(),
+            Caller::Http {
+                client,
+                url,
+                headers,
+                repeat: Some(repeat),
+                ..
+            } => {
+                let (variant, repeated) = repeat.pick();
+                let mut request = client.post(url.as_str()).body(repeat.body(variant));
+                for (name, value) in headers.iter() {
+                    request = request.header(*name, value);
+                }
+                let response = match request.send().await {
+                    Ok(r) if r.status() == 200 => r.bytes().await.ok(),
+                    _ => None,
+                };
+                match response {
+                    Some(response) => {
+                        if !repeated {
+                            repeat.answered(variant);
+                        }
+                        Outcome::Ok {
+                            repeated,
+                            cached: says_cached(&response),
+                        }
+                    }
+                    None => Outcome::Failed,
+                }
+            }
+            Caller::Grpc { client, request } => match client.model_infer(*request.clone()).await {
+                Ok(_) => Outcome::Ok {
+                    repeated: false,
+                    cached: false,
+                },
+                Err(_) => Outcome::Failed,
+            },
         }
     }
+}
+
+enum Outcome {
+    Failed,
+    /// `repeated`: the body was a variant sent before; `cached`: the response said so.
+    Ok {
+        repeated: bool,
+        cached: bool,
+    },
+}
+
+/// `--repeat-ratio`: unique variants of one JPEG (a COM segment with a nonce after SOI), and the
+/// variants already answered, shared by every client over the whole run.
+#[derive(Clone)]
+struct Repeat {
+    ratio: f64,
+    /// The JPEG after its SOI marker.
+    rest: bytes::Bytes,
+    shared: Arc<Variants>,
+    rng: SplitMix64,
+}
+
+struct Variants {
+    /// The next new variant's nonce.
+    next: AtomicU64,
+    /// Nonces of the variants a 200 answered, in no particular order.
+    answered: Mutex<Vec<u64>>,
+    /// Seeds for the clients' random streams.
+    seeds: AtomicU64,
+}
+
+impl Repeat {
+    fn new(ratio: f64, image: &[u8]) -> Repeat {
+        let Some(rest) = image.strip_prefix(&[0xFF, 0xD8]) else {
+            eprintln!("--repeat-ratio needs a JPEG --image (no SOI marker)");
+            std::process::exit(2);
+        };
+        Repeat {
+            ratio,
+            rest: bytes::Bytes::copy_from_slice(rest),
+            shared: Arc::new(Variants {
+                next: AtomicU64::new(0),
+                answered: Mutex::new(Vec::new()),
+                seeds: AtomicU64::new(0),
+            }),
+            rng: SplitMix64(0),
+        }
+    }
+
+    fn reseed(&mut self) {
+        self.rng = SplitMix64(self.shared.seeds.fetch_add(1, Ordering::Relaxed));
+        // The first outputs of neighbouring seeds differ well after one step.
+        self.rng.next();
+    }
+
+    /// The variant to send, and whether it was sent before: with probability `ratio` one
+    /// already answered (uniformly), else (or when none has been answered yet) a new one.
+    fn pick(&mut self) -> (u64, bool) {
+        if self.rng.unit() < self.ratio {
+            let answered = self.shared.answered.lock().unwrap();
+            if !answered.is_empty() {
+                let i = self.rng.below(answered.len() as u64) as usize;
+                return (answered[i], true);
+            }
+        }
+        (self.shared.next.fetch_add(1, Ordering::Relaxed), false)
+    }
+
+    fn answered(&self, variant: u64) {
+        self.shared.answered.lock().unwrap().push(variant);
+    }
+
+    /// SOI, then a COM segment (FF FE, a big-endian length that counts itself, the text), then
+    /// the rest of the image: the same bytes for the same variant.
+    fn body(&self, variant: u64) -> bytes::Bytes {
+        let text = format!("visionserve bench variant {variant:016x}");
+        let mut body = Vec::with_capacity(2 + 4 + text.len() + self.rest.len());
+        body.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xFE]);
+        body.extend_from_slice(&(2 + text.len() as u16).to_be_bytes());
+        body.extend_from_slice(text.as_bytes());
+        body.extend_from_slice(&self.rest);
+        body.into()
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood): cheap, and good enough to pick requests.
+#[derive(Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, n), n > 0 (Lemire's multiply-shift; the bias is below 2^-40 here).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Whether a /v1 response body holds `"cached": true` (one image per request here).
+fn says_cached(body: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"cached\"";
+    let mut from = 0;
+    while let Some(at) = body[from..].windows(KEY.len()).position(|w| w == KEY) {
+        from += at + KEY.len();
+        let value = body[from..].trim_ascii_start();
+        if let Some(value) = value.strip_prefix(b":") {
+            if value.trim_ascii_start().starts_with(b"true") {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 fn length_prefixed(image: &[u8]) -> Vec<u8> {
     [&(image.len() as u32).to_le_bytes()[..], image].concat()
 }
 
+/// What one load phase saw.
+#[derive(Default)]
+struct Load {
+    /// Successful requests' latencies (ms), sorted.
+    latencies: Vec<f64>,
+    errors: usize,
+    /// Successful requests that repeated a variant, and whose response said `"cached": true`.
+    repeated: usize,
+    cached: usize,
+}
+
 /// Closed loop: each client sends its next request when the previous one returns.
-async fn load(caller: &Caller, clients: usize, duration: Duration) -> (Vec<f64>, usize) {
+async fn load(caller: &Caller, clients: usize, duration: Duration) -> Load {
     let stop = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         let mut caller = caller.clone();
+        caller.reseed();
         tasks.spawn(async move {
-            let (mut latencies, mut errors) = (Vec::new(), 0);
+            let mut seen = Load::default();
             while Instant::now() < stop {
                 let start = Instant::now();
-                if caller.call().await {
-                    latencies.push(start.elapsed().as_secs_f64() * 1e3);
-                } else {
-                    errors += 1;
+                match caller.call().await {
+                    Outcome::Ok { repeated, cached } => {
+                        seen.latencies.push(start.elapsed().as_secs_f64() * 1e3);
+                        seen.repeated += repeated as usize;
+                        seen.cached += cached as usize;
+                    }
+                    Outcome::Failed => seen.errors += 1,
                 }
             }
-            (latencies, errors)
+            seen
         });
     }
-    let (mut all, mut errors) = (Vec::new(), 0);
+    let mut all = Load::default();
     while let Some(done) = tasks.join_next().await {
-        let (latencies, e) = done.unwrap();
-        all.extend(latencies);
-        errors += e;
+        let seen = done.unwrap();
+        all.latencies.extend(seen.latencies);
+        all.errors += seen.errors;
+        all.repeated += seen.repeated;
+        all.cached += seen.cached;
     }
-    all.sort_by(f64::total_cmp);
-    (all, errors)
+    all.latencies.sort_by(f64::total_cmp);
+    all
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -225,6 +435,9 @@ struct Round {
     p90: f64,
     p99: f64,
     mean_batch: f64,
+    /// Fractions of the successful requests that repeated a variant, and that came back cached.
+    repeated: f64,
+    cached: f64,
 }
 
 async fn measure(
@@ -237,17 +450,21 @@ async fn measure(
     load(caller, clients, Duration::from_secs(1)).await;
     let (images_before, batches_before) = batch_totals(client, base).await;
     let start = Instant::now();
-    let (latencies, errors) = load(caller, clients, Duration::from_secs_f64(seconds)).await;
+    let seen = load(caller, clients, Duration::from_secs_f64(seconds)).await;
     let elapsed = start.elapsed().as_secs_f64();
     let (images_after, batches_after) = batch_totals(client, base).await;
+    let latencies = &seen.latencies;
+    let requests = latencies.len();
     Round {
-        requests: latencies.len(),
-        errors,
-        rate: latencies.len() as f64 / elapsed,
-        p50: percentile(&latencies, 0.50),
-        p90: percentile(&latencies, 0.90),
-        p99: percentile(&latencies, 0.99),
+        requests,
+        errors: seen.errors,
+        rate: requests as f64 / elapsed,
+        p50: percentile(latencies, 0.50),
+        p90: percentile(latencies, 0.90),
+        p99: percentile(latencies, 0.99),
         mean_batch: (images_after - images_before) / (batches_after - batches_before).max(1.0),
+        repeated: seen.repeated as f64 / requests.max(1) as f64,
+        cached: seen.cached as f64 / requests.max(1) as f64,
     }
 }
 
@@ -279,10 +496,22 @@ async fn main() {
     let mut args = Args::parse();
     // cargo bench appends `--bench`, which the greedy `--server` list would swallow.
     args.server.retain(|a| a != "--bench");
+    if let Some(ratio) = args.repeat_ratio {
+        if args.protocols != [Protocol::V1] {
+            eprintln!("--repeat-ratio works with --protocols v1 only (the response cache's flag is in /v1 responses)");
+            std::process::exit(2);
+        }
+        if !(0.0..=1.0).contains(&ratio) {
+            eprintln!("--repeat-ratio must be between 0 and 1, not {ratio}");
+            std::process::exit(2);
+        }
+    }
     if args.protocols.contains(&Protocol::Grpc) {
         args.server.extend(["--grpc-port".into(), "0".into()]);
     }
     let body = std::fs::read(&args.image).expect("image readable");
+    // Before the server starts: an exit skips its Drop.
+    let repeat = args.repeat_ratio.map(|ratio| Repeat::new(ratio, &body));
     let server = Server::start(&args.server);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -309,14 +538,19 @@ async fn main() {
         .protocols
         .iter()
         .map(|&p| {
-            (
-                p,
-                Caller::new(p, &server, &client, grpc.as_ref(), &model, &body),
-            )
+            let mut caller = Caller::new(p, &server, &client, grpc.as_ref(), &model, &body);
+            if let Caller::Http { repeat: r, .. } = &mut caller {
+                r.clone_from(&repeat);
+            }
+            (p, caller)
         })
         .collect();
-    println!("| protocol | clients | requests | errors | images/s | p50 ms | p90 ms | p99 ms | mean batch |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    let (extra_header, extra_rule) = match args.repeat_ratio {
+        Some(_) => (" repeated | cached |", "---|---|"),
+        None => ("", ""),
+    };
+    println!("| protocol | clients | requests | errors | images/s | p50 ms | p90 ms | p99 ms | mean batch |{extra_header}");
+    println!("|---|---|---|---|---|---|---|---|---|{extra_rule}");
     for &clients in &args.concurrency {
         let mut rounds: Vec<Vec<Round>> = callers.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds.max(1) {
@@ -327,8 +561,12 @@ async fn main() {
         for ((protocol, _), mut rounds) in callers.iter().zip(rounds) {
             rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
             let r = &rounds[rounds.len() / 2];
+            let extra = match args.repeat_ratio {
+                Some(_) => format!(" {:.3} | {:.3} |", r.repeated, r.cached),
+                None => String::new(),
+            };
             println!(
-                "| {protocol:?} | {clients} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {protocol:?} | {clients} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |{extra}",
                 r.requests, r.errors, r.rate, r.p50, r.p90, r.p99, r.mean_batch,
             );
         }
