@@ -17,6 +17,8 @@
 //! models/         the networks: TorchScript, and native architectures keyed like their checkpoints
 //! ```
 //!
+//! `registry` holds the served models by name and version (what requests resolve), `manage`
+//! loads, rolls out, drains and polls them at run time, `cache` keeps answers by image content;
 //! `repository` turns `--model` specs into files and configs, `metrics` holds every Prometheus
 //! name, `error` the service's and loading's errors. [`run`] wires it all together and takes its
 //! listener and shutdown signal from the caller, so tests run servers on port 0.
