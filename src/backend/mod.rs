@@ -104,7 +104,6 @@ pub struct ModelStatus {
     failure: Mutex<Option<String>>,
     restarts: std::sync::atomic::AtomicU64,
     warmup: OnceLock<Vec<WarmupTiming>>,
-    batch_policy: OnceLock<BatchPolicy>,
     embedding_size: OnceLock<Option<usize>>,
 }
 
@@ -149,7 +148,7 @@ impl ModelStatus {
 
     /// Where batches stop growing, once the first warm-up measured it.
     pub fn batch_policy(&self) -> Option<BatchPolicy> {
-        self.batch_policy.get().copied()
+        BatchPolicy::from_profile(self.warmup())
     }
 
     /// The length of the model's embeddings, once loaded (`None` before, or if it has none).
@@ -192,12 +191,9 @@ impl ModelStatus {
         let _ = self.backend.set(backend);
     }
 
-    /// Keep the first profile measured (instances warm up one after another, alike) and the
-    /// policy derived from it; returns that policy.
+    /// Keep the first profile measured (instances warm up one after another, alike); returns
+    /// the policy derived from it.
     fn set_warmup(&self, timings: Vec<WarmupTiming>) -> Option<BatchPolicy> {
-        if let Some(policy) = BatchPolicy::from_profile(&timings) {
-            let _ = self.batch_policy.set(policy);
-        }
         let _ = self.warmup.set(timings);
         self.batch_policy()
     }
@@ -455,18 +451,22 @@ impl ModelHandle {
     /// them, then themselves, in full batches, each batch costing at least the recent model
     /// time of one image. A deadline shorter than this cannot be met.
     pub fn least_wait(&self, images: usize) -> std::time::Duration {
-        let per_image_us = self.link.micros_per_image();
         let admitted = self.info.max_queue_images - self.admission.available_permits();
-        let batches = (admitted + images).div_ceil(self.info.max_batch_size.max(1));
-        std::time::Duration::from_micros(batches as u64 * per_image_us)
+        std::time::Duration::from_micros(least_wait_us(
+            admitted + images,
+            self.info.max_batch_size,
+            self.info.instances,
+            self.link.micros_per_image(),
+        ))
     }
 
     /// Seconds until the admitted images have likely been served, from the recent per-image
-    /// model time.
+    /// model time, shared among the instances.
     fn retry_after_secs(&self) -> u64 {
-        let per_image_us = self.link.micros_per_image();
-        let queued = (self.info.max_queue_images - self.admission.available_permits()) as u64;
-        (queued * per_image_us).div_ceil(1_000_000).max(1)
+        let queued = self.info.max_queue_images - self.admission.available_permits();
+        clearing_time_us(queued, self.info.instances, self.link.micros_per_image())
+            .div_ceil(1_000_000)
+            .max(1)
     }
 
     /// Queue one preprocessed image.
@@ -501,6 +501,19 @@ impl ModelHandle {
     }
 }
 
+/// A lower bound of the wait of the last of `images` queued images: they run in full batches,
+/// `instances` batches at a time, each batch costing at least one image's recent model time
+/// (`per_image_us`, measured per instance).
+fn least_wait_us(images: usize, max_batch: usize, instances: usize, per_image_us: u64) -> u64 {
+    let batches = images.div_ceil(max_batch.max(1));
+    batches.div_ceil(instances.max(1)) as u64 * per_image_us
+}
+
+/// How long `images` take when every instance is busy: the copies share them.
+fn clearing_time_us(images: usize, instances: usize, per_image_us: u64) -> u64 {
+    images as u64 * per_image_us / instances.max(1) as u64
+}
+
 /// The model is loaded when every instance is: the first failure otherwise.
 async fn all_loaded(loads: Vec<LoadOutcome>) -> Result<(), String> {
     for load in loads {
@@ -508,4 +521,22 @@ async fn all_loaded(loads: Vec<LoadOutcome>) -> Result<(), String> {
             .unwrap_or_else(|_| Err("the model thread exited while loading".into()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_shared_among_the_instances() {
+        // 20 images in batches of 8: 3 batches; one copy runs them one after another.
+        assert_eq!(least_wait_us(20, 8, 1, 1_000), 3_000);
+        // Two copies run two batches at a time: 2 rounds.
+        assert_eq!(least_wait_us(20, 8, 2, 1_000), 2_000);
+        assert_eq!(least_wait_us(0, 8, 2, 1_000), 0);
+        assert_eq!(clearing_time_us(100, 1, 10_000), 1_000_000);
+        assert_eq!(clearing_time_us(100, 4, 10_000), 250_000);
+        // Degenerate settings do not divide by zero.
+        assert_eq!(least_wait_us(5, 0, 0, 10), 50);
+    }
 }
