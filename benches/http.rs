@@ -167,33 +167,15 @@ impl Caller {
                 url,
                 headers,
                 body,
-                repeat: None,
+                repeat,
             } => {
-                let mut request = client.post(url.as_str()).body(body.clone());
-                for (name, value) in headers.iter() {
-                    request = request.header(*name, value);
-                }
-                let ok = match request.send().await {
-                    Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
-                    _ => false,
+                // `--repeat-ratio`: a variant, and whether it was sent before.
+                let picked = repeat.as_mut().map(|r| r.pick());
+                let body = match (&*repeat, picked) {
+                    (Some(r), Some((variant, _))) => r.body(variant),
+                    _ => body.clone(),
                 };
-                match ok {
-                    true => Outcome::Ok {
-                        repeated: false,
-                        cached: false,
-                    },
-                    false => Outcome::Failed,
-                }
-            }
-            Caller::Http {
-                client,
-                url,
-                headers,
-                repeat: Some(repeat),
-                ..
-            } => {
-                let (variant, repeated) = repeat.pick();
-                let mut request = client.post(url.as_str()).body(repeat.body(variant));
+                let mut request = client.post(url.as_str()).body(body);
                 for (name, value) in headers.iter() {
                     request = request.header(*name, value);
                 }
@@ -201,17 +183,23 @@ impl Caller {
                     Ok(r) if r.status() == 200 => r.bytes().await.ok(),
                     _ => None,
                 };
-                match response {
-                    Some(response) => {
+                let Some(response) = response else {
+                    return Outcome::Failed;
+                };
+                match (&*repeat, picked) {
+                    (Some(r), Some((variant, repeated))) => {
                         if !repeated {
-                            repeat.answered(variant);
+                            r.answered(variant);
                         }
                         Outcome::Ok {
                             repeated,
                             cached: says_cached(&response),
                         }
                     }
-                    None => Outcome::Failed,
+                    _ => Outcome::Ok {
+                        repeated: false,
+                        cached: false,
+                    },
                 }
             }
             Caller::Grpc { client, request } => match client.model_infer(*request.clone()).await {

@@ -2,8 +2,9 @@
 //! found again by the image's bytes, so that a repeated image (thumbnails, retries, duplicate
 //! uploads, crawlers) skips decoding, the queue and the model.
 //!
-//! - The key is the BLAKE3 hash of the encoded bytes plus the model, its version and every
-//!   output option (top-k, probabilities, logits, embeddings). BLAKE3 rather than a faster
+//! - The key is the BLAKE3 hash of the encoded bytes plus the loaded model version (its
+//!   process-unique id: a name and version reloaded later from other files gets another) and
+//!   every output option (top-k, probabilities, logits, embeddings). BLAKE3 rather than a faster
 //!   non-cryptographic hash: a client able to craft a collision could otherwise plant its own
 //!   answer for another client's image. At about 1 GB/s it costs 0.1 ms for a 100 kB JPEG,
 //!   against milliseconds of decoding.
@@ -25,20 +26,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What identifies one answer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     image: [u8; 32],
-    model: Arc<str>,
-    version: Arc<str>,
+    /// `ModelHandle::id` of the version that answered.
+    model: u64,
     outputs: Outputs,
 }
 
 impl CacheKey {
-    pub fn new(image: &[u8], model: &str, version: &str, outputs: Outputs) -> Self {
+    pub fn new(image: &[u8], model: u64, outputs: Outputs) -> Self {
         Self {
             image: *blake3::hash(image).as_bytes(),
-            model: model.into(),
-            version: version.into(),
+            model,
             outputs,
         }
     }
@@ -124,13 +124,12 @@ impl ResponseCache {
         self.entries.insert(key, Arc::new(prediction.clone()));
     }
 
-    /// Forget a version's answers (it was drained).
-    pub fn invalidate_version(&self, model: &str, version: &str) {
-        let (model, version): (Arc<str>, Arc<str>) = (model.into(), version.into());
+    /// Forget a version's answers (`ModelHandle::id`; it was drained).
+    pub fn invalidate_model(&self, model: u64) {
         // Fails only without `support_invalidation_closures`, which `new` sets.
         let _ = self
             .entries
-            .invalidate_entries_if(move |key, _| key.model == model && key.version == version);
+            .invalidate_entries_if(move |key, _| key.model == model);
     }
 
     /// Bring `visionserve_cache_bytes` up to date (moka applies writes in batches).
@@ -145,8 +144,7 @@ fn weight(key: &CacheKey, value: &ImagePrediction) -> u32 {
     const OVERHEAD: usize = 160;
     let floats = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
     let bytes = OVERHEAD
-        + key.model.len()
-        + key.version.len()
+        + std::mem::size_of_val(key)
         + value.top.len() * std::mem::size_of::<(usize, f32)>()
         + floats(&value.probabilities)
         + floats(&value.logits)
@@ -169,23 +167,22 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_keyed_by_bytes_model_version_and_outputs() {
+    fn answers_are_keyed_by_bytes_loaded_version_and_outputs() {
         let metrics = Metrics::new();
         let cache = ResponseCache::new(1 << 20, &metrics).expect("on");
-        let key = CacheKey::new(b"jpeg", "m", "1", Outputs::top_k(5));
-        cache.insert(key.clone(), &prediction(7));
+        let key = CacheKey::new(b"jpeg", 1, Outputs::top_k(5));
+        cache.insert(key, &prediction(7));
         let hit = cache.get(&key).expect("stored");
         assert_eq!(hit.top, vec![(7, 0.9)]);
         assert_eq!((hit.inference, hit.batch_size), (Duration::ZERO, 0));
         for other in [
-            CacheKey::new(b"jpeg!", "m", "1", Outputs::top_k(5)),
-            CacheKey::new(b"jpeg", "n", "1", Outputs::top_k(5)),
-            CacheKey::new(b"jpeg", "m", "2", Outputs::top_k(5)),
-            CacheKey::new(b"jpeg", "m", "1", Outputs::top_k(3)),
+            CacheKey::new(b"jpeg!", 1, Outputs::top_k(5)),
+            CacheKey::new(b"jpeg", 2, Outputs::top_k(5)),
+            CacheKey::new(b"jpeg", 1, Outputs::top_k(3)),
         ] {
             assert!(cache.get(&other).is_none(), "{other:?}");
         }
-        cache.invalidate_version("m", "1");
+        cache.invalidate_model(1);
         cache.refresh_gauges();
         assert!(cache.get(&key).is_none());
     }
@@ -195,7 +192,7 @@ mod tests {
         let metrics = Metrics::new();
         let cache = ResponseCache::new(10_000, &metrics).expect("on");
         for i in 0..1_000u32 {
-            let key = CacheKey::new(&i.to_le_bytes(), "m", "1", Outputs::top_k(1));
+            let key = CacheKey::new(&i.to_le_bytes(), 1, Outputs::top_k(1));
             cache.insert(key, &prediction(i as usize));
         }
         cache.refresh_gauges();

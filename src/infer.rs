@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::decode::DecodeOptions;
 use crate::pipeline::{self, DecodePool, ImageJob, InferenceError};
 pub use crate::pipeline::{ImagePrediction, Outputs, Pixels};
-use crate::registry::{split_version, Lookup, Registry};
+use crate::registry::{split_version, Missing, Registry};
 use bytes::Bytes;
 use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,14 +156,9 @@ impl Inference {
         version: Option<&str>,
     ) -> Result<Arc<ModelHandle>, InferError> {
         let version = version.filter(|v| !v.is_empty());
-        match self.registry.lookup(name, version) {
-            Lookup::Found(model) => Ok(model),
-            missing => Err(not_found(name, version, missing)),
-        }
-    }
-
-    pub fn model_names(&self) -> String {
-        self.registry.available()
+        self.registry
+            .lookup(name, version)
+            .map_err(|missing| not_found(name, version, missing))
     }
 
     pub fn begin_shutdown(&self) {
@@ -246,9 +241,9 @@ impl Inference {
 }
 
 /// `ModelNotFound` for a name or version that is not served, listing what is.
-fn not_found(name: &str, version: Option<&str>, missing: Lookup) -> InferError {
+fn not_found(name: &str, version: Option<&str>, missing: Missing) -> InferError {
     match (missing, version) {
-        (Lookup::NoVersion { versions }, Some(version)) => InferError::ModelNotFound {
+        (Missing::NoVersion { versions }, Some(version)) => InferError::ModelNotFound {
             name: format!("{name}@{version}"),
             available: versions
                 .iter()
@@ -256,12 +251,12 @@ fn not_found(name: &str, version: Option<&str>, missing: Lookup) -> InferError {
                 .collect::<Vec<_>>()
                 .join(", "),
         },
-        (Lookup::NoModel { available }, _) => InferError::ModelNotFound {
+        (Missing::NoModel { available }, _) => InferError::ModelNotFound {
             name: name.to_owned(),
             available,
         },
         // A name with only a loading version: nothing serves it yet.
-        (Lookup::NoVersion { versions }, None) => InferError::ModelNotFound {
+        (Missing::NoVersion { versions }, None) => InferError::ModelNotFound {
             name: name.to_owned(),
             available: format!(
                 "none yet under this name: {} is loading (it serves once ready)",
@@ -272,7 +267,6 @@ fn not_found(name: &str, version: Option<&str>, missing: Lookup) -> InferError {
                     .join(", ")
             ),
         },
-        (Lookup::Found(_), _) => InferError::Internal,
     }
 }
 
@@ -361,14 +355,12 @@ impl InferRequest {
         };
         let keys = self.cache_keys(&images, outputs).await;
         let mut answers: Vec<Option<ImageOutput>> = Vec::with_capacity(images.len());
-        let mut misses = Vec::new();
-        for (image, key) in images.into_iter().zip(&keys) {
-            let hit = match key {
-                Some(key) if self.cache_use.read => cache.get(key),
-                _ => None,
-            };
-            match (hit, key) {
-                (Some(prediction), _) => {
+        // The images to run, with their place in the request and their key.
+        let (mut misses, mut positions, mut miss_keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (position, (image, key)) in images.into_iter().zip(keys).enumerate() {
+            let looked_up = key.filter(|_| self.cache_use.read);
+            match looked_up.and_then(|key| cache.get(&key)) {
+                Some(prediction) => {
                     self.model.metrics.cache_hits.inc();
                     answers.push(Some(ImageOutput {
                         prediction,
@@ -377,39 +369,31 @@ impl InferRequest {
                         cached: true,
                     }));
                 }
-                (None, key) => {
-                    if key.is_some() && self.cache_use.read {
+                None => {
+                    if looked_up.is_some() {
                         self.model.metrics.cache_misses.inc();
                     }
                     answers.push(None);
                     misses.push(image);
+                    positions.push(position);
+                    miss_keys.push(key.filter(|_| self.cache_use.write));
                 }
             }
         }
         if !misses.is_empty() {
-            // Errors name the image by its place in the request, not among the misses.
-            let positions: Vec<usize> = (0..answers.len())
-                .filter(|&i| answers[i].is_none())
-                .collect();
-            let mut fresh = self
-                .run_model(misses, outputs)
-                .await
-                .map_err(|e| match e {
-                    InferError::Image { index, source } => InferError::Image {
-                        index: positions.get(index).copied().unwrap_or(index),
-                        source,
-                    },
-                    other => other,
-                })?
-                .into_iter();
-            for (slot, key) in answers.iter_mut().zip(keys) {
-                if slot.is_none() {
-                    let answer = fresh.next().ok_or(InferError::Internal)?;
-                    if let (Some(key), true) = (key, self.cache_use.write) {
-                        cache.insert(key, &answer.prediction);
-                    }
-                    *slot = Some(answer);
+            let fresh = self.run_model(misses, outputs).await.map_err(|e| match e {
+                // Errors name the image by its place in the request, not among the misses.
+                InferError::Image { index, source } => InferError::Image {
+                    index: positions.get(index).copied().unwrap_or(index),
+                    source,
+                },
+                other => other,
+            })?;
+            for ((answer, position), key) in fresh.into_iter().zip(positions).zip(miss_keys) {
+                if let Some(key) = key {
+                    cache.insert(key, &answer.prediction);
                 }
+                answers[position] = Some(answer);
             }
         }
         answers
@@ -433,18 +417,11 @@ impl InferRequest {
             })
             .collect();
         let total: usize = encoded.iter().flatten().map(Bytes::len).sum();
-        let (model, version) = (
-            self.model.name().to_owned(),
-            self.model.version().to_owned(),
-        );
+        let model = self.model.id();
         let hash_all = move || {
             encoded
                 .iter()
-                .map(|bytes| {
-                    bytes
-                        .as_ref()
-                        .map(|b| CacheKey::new(b, &model, &version, outputs))
-                })
+                .map(|bytes| bytes.as_ref().map(|b| CacheKey::new(b, model, outputs)))
                 .collect::<Vec<_>>()
         };
         if total <= HASH_INLINE_BYTES {

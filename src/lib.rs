@@ -53,7 +53,6 @@ use manage::{Manager, ManagerParts, ModelControl};
 use metrics::Metrics;
 use pipeline::batcher::BatcherConfig;
 use pipeline::decode::DecodeOptions;
-use registry::Lookup;
 use repository::{ModelFiles, ModelSpec};
 use std::future::Future;
 use std::sync::Arc;
@@ -317,7 +316,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
                 model: spec.name.clone(),
                 message: format!("{e:#}"),
             })?;
-        if let Lookup::Found(handle) = registry.lookup(&spec.name, None) {
+        if let Ok(handle) = registry.lookup(&spec.name, None) {
             tracing::info!(
                 model = %spec.name,
                 architecture = %handle.info.architecture,

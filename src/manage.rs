@@ -173,26 +173,58 @@ impl Manager {
         files: ModelFiles,
         options: &ModelOptions,
     ) -> anyhow::Result<LoadOutcome> {
-        let config = files
-            .config
-            .resolve(options)
-            .map_err(|message| anyhow::anyhow!("model {name:?}: {message}"))?;
-        let estimate = self.estimate(&files, &config.preprocess.input_size);
-        if self.registry.estimated_bytes() + estimate > self.memory_budget {
+        let request = LoadRequest {
+            name: name.to_owned(),
+            source: source.to_owned(),
+            version: Some("1".to_owned()),
+            options: options.clone(),
+        };
+        let (version, loaded) = self.begin_version(&request, files, u64::MAX)?;
+        if self.registry.estimated_bytes() > self.memory_budget {
             tracing::warn!(
                 model = name,
-                estimated = %crate::budget::mib(estimate),
                 budget = %crate::budget::mib(self.memory_budget),
+                holders = %self.registry.holders(),
                 "the start-up models' estimated memory is above --model-memory-budget: run-time loads will be refused"
             );
         }
-        let version = self
-            .registry
-            .begin_load(name, Some("1"), source, estimate, u64::MAX)?;
-        let (handle, loaded) = self.spawn(name, &version, source, files, config)?;
-        self.registry.attach(name, &version, handle);
         self.registry.promote(name, &version);
         Ok(loaded)
+    }
+
+    /// Resolve the config, estimate the memory, reserve the version in the registry (refused
+    /// beyond `budget`) and spawn the model; a spawn that fails is recorded as a failed load.
+    fn begin_version(
+        &self,
+        request: &LoadRequest,
+        files: ModelFiles,
+        budget: u64,
+    ) -> Result<(String, LoadOutcome), ManageError> {
+        let LoadRequest { name, source, .. } = request;
+        let config = files
+            .config
+            .resolve(&request.options)
+            .map_err(|e| ManageError::Invalid(format!("source {source:?}: {e}")))?;
+        let estimate = self.estimate(&files, &config.preprocess.input_size);
+        let version =
+            self.registry
+                .begin_load(name, request.version.as_deref(), source, estimate, budget)?;
+        tracing::info!(model = %name, %version, %source, estimated = %crate::budget::mib(estimate), "loading a model version");
+        match self.spawn(name, &version, source, files, config) {
+            Ok((handle, loaded)) => {
+                self.registry.attach(name, &version, handle);
+                Ok((version, loaded))
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                self.registry.fail(name, &version, reason.clone());
+                Err(ManageError::LoadFailed {
+                    name: name.clone(),
+                    version,
+                    reason,
+                })
+            }
+        }
     }
 
     /// `POST /v1/models`: load (or roll out) a version; with `wait`, answer once it serves.
@@ -231,35 +263,8 @@ impl Manager {
         let files = locate(&request.source, request.options.arch.as_deref())
             .await
             .map_err(|e| ManageError::Invalid(format!("source {:?}: {e}", request.source)))?;
-        let config = files
-            .config
-            .resolve(&request.options)
-            .map_err(|e| ManageError::Invalid(format!("source {:?}: {e}", request.source)))?;
-        let estimate = self.estimate(&files, &config.preprocess.input_size);
-        let name = request.name.clone();
-        let version = self.registry.begin_load(
-            &name,
-            request.version.as_deref(),
-            &request.source,
-            estimate,
-            self.memory_budget,
-        )?;
-        tracing::info!(model = %name, %version, source = %request.source, estimated = %crate::budget::mib(estimate), "loading a model version");
-        let loaded = match self.spawn(&name, &version, &request.source, files, config) {
-            Ok((handle, loaded)) => {
-                self.registry.attach(&name, &version, handle);
-                loaded
-            }
-            Err(e) => {
-                let reason = format!("{e:#}");
-                self.registry.fail(&name, &version, reason.clone());
-                return Err(ManageError::LoadFailed {
-                    name,
-                    version,
-                    reason,
-                });
-            }
-        };
+        let (version, loaded) = self.begin_version(&request, files, self.memory_budget)?;
+        let name = request.name;
         // The load finishes in a task of its own: a client that hangs up while waiting (its
         // handler future is dropped) must not leave the version loading forever.
         let manager = self.clone();
@@ -370,12 +375,11 @@ impl Manager {
         if left > 0 {
             tracing::warn!(model = %handle.name(), version = %handle.version(), requests = left, "drain timeout: stopping the version with requests still in flight");
         }
-        let (name, version) = (handle.name().to_owned(), handle.version().to_owned());
-        let metrics = handle.metrics.clone();
+        let (id, metrics) = (handle.id(), handle.metrics.clone());
         stop(handle).await;
         self.metrics.remove_model(&metrics);
         if let Some(cache) = &self.cache {
-            cache.invalidate_version(&name, &version);
+            cache.invalidate_model(id);
         }
         // The model's tensors were freed when its threads ended; give the pages back.
         let _ = tokio::task::spawn_blocking(device::release_freed_memory).await;

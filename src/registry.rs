@@ -81,9 +81,8 @@ pub enum RegistryError {
     },
 }
 
-/// What a lookup found: the model, or why not (the names and versions that exist).
-pub enum Lookup {
-    Found(Arc<ModelHandle>),
+/// Why a lookup found nothing: the names, or the name's versions, that exist.
+pub enum Missing {
     NoModel { available: String },
     NoVersion { versions: Vec<String> },
 }
@@ -105,11 +104,8 @@ impl Registry {
     }
 
     /// `name` (its serving version) or `name` at `version` (any version still loaded).
-    pub fn lookup(&self, name: &str, version: Option<&str>) -> Lookup {
-        match find(&self.read(), name, version) {
-            Ok(handle) => Lookup::Found(handle.clone()),
-            Err(missing) => missing,
-        }
+    pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelHandle>, Missing> {
+        find(&self.read(), name, version).cloned()
     }
 
     /// [`Registry::lookup`] for a request: the version's in-flight count is raised under the
@@ -119,7 +115,7 @@ impl Registry {
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> Result<(Arc<ModelHandle>, InFlight), Lookup> {
+    ) -> Result<(Arc<ModelHandle>, InFlight), Missing> {
         let entries = self.read();
         let handle = find(&entries, name, version)?;
         Ok((handle.clone(), handle.in_flight()))
@@ -145,6 +141,11 @@ impl Registry {
     /// The served names, for error messages.
     pub fn available(&self) -> String {
         available(&self.read())
+    }
+
+    /// The versions holding memory and their estimates, for messages.
+    pub fn holders(&self) -> String {
+        holders(&self.read())
     }
 
     /// Every known version: loading, serving, draining and failed ones.
@@ -221,7 +222,7 @@ impl Registry {
 
     /// The loading version's threads exist.
     pub fn attach(&self, name: &str, version: &str, handle: Arc<ModelHandle>) {
-        if let Some(entry) = self.find_mut(&mut self.write(), name, version) {
+        if let Some(entry) = find_mut(&mut self.write(), name, version) {
             entry.handle = Some(handle);
         }
     }
@@ -229,9 +230,8 @@ impl Registry {
     /// The load failed: keep the reason, hand back the handle (if any) to be stopped.
     pub fn fail(&self, name: &str, version: &str, reason: String) -> Option<Arc<ModelHandle>> {
         let mut entries = self.write();
-        let entry = self.find_mut(&mut entries, name, version)?;
+        let entry = find_mut(&mut entries, name, version)?;
         entry.phase = Phase::Failed(reason);
-        entry.estimated_bytes = 0;
         entry.handle.take()
     }
 
@@ -286,17 +286,12 @@ impl Registry {
             .filter_map(|e| e.handle.clone())
             .collect()
     }
+}
 
-    fn find_mut<'a>(
-        &self,
-        entries: &'a mut [Entry],
-        name: &str,
-        version: &str,
-    ) -> Option<&'a mut Entry> {
-        entries
-            .iter_mut()
-            .find(|e| e.name == name && e.version == version)
-    }
+fn find_mut<'a>(entries: &'a mut [Entry], name: &str, version: &str) -> Option<&'a mut Entry> {
+    entries
+        .iter_mut()
+        .find(|e| e.name == name && e.version == version)
 }
 
 /// One load per name at a time: a second load or an unload waits for it to finish.
@@ -326,7 +321,7 @@ fn held_bytes(entries: &[Entry]) -> u64 {
         .sum()
 }
 
-/// The versions holding memory, for a refusal's message: `name@version (N MiB)`.
+/// The versions holding memory, for a message: `name@version (N MiB)`.
 fn holders(entries: &[Entry]) -> String {
     let held: Vec<String> = entries
         .iter()
@@ -351,7 +346,7 @@ fn find<'a>(
     entries: &'a [Entry],
     name: &str,
     version: Option<&str>,
-) -> Result<&'a Arc<ModelHandle>, Lookup> {
+) -> Result<&'a Arc<ModelHandle>, Missing> {
     let resolvable = |e: &&Entry| match version {
         None => e.phase == Phase::Serving,
         Some(v) => e.version == v && matches!(e.phase, Phase::Serving | Phase::Loading),
@@ -366,11 +361,11 @@ fn find<'a>(
     }
     let versions = loaded_versions(entries, name);
     Err(if versions.is_empty() {
-        Lookup::NoModel {
+        Missing::NoModel {
             available: available(entries),
         }
     } else {
-        Lookup::NoVersion { versions }
+        Missing::NoVersion { versions }
     })
 }
 
@@ -408,14 +403,11 @@ fn version_order(version: &str) -> (u64, String) {
 }
 
 fn describe(entry: &Entry) -> RepositoryEntry {
-    let handle_state = entry.handle.as_ref().map(|h| h.status.state_name());
-    let (state, reason) = match &entry.phase {
-        Phase::Failed(reason) => ("failed", Some(reason.clone())),
-        Phase::Draining => ("draining", None),
-        Phase::Loading | Phase::Serving => match &entry.handle {
-            Some(handle) => (handle_state.unwrap_or("loading"), handle.status.failure()),
-            None => ("loading", None),
-        },
+    let (state, reason) = match (&entry.phase, &entry.handle) {
+        (Phase::Failed(reason), _) => ("failed", Some(reason.clone())),
+        (Phase::Draining, _) => ("draining", None),
+        (_, Some(handle)) => (handle.status.state_name(), handle.status.failure()),
+        (_, None) => ("loading", None),
     };
     RepositoryEntry {
         name: entry.name.clone(),

@@ -55,6 +55,15 @@ fn admin(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     request.bearer_auth(ADMIN)
 }
 
+/// `POST /v1/models` with the admin key.
+async fn load_model(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Response {
+    admin(client.post(format!("{base}/v1/models")))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// One classification as the traffic saw it.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -171,11 +180,12 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
 
     // A source that does not exist, and one whose weights are broken: refused, the serving
     // version stays, and the repository says why.
-    let missing = admin(client.post(format!("{base}/v1/models")))
-        .json(&json!({"name": "m", "source": "/no/such/folder"}))
-        .send()
-        .await
-        .unwrap();
+    let missing = load_model(
+        &client,
+        &base,
+        &json!({"name": "m", "source": "/no/such/folder"}),
+    )
+    .await;
     assert_eq!(missing.status(), 400);
     assert_eq!(
         missing.json::<Value>().await.unwrap()["error_type"],
@@ -184,11 +194,7 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
     let broken = tempdir("broken");
     std::fs::copy(lite0_dir().join("config.json"), broken.join("config.json")).unwrap();
     std::fs::write(broken.join("model.safetensors"), b"these are not weights").unwrap();
-    let failed = admin(client.post(format!("{base}/v1/models")))
-        .json(&json!({"name": "m", "source": broken}))
-        .send()
-        .await
-        .unwrap();
+    let failed = load_model(&client, &base, &json!({"name": "m", "source": broken})).await;
     assert_eq!(failed.status(), 422);
     assert_eq!(
         failed.json::<Value>().await.unwrap()["error_type"],
@@ -205,11 +211,12 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
     assert!(versions_of(&listed, "m").contains(&("1".into(), "ready".into(), true)));
 
     // A model too large for what is left of the budget is refused before anything loads.
-    let too_big = admin(client.post(format!("{base}/v1/models")))
-        .json(&json!({"name": "big", "source": parity_model("tf_efficientnetv2_s")}))
-        .send()
-        .await
-        .unwrap();
+    let too_big = load_model(
+        &client,
+        &base,
+        &json!({"name": "big", "source": parity_model("tf_efficientnetv2_s")}),
+    )
+    .await;
     assert_eq!(too_big.status(), 507);
     let refusal: Value = too_big.json().await.unwrap();
     assert_eq!(refusal["error_type"], "insufficient_memory");
@@ -220,11 +227,7 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
     assert!(versions_of(&repository(&client, &base).await, "big").is_empty());
 
     // The rollout: version 2 loads beside version 1, then takes the traffic.
-    let rolled = admin(client.post(format!("{base}/v1/models")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let rolled = load_model(&client, &base, &body).await;
     assert_eq!(rolled.status(), 201);
     let switched = Instant::now();
     let entry: Value = rolled.json().await.unwrap();
@@ -347,15 +350,16 @@ async fn an_unloaded_model_gives_its_memory_back() {
         classify(&client, &base, "m").await;
     }
     let before = rss_bytes(server.child.id());
-    let loaded = admin(client.post(format!("{base}/v1/models")))
-        .json(&json!({
+    let loaded = load_model(
+        &client,
+        &base,
+        &json!({
             "name": "big",
             "source": parity_model("tf_efficientnetv2_s"),
             "options": {"input_size": 160}
-        }))
-        .send()
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     assert_eq!(loaded.status(), 201, "{}", loaded.text().await.unwrap());
     for _ in 0..4 {
         classify(&client, &base, "big").await;
@@ -439,11 +443,7 @@ async fn the_poller_loads_rolls_out_and_unloads_repository_folders() {
     let first = classify(&client, &base, "a").await;
 
     // Explicit loads are refused: the folder decides.
-    let refused = admin(client.post(format!("{base}/v1/models")))
-        .json(&json!({"name": "x", "source": lite0()}))
-        .send()
-        .await
-        .unwrap();
+    let refused = load_model(&client, &base, &json!({"name": "x", "source": lite0()})).await;
     assert_eq!(refused.status(), 403);
     assert_eq!(
         refused.json::<Value>().await.unwrap()["error_type"],

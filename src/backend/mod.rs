@@ -74,6 +74,9 @@ pub struct BatchPolicy {
 }
 
 impl BatchPolicy {
+    /// `queue::preferred_batch_size`'s rule in words (its tolerance is `queue::PLATEAU`, 0.97).
+    const RULE: &'static str = "the smallest size from which every larger size is within 3 % of the best throughput (where throughput stops rising); else the largest";
+
     /// The policy for a warm-up profile (`queue::preferred_batch_size`).
     pub fn from_profile(profile: &[WarmupTiming]) -> Option<Self> {
         let points: Vec<(usize, f64)> = profile
@@ -82,7 +85,7 @@ impl BatchPolicy {
             .collect();
         Some(Self {
             preferred_batch_size: crate::pipeline::queue::preferred_batch_size(&points)?,
-            rule: "the smallest size from which every larger size is within 3 % of the best throughput (where throughput stops rising); else the largest",
+            rule: Self::RULE,
         })
     }
 }
@@ -199,6 +202,9 @@ impl ModelStatus {
     }
 }
 
+/// The next [`ModelHandle::id`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Reports once whether the model thread loaded and warmed up its model (or why not).
 pub type LoadOutcome = oneshot::Receiver<Result<(), String>>;
 
@@ -215,6 +221,9 @@ pub struct ModelHandle {
     threads: Vec<supervisor::ThreadSlot>,
     /// Requests holding this version (see [`InFlight`]).
     in_flight: Arc<AtomicUsize>,
+    /// Unique to this spawn in the process (never reused, unlike a name and version after an
+    /// unload): what the response cache keys answers by.
+    id: u64,
 }
 
 /// A request's hold on a model version: counted from the lookup that found the version
@@ -376,6 +385,7 @@ impl ModelHandle {
             closing: closing_tx,
             threads,
             in_flight: Arc::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         });
         Ok((handle, loaded_rx))
     }
@@ -386,6 +396,11 @@ impl ModelHandle {
 
     pub fn version(&self) -> &str {
         &self.info.version
+    }
+
+    /// This loaded version's identity in the process (see the field).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Count one more request holding this version until the guard drops.
@@ -526,6 +541,12 @@ async fn all_loaded(loads: Vec<LoadOutcome>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_rule_states_the_plateau_tolerance() {
+        let percent = ((1.0 - crate::pipeline::queue::PLATEAU) * 100.0).round();
+        assert!(BatchPolicy::RULE.contains(&format!("within {percent} %")));
+    }
 
     #[test]
     fn waits_are_shared_among_the_instances() {
