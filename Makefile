@@ -254,7 +254,8 @@ bench-ceiling: deps venv weights test-data parity-data
 	cargo test --release --no-run
 	cargo bench --no-run
 	@for model in $(CEILING_MODELS); do echo "== $$model"; \
-	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) --config default= || exit 1; \
+	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
+	    --config default= --config instances2='--instances 2' || exit 1; \
 	done
 
 # Each CPU lever against the defaults, interleaved (BENCHMARKS.md, "CPU levers").

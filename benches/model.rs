@@ -23,7 +23,8 @@ struct Args {
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch_sizes: Vec<usize>,
-    /// libtorch intra-op threads (default: libtorch's choice).
+    /// libtorch intra-op threads per instance (default: libtorch's choice for one instance;
+    /// with --instances N, the CPUs divided by N, as the server does).
     #[arg(long)]
     threads: Option<i32>,
     /// Serve at this input size instead of the config's default.
@@ -55,10 +56,8 @@ fn main() -> anyhow::Result<()> {
     if !args.no_malloc_tuning {
         device::tune_allocator();
     }
-    let device = match DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)? {
-        DeviceChoice::Cuda(i) => tch::Device::Cuda(i),
-        _ => tch::Device::Cpu,
-    };
+    // The server's own resolution: `auto`, and a CUDA index checked against the devices.
+    let device = device::resolve(DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?)?;
     let kind = device::kind(args.dtype, device)?;
     if device.is_cuda() {
         // As the server's model thread: cuDNN picks its fastest kernels during the warm-up runs.
@@ -81,11 +80,19 @@ fn main() -> anyhow::Result<()> {
         files,
     };
     let (h, w) = config.preprocess.input_size;
+    let threads = args.threads.or_else(|| {
+        (args.instances > 1).then(|| {
+            let cpus = visionserve::budget::Resources::detect().cpus;
+            (cpus / args.instances).max(1) as i32
+        })
+    });
     for batch in &args.batch_sizes {
-        // Each instance loads its own copy, warms up, then all run for the same wall time.
+        // Each instance loads its own copy and warms up; then all start timing together (the
+        // barrier) and run for the same wall time, so that their rates add up.
+        let ready = std::sync::Barrier::new(args.instances.max(1));
         let per_instance = std::thread::scope(|scope| {
             let runs: Vec<_> = (0..args.instances)
-                .map(|_| scope.spawn(|| time_batches(&spec, &args, *batch)))
+                .map(|_| scope.spawn(|| time_batches(&spec, &args, threads, *batch, &ready)))
                 .collect();
             runs.into_iter()
                 .map(|run| run.join().expect("bench thread panicked"))
@@ -125,20 +132,33 @@ struct Timed {
     per_batch_ms: f64,
 }
 
-/// Load the model on this thread, warm it up at `batch`, then run it for `--seconds`.
-fn time_batches(spec: &WorkerSpec, args: &Args, batch: usize) -> anyhow::Result<Timed> {
+/// Load the model on this thread, warm it up at `batch`, wait for the other instances, then
+/// run it for `--seconds`.
+fn time_batches(
+    spec: &WorkerSpec,
+    args: &Args,
+    threads: Option<i32>,
+    batch: usize,
+    ready: &std::sync::Barrier,
+) -> anyhow::Result<Timed> {
     device::flush_denormals();
-    if let Some(threads) = args.threads {
+    if let Some(threads) = threads {
         tch::set_num_threads(threads);
     }
     let _no_grad = tch::no_grad_guard();
-    let runner = Runner::load(spec)?;
     let (h, w) = spec.preprocess.input_size;
     let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
     let images = vec![&image; batch];
-    for _ in 0..3 {
-        runner.run(&images, Outputs::top_k(5))?;
-    }
+    let warmed = Runner::load(spec).and_then(|runner| {
+        for _ in 0..3 {
+            runner.run(&images, Outputs::top_k(5))?;
+        }
+        Ok(runner)
+    });
+    // Every instance reaches the barrier, warmed up or not, so that a failed one cannot leave
+    // the others waiting.
+    ready.wait();
+    let runner = warmed?;
     let (mut runs, start) = (0u32, Instant::now());
     while start.elapsed() < Duration::from_secs_f64(args.seconds) {
         runner.run(&images, Outputs::top_k(5))?;

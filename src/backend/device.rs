@@ -41,12 +41,15 @@ pub fn kind(dtype: DType, device: Device) -> Result<Kind> {
             bail!("--dtype f16 needs CUDA (CPUs have no fast f16 convolutions); on CPU use --dtype bf16 or f32")
         }
         (DType::Bf16, Device::Cpu) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
             if !cpu_has_bf16() {
-                tracing::warn!(
+                WARNED.call_once(|| {
+                    tracing::warn!(
                     "--dtype bf16 on a CPU without bf16 instructions (avx512_bf16 or amx_bf16): \
                      oneDNN emulates it, and it ran about 30x slower than f32 on such a CPU \
                      (BENCHMARKS.md); use f32 here"
-                );
+                    )
+                });
             }
             Ok(Kind::BFloat16)
         }
@@ -56,7 +59,14 @@ pub fn kind(dtype: DType, device: Device) -> Result<Kind> {
 }
 
 /// Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from the kernel's
-/// CPU flags; without it libtorch's bf16 convolutions are emulated, far slower than f32.
+/// x86 CPU flags; without it libtorch's bf16 convolutions are emulated, far slower than f32.
+/// Other architectures are not judged (true: no warning).
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bf16() -> bool {
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
 fn cpu_has_bf16() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
         info.lines()
