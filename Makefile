@@ -263,7 +263,7 @@ bench-levers: deps venv weights test-data
 	cargo test --release --no-run
 	cargo bench --no-run
 	$(PYTHON) benches/levers.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
-	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2'
+	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2' --config auto='--instances auto'
 
 # The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
 # 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).

@@ -76,7 +76,6 @@ fn main() -> anyhow::Result<()> {
         device,
         kind,
         max_batch_size: 1,
-        intra_op_threads: None,
         files,
     };
     let (h, w) = config.preprocess.input_size;

@@ -103,9 +103,13 @@ pub struct Config {
     /// Copies of each model, each run by its own thread and fed from the same queue: on a GPU,
     /// one copy's upload and download overlap another's compute; on a CPU, N copies with
     /// 1/N of the cores each run without the threads of one operator waiting for each other.
-    /// Each copy holds its own weights.
-    #[arg(long, env = "VISIONSERVE_INSTANCES", default_value_t = 1)]
-    pub instances: usize,
+    /// `auto` on a CPU with 2 or more cores: one copy with every intra-op thread runs the
+    /// batches that arrive at an idle model (latency), and two copies with half the threads
+    /// each take over once images queue (throughput); the two kinds never run at once. On a
+    /// GPU, `auto` is one copy. Each copy holds its own weights. `auto` is for a server with
+    /// one model: the two kinds of copy take turns per model, not across models.
+    #[arg(long, env = "VISIONSERVE_INSTANCES", default_value = "1", value_parser = Instances::parse)]
+    pub instances: Instances,
 
     /// Images admitted per model (being decoded, queued or running) before new requests get
     /// 429 Too Many Requests.
@@ -169,8 +173,9 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
     pub memory_budget: Option<u64>,
 
-    /// Threads libtorch uses inside one operator, per model instance [default: the CPUs the
-    /// process may use (cgroup CPU quota included) divided by --instances, at least 1;
+    /// Threads libtorch uses inside one operator: with --instances N, per copy; with auto, the
+    /// copy that runs lone batches, and half of it for each of the two others [default: the
+    /// CPUs the process may use (cgroup CPU quota included), divided by N, at least 1;
     /// libtorch's own default, the machine's physical cores, oversubscribes a container].
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
@@ -225,6 +230,28 @@ pub enum DType {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--instances`: a fixed number of interchangeable copies, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    Fixed(usize),
+    /// A copy with every thread for lone batches, and a pool of copies for load (CPU).
+    Auto,
+}
+
+impl Instances {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            _ => match s.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Self::Fixed(n)),
+                _ => Err(format!(
+                    "--instances must be auto or a whole number of at least 1, not {s:?}"
+                )),
+            },
+        }
+    }
 }
 
 /// Where a model runs, parsed from `--device`.
@@ -291,9 +318,6 @@ impl Config {
                 "--max-concurrent-requests, --body-timeout and --request-timeout must be at least 1"
                     .into(),
             );
-        }
-        if self.instances == 0 {
-            return Err("--instances must be at least 1".into());
         }
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());

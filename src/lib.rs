@@ -51,7 +51,6 @@ use config::Config;
 use error::LoadError;
 use manage::{Manager, ManagerParts, ModelControl};
 use metrics::Metrics;
-use pipeline::batcher::BatcherConfig;
 use pipeline::decode::DecodeOptions;
 use repository::{ModelFiles, ModelSpec};
 use std::future::Future;
@@ -275,7 +274,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
 
     let metrics = Arc::new(Metrics::new());
     let resources = budget::Resources::detect();
-    let budgets = Budgets::derive(config, &resources);
+    let budgets = Budgets::derive(config, &resources, device.is_cuda());
     budgets.log(config, &resources);
     let memory = Arc::new(budget::MemoryBudget::new(
         budgets.memory,
@@ -291,14 +290,9 @@ pub async fn start_service(config: &Config) -> Result<Service> {
             device,
             dtype: config.dtype,
             max_batch_size,
-            batcher: BatcherConfig {
-                max_batch_size,
-                max_batch_delay: config.max_batch_delay(),
-                instances: config.instances,
-            },
-            instances: config.instances,
+            max_batch_delay: config.max_batch_delay(),
+            instances: budgets.instances,
             max_queue_images: config.max_queue_images,
-            intra_op_threads: Some(budgets.intra_op_threads),
             batch_timeout: config.batch_timeout,
         },
         metrics: metrics.clone(),
@@ -358,11 +352,12 @@ struct Budgets {
     /// What the models' estimates may add up to (`--model-memory-budget`).
     models: u64,
     decode_threads: usize,
-    intra_op_threads: usize,
+    /// The model copies and their intra-op threads.
+    instances: backend::InstanceLayout,
 }
 
 impl Budgets {
-    fn derive(config: &Config, resources: &budget::Resources) -> Self {
+    fn derive(config: &Config, resources: &budget::Resources, cuda: bool) -> Self {
         const RUNTIME: u64 = 512 << 20;
         const MIN_MODELS: u64 = 256 << 20;
         let memory = config
@@ -382,9 +377,12 @@ impl Budgets {
             // in bursts between batches, and a model thread limited to half the cores would
             // leave them idle whenever nothing decodes.
             decode_threads: config.decode_threads.unwrap_or(resources.cpus),
-            intra_op_threads: config
-                .intra_op_threads
-                .unwrap_or((resources.cpus / config.instances.max(1)).max(1)),
+            instances: backend::InstanceLayout::resolve(
+                config.instances,
+                resources.cpus,
+                config.intra_op_threads,
+                cuda,
+            ),
         }
     }
 
@@ -405,7 +403,7 @@ impl Budgets {
             model_memory_budget = %budget::mib(self.models),
             memory_budget_from = %origin(config.memory_budget.is_some(), "memory limit / 4, at least 64 MiB"),
             decode_threads = self.decode_threads,
-            intra_op_threads = self.intra_op_threads,
+            instances = ?self.instances.copies(),
             threads_from = %origin(
                 config.decode_threads.is_some() || config.intra_op_threads.is_some(),
                 "the CPUs the process may use",

@@ -435,7 +435,7 @@ impl Manager {
         let (h, w) = *input_size;
         let input = 3 * h as u64 * w as u64 * 4;
         let working = self.settings.max_batch_size as u64 * input * WORKING_MEMORY_PER_INPUT;
-        (weights + working) * self.settings.instances.max(1) as u64
+        (weights + working) * self.settings.instances.copies().len() as u64
     }
 
     /// `--model-control poll`: apply the repository folder's changes until `stop` resolves.

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use visionserve::config::Instances;
 
 const MAX_BATCH: usize = 8;
 
@@ -23,33 +24,116 @@ async fn concurrent_requests_are_batched_and_answered_correctly() {
 }
 
 /// Two copies of the model (`--instances 2`), one intra-op thread each, fed from one queue:
-/// every image is answered once, with its own image's classes.
+/// every image is answered once, with its own image's classes, and both copies run batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_share_the_queue_and_answer_correctly() {
     let mut config = config_for(&[format!("lite0={}", lite0_dir().display())]);
     config.max_batch_size = Some(MAX_BATCH);
     config.max_batch_delay_ms = 20;
-    config.instances = 2;
+    config.instances = Instances::Fixed(2);
+    config.intra_op_threads = Some(1);
     let server = TestServer::start(config);
-    let model: serde_json::Value = reqwest::get(server.url("/v1/models/lite0"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let model = model_info(&server).await;
     assert_eq!(model["instances"], 2, "{model}");
+    assert_eq!(
+        model["instance_threads"],
+        serde_json::json!([1, 1]),
+        "{model}"
+    );
     let preferred = model["batch_policy"]["preferred_batch_size"]
         .as_u64()
         .unwrap();
     assert!((1..=MAX_BATCH as u64).contains(&preferred), "{model}");
     // With one thread per copy, larger batches may not raise throughput: the policy may then
     // run images one by one, on both copies at once.
-    let (_, sizes) = post_64_concurrent_images(&server).await;
+    let (batches, sizes) = post_64_concurrent_images(&server).await;
     assert!(
         sizes.iter().all(|&b| b as u64 <= preferred),
         "{sizes:?} {model}"
     );
+    let per_copy = instance_batches(&server, 2).await;
+    assert_eq!(per_copy.iter().sum::<f64>(), batches, "{per_copy:?}");
+    assert!(
+        per_copy.iter().all(|&n| n > 0.0),
+        "a copy ran nothing: {per_copy:?}"
+    );
     server.stop().unwrap();
+}
+
+/// `--instances auto`: one request at a time runs on the copy with every thread; a burst runs
+/// on the two copies with one thread each, and every answer is still its own image's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_instances_run_lone_requests_solo_and_bursts_on_the_pool() {
+    let mut config = config_for(&[format!("lite0={}", lite0_dir().display())]);
+    config.max_batch_size = Some(MAX_BATCH);
+    config.max_batch_delay_ms = 20;
+    config.instances = Instances::Auto;
+    // Whatever this machine's CPUs: a solo copy of 2 threads and two copies of 1.
+    config.intra_op_threads = Some(2);
+    let server = TestServer::start(config);
+    let model = model_info(&server).await;
+    assert_eq!(model["instances"], 3, "{model}");
+    assert_eq!(
+        model["instance_threads"],
+        serde_json::json!([2, 1, 1]),
+        "{model}"
+    );
+
+    let (batches, _) = post_64_concurrent_images(&server).await;
+    let burst = instance_batches(&server, 3).await;
+    assert_eq!(burst.iter().sum::<f64>(), batches, "{burst:?}");
+    assert!(
+        burst[1] + burst[2] > 0.0,
+        "a burst of 64 never reached the pool: {burst:?}"
+    );
+
+    let client = reqwest::Client::new();
+    let image = read("photos/chelsea.jpg");
+    for _ in 0..4 {
+        let response = client
+            .post(server.url("/v1/classify"))
+            .header("content-type", "image/jpeg")
+            .body(image.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        // The model thread counts its batch finished just after answering: let it.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let after = instance_batches(&server, 3).await;
+    assert_eq!(
+        [
+            after[0] - burst[0],
+            after[1] - burst[1],
+            after[2] - burst[2]
+        ],
+        [4.0, 0.0, 0.0],
+        "one request at a time should run on the solo copy: {burst:?} then {after:?}"
+    );
+    server.stop().unwrap();
+}
+
+async fn model_info(server: &TestServer) -> serde_json::Value {
+    reqwest::get(server.url("/v1/models/lite0"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `visionserve_instance_batches_total` of copies 0..copies.
+async fn instance_batches(server: &TestServer, copies: usize) -> Vec<f64> {
+    let metrics = scrape(&server.base).await;
+    (0..copies)
+        .map(|i| {
+            let series = format!(
+                r#"visionserve_instance_batches_total{{model="lite0",version="1",model_instance="{i}"}}"#
+            );
+            metric(&metrics, &series).unwrap_or(0.0)
+        })
+        .collect()
 }
 
 /// Post the 64 reference images at once; check each answer against timm's, that every image

@@ -431,7 +431,13 @@ async fn models_endpoint_describes_each_model() {
         visionserve::pipeline::queue::preferred_batch_size(&points),
         "{profile:?}"
     );
-    assert_eq!(model["instances"], 1);
+    // The default: one copy with every CPU the process may use.
+    assert_eq!(model["instances"], 1, "{model}");
+    assert_eq!(
+        model["instance_threads"].as_array().unwrap().len(),
+        1,
+        "{model}"
+    );
     assert_eq!(by_name("lite0_ts")["backend"], "torchscript");
     assert_eq!(by_name("lite0_ts")["default"], false);
     assert_eq!(by_name("lite0_pth")["weights_format"], "pickle");

@@ -8,11 +8,12 @@ pub mod health;
 mod supervisor;
 pub mod worker;
 
-use crate::config::DType;
+use crate::config::{DType, Instances};
 use crate::error::InferError;
 use crate::metrics::ModelMetrics;
 use crate::pipeline::batcher::{self, BatcherConfig};
 use crate::pipeline::preprocess::PreprocessConfig;
+use crate::pipeline::queue::{Lane, Lanes};
 use crate::pipeline::{BatcherLink, ImageJob};
 use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
 use serde::Serialize;
@@ -39,6 +40,10 @@ pub struct ModelInfo {
     pub max_queue_images: usize,
     /// Copies of the model, each with its own thread (`--instances`).
     pub instances: usize,
+    /// The intra-op threads of each copy, in instance order. With `--instances auto` the first
+    /// copy has every thread and runs the batches that arrive at an idle model; the others
+    /// run side by side once images queue.
+    pub instance_threads: Vec<usize>,
     #[serde(skip)]
     pub labels: Arc<Vec<String>>,
 }
@@ -108,6 +113,8 @@ pub struct ModelStatus {
     restarts: std::sync::atomic::AtomicU64,
     warmup: OnceLock<Vec<WarmupTiming>>,
     embedding_size: OnceLock<Option<usize>>,
+    /// Copies that have not finished their first load and warm-up.
+    copies_loading: AtomicUsize,
 }
 
 impl ModelStatus {
@@ -161,6 +168,26 @@ impl ModelStatus {
 
     fn set_embedding_size(&self, size: Option<usize>) {
         let _ = self.embedding_size.set(size);
+    }
+
+    /// The status of a model of `copies` copies, loading.
+    fn for_copies(copies: usize) -> Self {
+        Self {
+            copies_loading: AtomicUsize::new(copies),
+            ..Self::default()
+        }
+    }
+
+    /// A copy is loaded and warmed up (`first_time`, or a replacement); returns whether the
+    /// model is ready now. It is once every copy has loaded, so that its first requests do not
+    /// meet copies still warming up (or a batch policy not measured yet); a replacement
+    /// makes it ready again at once, the other copies having kept serving.
+    fn copy_ready(&self, first_time: bool) -> bool {
+        if first_time && self.copies_loading.fetch_sub(1, Ordering::AcqRel) > 1 {
+            return false;
+        }
+        self.set_ready();
+        true
     }
 
     fn set_ready(&self) {
@@ -219,6 +246,7 @@ pub struct ModelHandle {
     closing: watch::Sender<bool>,
     /// One per instance.
     threads: Vec<supervisor::ThreadSlot>,
+    lanes: Lanes,
     /// Requests holding this version (see [`InFlight`]).
     in_flight: Arc<AtomicUsize>,
     /// Unique to this spawn in the process (never reused, unlike a name and version after an
@@ -274,13 +302,72 @@ pub struct SpawnOptions {
     pub device: tch::Device,
     pub dtype: DType,
     pub max_batch_size: usize,
-    pub batcher: BatcherConfig,
+    pub max_batch_delay: std::time::Duration,
     pub max_queue_images: usize,
-    pub intra_op_threads: Option<usize>,
     /// A batch running longer than this marks the model not ready and replaces its thread.
     pub batch_timeout: std::time::Duration,
-    /// Copies of the model, each with its own thread and supervisor.
-    pub instances: usize,
+    /// Copies of the model, each with its own thread and supervisor, and their threads.
+    pub instances: InstanceLayout,
+}
+
+/// The copies of a model and the intra-op threads of each, resolved from `--instances` and
+/// `--intra-op-threads` for the CPUs the process may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceLayout {
+    /// The solo copy's threads, if there is one (`--instances auto` on 2 or more CPUs): it
+    /// runs the batches that arrive at an idle model, with every thread.
+    pub solo_threads: Option<usize>,
+    /// Copies that take batches side by side.
+    pub pool: usize,
+    pub pool_threads: usize,
+}
+
+impl InstanceLayout {
+    /// `intra_op` is `--intra-op-threads` (the threads a lone batch gets); by default every
+    /// CPU, shared among the copies that run at once.
+    pub fn resolve(instances: Instances, cpus: usize, intra_op: Option<usize>, cuda: bool) -> Self {
+        let cpus = cpus.max(1);
+        let fixed = |n: usize| Self {
+            solo_threads: None,
+            pool: n,
+            pool_threads: intra_op.unwrap_or(cpus / n).max(1),
+        };
+        match instances {
+            Instances::Fixed(n) => fixed(n.max(1)),
+            Instances::Auto => {
+                let all = intra_op.unwrap_or(cpus);
+                if cuda || all < 2 {
+                    return fixed(1);
+                }
+                // Two copies with half the threads: each runs operators with half as many
+                // threads to wait for, and memory grows by three copies, not one per CPU.
+                let pool_threads = all / 2;
+                Self {
+                    solo_threads: Some(all),
+                    pool: all / pool_threads,
+                    pool_threads,
+                }
+            }
+        }
+    }
+
+    /// Every copy: the lane it serves and its threads, solo first.
+    pub fn copies(&self) -> Vec<(Lane, usize)> {
+        let solo = self.solo_threads.map(|threads| (Lane::Solo, threads));
+        solo.into_iter()
+            .chain(std::iter::repeat_n(
+                (Lane::Pool, self.pool_threads),
+                self.pool,
+            ))
+            .collect()
+    }
+
+    pub fn lanes(&self) -> Lanes {
+        Lanes {
+            solo: self.solo_threads.is_some(),
+            pool: self.pool,
+        }
+    }
 }
 
 impl ModelHandle {
@@ -310,25 +397,35 @@ impl ModelHandle {
             num_classes: config.num_classes,
             preprocess: config.preprocess.clone(),
             max_batch_size: options.max_batch_size,
-            max_batch_delay_ms: options.batcher.max_batch_delay.as_millis() as u64,
+            max_batch_delay_ms: options.max_batch_delay.as_millis() as u64,
             max_queue_images: options.max_queue_images,
-            instances: options.instances.max(1),
+            instances: options.instances.copies().len(),
+            instance_threads: options.instances.copies().iter().map(|c| c.1).collect(),
             labels: Arc::new(config.labels),
         };
-        let status = Arc::new(ModelStatus::default());
+        let status = Arc::new(ModelStatus::for_copies(options.instances.copies().len()));
         let link = Arc::new(BatcherLink::default());
         // Admission control bounds what is in flight, so this channel never fills up.
         let (jobs_tx, jobs_rx) = mpsc::channel(options.max_queue_images.max(1));
-        // One slot: the batch waiting while another runs.
-        let (batch_tx, batch_rx) = mpsc::channel(1);
+        // One slot per lane: the batch waiting while another runs.
+        let (pool_tx, pool_rx) = mpsc::channel(1);
+        let (solo_tx, solo_rx) = mpsc::channel(1);
+        let layout = options.instances;
         let (closing_tx, closing_rx) = watch::channel(false);
 
         tokio::spawn(batcher::run(
             jobs_rx,
-            batch_tx,
+            batcher::Handoff {
+                pool: pool_tx,
+                solo: layout.solo_threads.map(|_| solo_tx),
+            },
             link.clone(),
             metrics.clone(),
-            options.batcher,
+            BatcherConfig {
+                max_batch_size: options.max_batch_size,
+                max_batch_delay: options.max_batch_delay,
+                lanes: layout.lanes(),
+            },
             closing_rx.clone(),
         ));
         let worker_spec = Arc::new(worker::WorkerSpec {
@@ -339,27 +436,38 @@ impl ModelHandle {
             device: options.device,
             kind,
             max_batch_size: options.max_batch_size,
-            intra_op_threads: options.intra_op_threads,
         });
-        // Every instance takes batches from the same hand-off and warms up alone, so that its
-        // timings are not skewed by another instance warming up at the same time.
-        let batches = Arc::new(Mutex::new(batch_rx));
+        // The copies of a lane take batches from its hand-off. Each warms up alone, so that its
+        // timings are not skewed by another warming up at the same time.
+        let pool_batches = Arc::new(Mutex::new(pool_rx));
+        let solo_batches = Arc::new(Mutex::new(solo_rx));
         let warmup_gate = Arc::new(Mutex::new(()));
-        let mut threads = Vec::with_capacity(info.instances);
-        let mut loads = Vec::with_capacity(info.instances);
-        for instance in 0..info.instances {
+        let copies = layout.copies();
+        // The batch policy comes from a pool copy: the pool runs the batches of a loaded
+        // server, where the batch size matters.
+        let profiled = copies.iter().position(|c| c.0 == Lane::Pool);
+        let mut threads = Vec::with_capacity(copies.len());
+        let mut loads = Vec::with_capacity(copies.len());
+        for (instance, (lane, intra_op_threads)) in copies.into_iter().enumerate() {
             let thread = supervisor::ThreadSlot::default();
             let (loaded_tx, loaded_rx) = oneshot::channel();
             let supervisor = supervisor::Supervisor {
                 ctx: Arc::new(worker::WorkerContext {
                     spec: worker_spec.clone(),
                     instance,
-                    batches: batches.clone(),
+                    lane,
+                    intra_op_threads,
+                    profiles: profiled == Some(instance),
+                    batches: match lane {
+                        Lane::Solo => solo_batches.clone(),
+                        Lane::Pool => pool_batches.clone(),
+                    },
                     warmup_gate: warmup_gate.clone(),
                     link: link.clone(),
                     status: status.clone(),
                     metrics: metrics.clone(),
                     heartbeat: health::Heartbeat::default(),
+                    served: Default::default(),
                 }),
                 batch_timeout: options.batch_timeout,
                 thread: thread.clone(),
@@ -384,6 +492,7 @@ impl ModelHandle {
             admission: Arc::new(Semaphore::new(options.max_queue_images)),
             closing: closing_tx,
             threads,
+            lanes: layout.lanes(),
             in_flight: Arc::default(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         });
@@ -470,7 +579,7 @@ impl ModelHandle {
         std::time::Duration::from_micros(least_wait_us(
             admitted + images,
             self.info.max_batch_size,
-            self.info.instances,
+            self.pool_copies(),
             self.link.micros_per_image(),
         ))
     }
@@ -479,9 +588,15 @@ impl ModelHandle {
     /// model time, shared among the instances.
     fn retry_after_secs(&self) -> u64 {
         let queued = self.info.max_queue_images - self.admission.available_permits();
-        clearing_time_us(queued, self.info.instances, self.link.micros_per_image())
+        clearing_time_us(queued, self.pool_copies(), self.link.micros_per_image())
             .div_ceil(1_000_000)
             .max(1)
+    }
+
+    /// Copies that run batches side by side under load (the solo copy of `--instances auto`
+    /// never runs beside them).
+    fn pool_copies(&self) -> usize {
+        self.lanes.pool
     }
 
     /// Queue one preprocessed image.
@@ -546,6 +661,68 @@ mod tests {
     fn the_policy_rule_states_the_plateau_tolerance() {
         let percent = ((1.0 - crate::pipeline::queue::PLATEAU) * 100.0).round();
         assert!(BatchPolicy::RULE.contains(&format!("within {percent} %")));
+    }
+
+    #[test]
+    fn instance_layouts() {
+        let resolve = InstanceLayout::resolve;
+        let layout = |solo, pool, pool_threads| InstanceLayout {
+            solo_threads: solo,
+            pool,
+            pool_threads,
+        };
+        // Fixed copies share the CPUs, or each get --intra-op-threads.
+        assert_eq!(
+            resolve(Instances::Fixed(1), 2, None, false),
+            layout(None, 1, 2)
+        );
+        assert_eq!(
+            resolve(Instances::Fixed(2), 2, None, false),
+            layout(None, 2, 1)
+        );
+        assert_eq!(
+            resolve(Instances::Fixed(4), 2, None, false),
+            layout(None, 4, 1)
+        );
+        assert_eq!(
+            resolve(Instances::Fixed(2), 8, Some(3), false),
+            layout(None, 2, 3)
+        );
+        // auto: a solo copy with every thread and two copies with half each.
+        assert_eq!(
+            resolve(Instances::Auto, 2, None, false),
+            layout(Some(2), 2, 1)
+        );
+        assert_eq!(
+            resolve(Instances::Auto, 16, None, false),
+            layout(Some(16), 2, 8)
+        );
+        assert_eq!(
+            resolve(Instances::Auto, 3, None, false),
+            layout(Some(3), 3, 1)
+        );
+        assert_eq!(
+            resolve(Instances::Auto, 8, Some(4), false),
+            layout(Some(4), 2, 2)
+        );
+        // One CPU, or a GPU: one copy.
+        assert_eq!(resolve(Instances::Auto, 1, None, false), layout(None, 1, 1));
+        assert_eq!(
+            resolve(Instances::Auto, 16, None, true),
+            layout(None, 1, 16)
+        );
+        let auto = resolve(Instances::Auto, 2, None, false);
+        assert_eq!(
+            auto.copies(),
+            [(Lane::Solo, 2), (Lane::Pool, 1), (Lane::Pool, 1)]
+        );
+        assert_eq!(
+            auto.lanes(),
+            Lanes {
+                solo: true,
+                pool: 2
+            }
+        );
     }
 
     #[test]

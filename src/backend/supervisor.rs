@@ -146,7 +146,9 @@ impl Supervisor {
         self.ctx.metrics.batch_failed(images, overdue.running_for);
         self.ctx.metrics.restarts_batch_timeout.inc();
         // The batcher counts the batch as running until told otherwise.
-        self.ctx.link.batch_finished(0, Duration::ZERO);
+        self.ctx
+            .link
+            .batch_finished(self.ctx.lane, 0, Duration::ZERO);
         Some(reason)
     }
 

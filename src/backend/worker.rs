@@ -9,7 +9,7 @@ use super::{ModelStatus, WarmupTiming};
 use crate::metrics::{BatchPhases, ModelMetrics};
 use crate::models::{self, Classifier};
 use crate::pipeline::preprocess::PreprocessConfig;
-use crate::pipeline::queue::Abandonable;
+use crate::pipeline::queue::{Abandonable, Lane};
 use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outputs, Pixels};
 use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
@@ -28,7 +28,6 @@ pub struct WorkerSpec {
     pub device: Device,
     pub kind: Kind,
     pub max_batch_size: usize,
-    pub intra_op_threads: Option<usize>,
 }
 
 /// Turns preprocessed u8 images into probabilities: the part of inference that is the same for
@@ -291,8 +290,9 @@ impl Runner {
     /// size's fastest run. Passes interleave the sizes so that a slow spell of the host hits
     /// them alike instead of making the later, larger sizes look slow, and the fastest run is
     /// the one other processes disturbed least. The profile decides where batches stop
-    /// growing (`BatchPolicy`).
-    fn warm_up(&self, max_batch_size: usize) -> Result<Vec<WarmupTiming>> {
+    /// growing (`BatchPolicy`). Without `timed`, only the first pass runs (a copy whose
+    /// profile nobody reads), and the result is empty.
+    fn warm_up(&self, max_batch_size: usize, timed: bool) -> Result<Vec<WarmupTiming>> {
         const TIMED_PASSES: usize = 3;
         const TIMED_TIME: Duration = Duration::from_secs(3);
         let image = Pixels::Rgb8(vec![0u8; (self.height * self.width * 3) as usize]);
@@ -305,6 +305,9 @@ impl Runner {
         };
         for batch in 1..=max_batch_size {
             run(batch)?;
+        }
+        if !timed {
+            return Ok(Vec::new());
         }
         let (mut fastest, mut spent) = (vec![Duration::MAX; max_batch_size], Duration::ZERO);
         for _ in 0..TIMED_PASSES {
@@ -328,11 +331,18 @@ impl Runner {
 /// What every generation of a model's thread shares with the others and with the supervisor.
 pub struct WorkerContext {
     pub spec: Arc<WorkerSpec>,
-    /// Which copy of the model this is (`--instances`), for logs and thread names.
+    /// Which copy of the model this is (`--instances`), for logs, thread names and metrics.
     pub instance: usize,
-    /// The batcher's hand-off channel, shared by every instance: whichever generation of each
-    /// is current receives from it.
+    /// The batches it takes, and libtorch's intra-op threads for them.
+    pub lane: Lane,
+    pub intra_op_threads: usize,
+    /// Its warm-up is timed and sets the batch policy (one copy per model).
+    pub profiles: bool,
+    /// The batcher's hand-off channel of this copy's lane, shared by the lane's copies:
+    /// whichever generation of each is current receives from it.
     pub batches: Arc<Mutex<mpsc::Receiver<Batch>>>,
+    /// This copy has been loaded and warmed up before (a later generation is a replacement).
+    pub served: std::sync::atomic::AtomicBool,
     /// Held while an instance warms up, so that instances are timed one at a time.
     pub warmup_gate: Arc<Mutex<()>>,
     pub link: Arc<BatcherLink>,
@@ -368,9 +378,14 @@ pub fn run(
         // so no client pays for the search.
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    if let Some(threads) = spec.intra_op_threads {
-        tch::set_num_threads(threads as i32);
-    }
+    // Per thread (OpenMP's thread count is a per-thread setting), and fixed for the thread's
+    // life: changing it between batches rebuilds OpenMP's thread team and oneDNN's caches
+    // (measured: BENCHMARKS.md, "Instances that share their threads per batch"). libtorch's
+    // first parallel call on a thread resets the thread's count to the value some thread set
+    // last (`at::init_num_threads`), which with copies of different widths is another copy's:
+    // make that call before setting this copy's count.
+    let _ = tch::get_num_threads();
+    tch::set_num_threads(ctx.intra_op_threads as i32);
     // Grad mode is thread-local: without this guard every forward would record an autograd
     // graph and keep its activations alive.
     let _no_grad = tch::no_grad_guard();
@@ -381,11 +396,14 @@ pub fn run(
             return Exit::Closed;
         }
     };
-    ctx.status.set_ready();
-    ctx.link.set_restarting(false);
-    ctx.metrics.ready.set(1);
+    let first_time = !ctx.served.swap(true, std::sync::atomic::Ordering::AcqRel);
+    if ctx.status.copy_ready(first_time) {
+        ctx.link.set_restarting(false);
+        ctx.metrics.ready.set(1);
+    }
     let _ = loaded.send(Ok(()));
 
+    let batches_run = ctx.metrics.instance_batches(ctx.instance);
     let exit = loop {
         if ctx.heartbeat.current_generation() != generation {
             break Exit::Retired;
@@ -398,26 +416,24 @@ pub fn run(
         let Some(batch) = batch else {
             break Exit::Closed;
         };
-        // Whatever happens in the batch, the batcher must learn that it finished, or it would
-        // count the model as busy forever (unless the supervisor took the batch over: then
-        // it told the batcher).
+        let mut running = RunningBatch { ctx, counted: true };
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            run_batch(&runner, batch, ctx, generation)
+            run_batch(&runner, batch, ctx, generation, &mut running)
         }));
         match ran {
-            Ok(BatchOutcome::Ran { images, elapsed }) => ctx.link.batch_finished(images, elapsed),
-            Ok(BatchOutcome::Panicked {
-                images,
-                elapsed,
-                message,
-            }) => {
-                ctx.link.batch_finished(images, elapsed);
-                break Exit::Panicked(message);
+            Ok(BatchOutcome::Ran { images }) => {
+                if images > 0 {
+                    batches_run.inc();
+                }
             }
-            Ok(BatchOutcome::Retired) => break Exit::Retired,
+            Ok(BatchOutcome::Panicked { message }) => break Exit::Panicked(message),
+            Ok(BatchOutcome::Retired) => {
+                // The supervisor took the batch over and told the batcher.
+                running.counted = false;
+                break Exit::Retired;
+            }
             Err(panic) => {
-                ctx.link.batch_finished(0, Duration::ZERO);
-                break Exit::Panicked(format!("batch bookkeeping: {}", panic_message(&panic)));
+                break Exit::Panicked(format!("batch bookkeeping: {}", panic_message(&panic)))
             }
         }
     };
@@ -437,7 +453,7 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     let loaded_in = start.elapsed();
     let timings = {
         let _alone = ctx.warmup_gate.lock().unwrap_or_else(|e| e.into_inner());
-        runner.warm_up(spec.max_batch_size)?
+        runner.warm_up(spec.max_batch_size, ctx.profiles)?
     };
     ctx.metrics
         .model_loaded(loaded_in, start.elapsed() - loaded_in);
@@ -445,11 +461,16 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     tracing::info!(
         model = %spec.name,
         instance = ctx.instance,
+        lane = ?ctx.lane,
+        intra_op_threads = tch::get_num_threads(),
         backend = status.backend(),
         load_ms = loaded_in.as_millis() as u64,
         warmup = %timings.iter().map(|t| format!("{}:{:.1}ms", t.batch_size, t.millis)).collect::<Vec<_>>().join(" "),
         "model loaded and warmed up"
     );
+    if !ctx.profiles {
+        return Ok(runner);
+    }
     if let Some(policy) = status.set_warmup(timings) {
         tracing::info!(
             model = %spec.name,
@@ -462,23 +483,50 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     Ok(runner)
 }
 
+/// A batch the batcher counts as running on this copy. Whatever happens to the batch, the
+/// batcher must learn that it finished, exactly once, or it would count the copy as busy
+/// forever: when the batch ran, as soon as the model is done with it ([`RunningBatch::done`],
+/// before its images are answered, so that a client answered at once finds the model idle
+/// and its next image is not taken for load), else when this guard drops.
+struct RunningBatch<'a> {
+    ctx: &'a WorkerContext,
+    /// Still counted by the batcher.
+    counted: bool,
+}
+
+impl RunningBatch<'_> {
+    fn done(&mut self, images: usize, elapsed: Duration) {
+        if std::mem::take(&mut self.counted) {
+            self.ctx.link.batch_finished(self.ctx.lane, images, elapsed);
+        }
+    }
+}
+
+impl Drop for RunningBatch<'_> {
+    fn drop(&mut self) {
+        self.done(0, Duration::ZERO);
+    }
+}
+
 /// What became of one batch.
 enum BatchOutcome {
-    /// It ran (or failed with an error) and its images were answered.
-    Ran { images: usize, elapsed: Duration },
+    /// It ran (or failed with an error) and its images (how many) were answered.
+    Ran { images: usize },
     /// The model panicked; its images were answered with an error.
-    Panicked {
-        images: usize,
-        elapsed: Duration,
-        message: String,
-    },
+    Panicked { message: String },
     /// The supervisor took the batch over while it ran: this thread must stop.
     Retired,
 }
 
 /// Run one batch and answer its images. The replies are parked in the heartbeat while the
 /// model runs, so that the supervisor can answer them if the model never comes back.
-fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64) -> BatchOutcome {
+fn run_batch(
+    runner: &Runner,
+    batch: Batch,
+    ctx: &WorkerContext,
+    generation: u64,
+    running: &mut RunningBatch,
+) -> BatchOutcome {
     let metrics = &ctx.metrics;
     // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot.
     let now = Instant::now();
@@ -497,10 +545,7 @@ fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64
         metrics.dropped_client_gone.inc_by(abandoned.len() as u64);
     }
     if live.is_empty() {
-        return BatchOutcome::Ran {
-            images: 0,
-            elapsed: Duration::ZERO,
-        };
+        return BatchOutcome::Ran { images: 0 };
     }
     let start = Instant::now();
     let batch_size = live.len();
@@ -538,6 +583,7 @@ fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64
     };
     let failure = match outcome {
         Ok(Ok((results, phases))) => {
+            running.done(batch_size, elapsed);
             metrics.batch_finished(batch_size, elapsed, phases);
             for ((reply, computed), (_, wanted, queue_wait)) in
                 replies.into_iter().zip(results).zip(&inputs)
@@ -546,10 +592,7 @@ fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64
                 prediction.queue_wait = *queue_wait;
                 let _ = reply.sender.send(Ok(prediction));
             }
-            return BatchOutcome::Ran {
-                images: batch_size,
-                elapsed,
-            };
+            return BatchOutcome::Ran { images: batch_size };
         }
         Ok(Err(error)) => (format!("{error:#}"), None),
         Err(panic) => {
@@ -572,16 +615,10 @@ fn run_batch(runner: &Runner, batch: Batch, ctx: &WorkerContext, generation: u64
         });
         let _ = reply.sender.send(Err(InferenceError::Failed));
     }
+    running.done(batch_size, elapsed);
     match panicked {
-        None => BatchOutcome::Ran {
-            images: batch_size,
-            elapsed,
-        },
-        Some(message) => BatchOutcome::Panicked {
-            images: batch_size,
-            elapsed,
-            message,
-        },
+        None => BatchOutcome::Ran { images: batch_size },
+        Some(message) => BatchOutcome::Panicked { message },
     }
 }
 

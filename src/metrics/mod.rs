@@ -44,6 +44,7 @@ pub const CACHE_MISSES: &str = "cache_misses";
 pub const CACHE_EVICTIONS: &str = "cache_evictions";
 pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_CAPACITY: &str = "cache_capacity_bytes";
+pub const INSTANCE_BATCHES: &str = "instance_batches";
 
 /// `visionserve_build_info`'s labels: what this binary is and what it was built against.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +75,15 @@ pub struct ModelLabel {
     pub model: String,
     /// The model version (`1` for the first load of a name): rollouts get their own series.
     pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub model: String,
+    pub version: String,
+    /// The copy's index (`--instances`), as `/v1/models` lists them in `instance_threads`
+    /// (not `instance`, which Prometheus gives the scraped target).
+    pub model_instance: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +145,7 @@ pub struct Metrics {
     /// The response cache (`--cache-bytes`): lookups by model, evictions, size and capacity.
     cache_hits: Family<ModelLabel, Counter>,
     cache_misses: Family<ModelLabel, Counter>,
+    instance_batches: Family<InstanceLabels, Counter>,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
     pub cache_capacity: Gauge,
@@ -275,6 +286,12 @@ impl Metrics {
             "Bytes of the in-flight memory budget held by requests now",
             memory_in_use.clone(),
         );
+        let instance_batches = Family::default();
+        registry.register(
+            INSTANCE_BATCHES,
+            "Batches run by each copy of a model (--instances); with --instances auto, instance 0 has every intra-op thread and runs the batches that arrive at an idle model",
+            instance_batches.clone(),
+        );
         let cache_hits = Family::default();
         let cache_misses = Family::default();
         let cache_evictions = Counter::default();
@@ -306,6 +323,7 @@ impl Metrics {
             cache_capacity.clone(),
         );
         Self {
+            instance_batches,
             cache_hits,
             cache_misses,
             cache_evictions,
@@ -375,6 +393,8 @@ impl Metrics {
             cache_hits: self.cache_hits.get_or_create(&label).clone(),
             cache_misses: self.cache_misses.get_or_create(&label).clone(),
             warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
+            instance_batches: self.instance_batches.clone(),
+            instances_counted: Arc::default(),
             requests: self.requests.clone(),
             images: self.images.clone(),
             failures: self.failures.clone(),
@@ -458,6 +478,10 @@ impl Metrics {
         }
         self.cache_hits.remove(&label);
         self.cache_misses.remove(&label);
+        for instance in 0..model.instances_counted.load(Ordering::Acquire) {
+            self.instance_batches
+                .remove(&model.instance_label(instance));
+        }
     }
 
     /// Text exposition format 0.0.4 (what Prometheus and `promtool check metrics` expect).
@@ -582,6 +606,9 @@ pub struct ModelMetrics {
     failures: Family<ReasonLabels, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    instance_batches: Family<InstanceLabels, Counter>,
+    /// Instances 0..this have a `instance_batches` series, so that it can be removed.
+    instances_counted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ModelMetrics {
@@ -591,6 +618,23 @@ impl ModelMetrics {
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The batch counter of one copy of the model.
+    pub fn instance_batches(&self, instance: usize) -> Counter {
+        self.instances_counted
+            .fetch_max(instance + 1, Ordering::AcqRel);
+        self.instance_batches
+            .get_or_create(&self.instance_label(instance))
+            .clone()
+    }
+
+    fn instance_label(&self, instance: usize) -> InstanceLabels {
+        InstanceLabels {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            model_instance: instance.to_string(),
+        }
     }
 
     /// The model (re)loaded in `load` and warmed up in `warmup`.

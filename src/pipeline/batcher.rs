@@ -6,7 +6,7 @@
 //! schedules between: admission (images on their way) and the model thread (batches running).
 //! Both only call its methods; the batcher alone reads the whole picture.
 
-use super::queue::{BatchQueue, Decision, ModelState};
+use super::queue::{BatchQueue, Decision, Lane, Lanes, ModelState};
 use super::{Batch, ImageJob, InferenceError};
 use crate::metrics::ModelMetrics;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,8 +18,10 @@ use tokio::sync::{mpsc, watch, Notify};
 /// the model thread, each of which reports through a method.
 #[derive(Debug, Default)]
 pub struct BatcherLink {
-    /// Batches sent to the model thread and not finished.
+    /// Batches sent to the pool's model threads and not finished.
     outstanding: AtomicUsize,
+    /// Batches sent to the solo copy and not finished (0 or 1).
+    solo: AtomicUsize,
     /// Images admitted and still being decoded (they will be queued soon).
     incoming: AtomicUsize,
     /// Wakes the batcher when a batch finishes or incoming images are abandoned.
@@ -46,15 +48,22 @@ impl BatcherLink {
         self.wake.notify_one();
     }
 
-    /// The model thread finished a batch of `images` (0 if every client had left).
-    pub fn batch_finished(&self, images: usize, elapsed: Duration) {
+    /// A model thread of `lane` finished a batch of `images` (0 if every client had left).
+    pub fn batch_finished(&self, lane: Lane, images: usize, elapsed: Duration) {
         if images > 0 {
             let per_image = elapsed.as_micros() as u64 / images as u64;
             self.micros_per_image
                 .store(per_image.max(1), Ordering::Relaxed);
         }
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.lane_count(lane).fetch_sub(1, Ordering::AcqRel);
         self.wake.notify_one();
+    }
+
+    fn lane_count(&self, lane: Lane) -> &AtomicUsize {
+        match lane {
+            Lane::Solo => &self.solo,
+            Lane::Pool => &self.outstanding,
+        }
     }
 
     /// The model went down (`true`) or is ready again (`false`).
@@ -78,12 +87,13 @@ impl BatcherLink {
     fn model_state(&self) -> ModelState {
         ModelState {
             outstanding_batches: self.outstanding.load(Ordering::Acquire),
+            solo_running: self.solo.load(Ordering::Acquire) > 0,
             images_incoming: self.incoming.load(Ordering::Acquire),
         }
     }
 
-    fn batch_dispatched(&self) {
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    fn batch_dispatched(&self, lane: Lane) {
+        self.lane_count(lane).fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -91,26 +101,42 @@ impl BatcherLink {
 pub struct BatcherConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
-    /// Model instances (threads) taking batches.
-    pub instances: usize,
+    /// The model's copies (threads) taking batches.
+    pub lanes: Lanes,
+}
+
+/// The one-slot channels batches go to the model threads through: one per lane.
+pub struct Handoff {
+    pub pool: mpsc::Sender<Batch>,
+    /// Absent unless the model has a solo copy (`Lanes::solo`).
+    pub solo: Option<mpsc::Sender<Batch>>,
+}
+
+impl Handoff {
+    fn lane(&self, lane: Lane) -> &mpsc::Sender<Batch> {
+        match (lane, &self.solo) {
+            (Lane::Solo, Some(solo)) => solo,
+            _ => &self.pool,
+        }
+    }
 }
 
 /// Run until `closing` turns true and every queued image has been handed over (or the model
 /// thread has gone, in which case the remaining images are answered with an error).
 pub async fn run(
     mut jobs: mpsc::Receiver<ImageJob>,
-    to_model: mpsc::Sender<Batch>,
+    to_model: Handoff,
     link: Arc<BatcherLink>,
     metrics: ModelMetrics,
     config: BatcherConfig,
     mut closing: watch::Receiver<bool>,
 ) {
-    let mut queue = BatchQueue::new(config.max_batch_size, config.max_batch_delay)
-        .with_instances(config.instances);
+    let mut queue =
+        BatchQueue::new(config.max_batch_size, config.max_batch_delay).with_lanes(config.lanes);
     let mut jobs_open = true;
     loop {
         while let Ok(job) = jobs.try_recv() {
-            queue.push(job, Instant::now());
+            queue.push(job, Instant::now(), link.model_state().is_busy());
         }
         // Expired first: a request that gave up at its deadline also closed its receivers,
         // and its images should count as expired, not abandoned.
@@ -133,11 +159,19 @@ pub async fn run(
         metrics.queue_depth.set(queue.len() as i64);
         queue.set_batch_limit(link.batch_limit.load(Ordering::Acquire));
 
-        let deadline = match queue.decide(Instant::now(), link.model_state()) {
-            Decision::Dispatch(n) => {
+        let state = link.model_state();
+        let deadline = match queue.decide(Instant::now(), state) {
+            Decision::Dispatch(n, lane) => {
+                tracing::debug!(
+                    model = metrics.model(),
+                    images = n,
+                    ?lane,
+                    ?state,
+                    "batch dispatched"
+                );
                 let batch = queue.take(n);
-                link.batch_dispatched();
-                if let Err(mpsc::error::SendError(batch)) = to_model.send(batch).await {
+                link.batch_dispatched(lane);
+                if let Err(mpsc::error::SendError(batch)) = to_model.lane(lane).send(batch).await {
                     tracing::error!(model = metrics.model(), "model thread is gone");
                     fail_all(batch);
                     fail_all(queue.drain());
@@ -152,7 +186,7 @@ pub async fn run(
         }
         tokio::select! {
             job = jobs.recv(), if jobs_open => match job {
-                Some(job) => queue.push(job, Instant::now()),
+                Some(job) => queue.push(job, Instant::now(), link.model_state().is_busy()),
                 None => jobs_open = false,
             },
             _ = link.wake.notified() => {}

@@ -15,7 +15,13 @@
 //!   `max_batch_delay` after the oldest queued image arrived;
 //! - while the model is busy, a partial batch stays open so that it fills up: those images
 //!   could not run sooner anyway;
-//! - entries whose client has gone are dropped before they reach the model.
+//! - entries whose client has gone are dropped before they reach the model;
+//! - with a solo copy (`--instances auto`, [`Lanes::solo`]), a batch none of whose images had
+//!   to wait for the model runs on the solo copy, which has every intra-op thread: a lone
+//!   request gets the whole machine. Once images queue behind running batches, batches go to
+//!   the pool of copies with a share of the threads each, which run side by side without the
+//!   threads of one operator waiting for each other. The two lanes never run at once, so
+//!   their threads never outnumber the cores.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -34,22 +40,62 @@ pub trait Abandonable {
 pub struct Queued<T> {
     pub item: T,
     pub enqueued_at: Instant,
+    /// This image waited for a running batch (it arrived while one ran, or a batch left
+    /// without it): the server is loaded.
+    pub waited: bool,
 }
 
-/// What the model thread is doing, as the batcher sees it.
+/// Which copies of a model a batch goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The copy with every intra-op thread, for batches that arrive at an idle model.
+    Solo,
+    /// The copies that run side by side, each with a share of the threads.
+    Pool,
+}
+
+/// The copies of a model the batcher feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    /// A solo copy runs batches that arrive at an idle model (`--instances auto`).
+    pub solo: bool,
+    /// Copies that take batches from the shared hand-off (`--instances N`: N).
+    pub pool: usize,
+}
+
+impl Lanes {
+    /// `n` interchangeable copies.
+    pub const fn pool(n: usize) -> Self {
+        Self {
+            solo: false,
+            pool: n,
+        }
+    }
+}
+
+/// What the model threads are doing, as the batcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelState {
-    /// Batches handed to the model thread and not finished: 0 = idle, 1 = running,
-    /// 2 = running with the next one waiting in the hand-off slot.
+    /// Batches handed to the pool and not finished: 0 = idle, `pool` = every copy running,
+    /// one more = the next batch waiting in the hand-off slot.
     pub outstanding_batches: usize,
+    /// The solo copy has a batch (it then holds every core: nothing else is sent).
+    pub solo_running: bool,
     /// Images admitted for this model that are still being decoded and will be queued soon.
     pub images_incoming: usize,
 }
 
+impl ModelState {
+    /// Some copy is running a batch.
+    pub fn is_busy(&self) -> bool {
+        self.solo_running || self.outstanding_batches > 0
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Send the oldest `n` entries now.
-    Dispatch(usize),
+    /// Send the oldest `n` entries now, to this lane.
+    Dispatch(usize, Lane),
     /// Nothing to send; re-decide on the next arrival, completion, or at this instant.
     Wait(Option<Instant>),
 }
@@ -61,9 +107,9 @@ pub struct BatchQueue<T> {
     /// The size a batch stops growing at (at most `max_batch_size`).
     batch_limit: usize,
     max_batch_delay: Duration,
-    /// Model instances taking batches from the hand-off: up to `instances` batches run at once,
-    /// and one more waits, prepared, in the hand-off slot.
-    instances: usize,
+    /// The copies taking batches: up to `lanes.pool` pool batches run at once and one more
+    /// waits, prepared, in the hand-off slot; a solo batch runs alone.
+    lanes: Lanes,
 }
 
 impl<T: Abandonable> BatchQueue<T> {
@@ -74,13 +120,16 @@ impl<T: Abandonable> BatchQueue<T> {
             max_batch_size,
             batch_limit: max_batch_size,
             max_batch_delay,
-            instances: 1,
+            lanes: Lanes::pool(1),
         }
     }
 
-    /// A queue feeding `instances` copies of the model.
-    pub fn with_instances(mut self, instances: usize) -> Self {
-        self.instances = instances.max(1);
+    /// A queue feeding these copies of the model.
+    pub fn with_lanes(mut self, lanes: Lanes) -> Self {
+        self.lanes = Lanes {
+            solo: lanes.solo,
+            pool: lanes.pool.max(1),
+        };
         self
     }
 
@@ -100,10 +149,12 @@ impl<T: Abandonable> BatchQueue<T> {
         self.entries.is_empty()
     }
 
-    pub fn push(&mut self, item: T, now: Instant) {
+    /// Queue `item`, which arrived at `now` while the model was `busy` (running a batch) or not.
+    pub fn push(&mut self, item: T, now: Instant, busy: bool) {
         self.entries.push_back(Queued {
             item,
             enqueued_at: now,
+            waited: busy,
         });
     }
 
@@ -133,34 +184,64 @@ impl<T: Abandonable> BatchQueue<T> {
         let Some(oldest) = self.entries.front() else {
             return Decision::Wait(None);
         };
-        if model.outstanding_batches > self.instances {
-            // Every instance runs a batch and the hand-off slot is taken.
+        if model.solo_running {
+            // The solo copy holds every core; its completion triggers a new decision.
+            return Decision::Wait(None);
+        }
+        let lane = self.lane_for_next_batch(model);
+        let (running, copies) = match lane {
+            Lane::Solo => (0, 1),
+            Lane::Pool => (model.outstanding_batches, self.lanes.pool),
+        };
+        if running > copies {
+            // Every copy runs a batch and the hand-off slot is taken.
             return Decision::Wait(None);
         }
         let queued = self.entries.len();
         if queued >= self.batch_limit {
-            return Decision::Dispatch(self.batch_limit);
+            return Decision::Dispatch(self.batch_limit, lane);
         }
-        if model.outstanding_batches >= self.instances {
+        if running >= copies {
             // Busy: keep the batch open so it fills; it is sent when full or when the model
             // finishes (a completion triggers a new decision).
             return Decision::Wait(None);
         }
         if model.images_incoming == 0 {
-            return Decision::Dispatch(queued);
+            return Decision::Dispatch(queued, lane);
         }
         let deadline = oldest.enqueued_at + self.max_batch_delay;
         if now >= deadline {
-            Decision::Dispatch(queued)
+            Decision::Dispatch(queued, lane)
         } else {
             Decision::Wait(Some(deadline))
         }
     }
 
-    /// Take the oldest `n` entries, in arrival order.
+    /// The solo copy while the server is not loaded (the pool is idle, no other image is on
+    /// its way, and no image of the next batch has waited for a running one), else the pool.
+    /// When several clients keep the pool busy, the moment it runs dry their next images are
+    /// still being decoded: without the `images_incoming` test such a moment would send a
+    /// batch solo and hold every other image back until it finished.
+    fn lane_for_next_batch(&self, model: ModelState) -> Lane {
+        let loaded = model.outstanding_batches > 0
+            || model.images_incoming > 0
+            || self.entries.iter().take(self.batch_limit).any(|e| e.waited);
+        if self.lanes.solo && !loaded {
+            Lane::Solo
+        } else {
+            Lane::Pool
+        }
+    }
+
+    /// Take the oldest `n` entries, in arrival order, to run them: the others now wait for
+    /// that batch.
     pub fn take(&mut self, n: usize) -> Vec<Queued<T>> {
         let n = n.min(self.entries.len());
-        self.entries.drain(..n).collect()
+        let batch = self.entries.drain(..n).collect();
+        for entry in &mut self.entries {
+            entry.waited = true;
+        }
+        batch
     }
 
     /// Take everything, for shutdown paths that must answer every entry.
@@ -239,6 +320,7 @@ mod tests {
                     ..job(id)
                 },
                 t0,
+                false,
             );
         }
         let expired: Vec<usize> = q.take_expired(t0).iter().map(|j| j.id).collect();
@@ -252,6 +334,7 @@ mod tests {
 
     const IDLE: ModelState = ModelState {
         outstanding_batches: 0,
+        solo_running: false,
         images_incoming: 0,
     };
     const DELAY: Duration = Duration::from_millis(5);
@@ -259,7 +342,7 @@ mod tests {
     fn queue_with(n: usize, now: Instant) -> BatchQueue<Job> {
         let mut q = BatchQueue::new(4, DELAY);
         for i in 0..n {
-            q.push(job(i), now);
+            q.push(job(i), now, false);
         }
         q
     }
@@ -274,7 +357,7 @@ mod tests {
     fn idle_model_with_nothing_incoming_runs_at_once() {
         let now = Instant::now();
         let q = queue_with(1, now);
-        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1));
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Pool));
     }
 
     #[test]
@@ -284,19 +367,24 @@ mod tests {
         let state = ModelState {
             outstanding_batches: 0,
             images_incoming: 3,
+            ..IDLE
         };
         assert_eq!(q.decide(t0, state), Decision::Wait(Some(t0 + DELAY)));
-        assert_eq!(q.decide(t0 + DELAY, state), Decision::Dispatch(2));
+        assert_eq!(
+            q.decide(t0 + DELAY, state),
+            Decision::Dispatch(2, Lane::Pool)
+        );
     }
 
     #[test]
     fn deadline_counts_from_the_oldest_entry() {
         let t0 = Instant::now();
         let mut q = queue_with(1, t0);
-        q.push(job(9), t0 + Duration::from_millis(4));
+        q.push(job(9), t0 + Duration::from_millis(4), false);
         let state = ModelState {
             outstanding_batches: 0,
             images_incoming: 1,
+            ..IDLE
         };
         assert_eq!(
             q.decide(t0 + Duration::from_millis(4), state),
@@ -311,8 +399,9 @@ mod tests {
         let state = ModelState {
             outstanding_batches: 0,
             images_incoming: 10,
+            ..IDLE
         };
-        assert_eq!(q.decide(now, state), Decision::Dispatch(4));
+        assert_eq!(q.decide(now, state), Decision::Dispatch(4, Lane::Pool));
     }
 
     #[test]
@@ -321,12 +410,16 @@ mod tests {
         let busy = ModelState {
             outstanding_batches: 1,
             images_incoming: 0,
+            ..IDLE
         };
         assert_eq!(
             queue_with(3, now).decide(now + DELAY * 10, busy),
             Decision::Wait(None)
         );
-        assert_eq!(queue_with(4, now).decide(now, busy), Decision::Dispatch(4));
+        assert_eq!(
+            queue_with(4, now).decide(now, busy),
+            Decision::Dispatch(4, Lane::Pool)
+        );
     }
 
     #[test]
@@ -337,36 +430,147 @@ mod tests {
         let busy = ModelState {
             outstanding_batches: 1,
             images_incoming: 5,
+            ..IDLE
         };
-        assert_eq!(q.decide(now, busy), Decision::Dispatch(3));
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(3, Lane::Pool));
         q.set_batch_limit(0);
-        assert_eq!(q.decide(now, busy), Decision::Dispatch(4));
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(4, Lane::Pool));
         q.set_batch_limit(9);
-        assert_eq!(q.decide(now, busy), Decision::Dispatch(4));
+        assert_eq!(q.decide(now, busy), Decision::Dispatch(4, Lane::Pool));
     }
 
     #[test]
     fn an_idle_instance_takes_a_partial_batch() {
         let now = Instant::now();
-        let q = queue_with(3, now).with_instances(2);
+        let q = queue_with(3, now).with_lanes(Lanes::pool(2));
         let one_running = ModelState {
             outstanding_batches: 1,
             images_incoming: 0,
+            ..IDLE
         };
-        assert_eq!(q.decide(now, one_running), Decision::Dispatch(3));
+        assert_eq!(
+            q.decide(now, one_running),
+            Decision::Dispatch(3, Lane::Pool)
+        );
         let both_running = ModelState {
             outstanding_batches: 2,
             images_incoming: 0,
+            ..IDLE
         };
         assert_eq!(q.decide(now, both_running), Decision::Wait(None));
         let slot_taken = ModelState {
             outstanding_batches: 3,
             images_incoming: 0,
+            ..IDLE
         };
         assert_eq!(
-            queue_with(8, now).with_instances(2).decide(now, slot_taken),
+            queue_with(8, now)
+                .with_lanes(Lanes::pool(2))
+                .decide(now, slot_taken),
             Decision::Wait(None)
         );
+    }
+
+    const AUTO: Lanes = Lanes {
+        solo: true,
+        pool: 2,
+    };
+
+    #[test]
+    fn a_lone_request_runs_on_the_solo_copy() {
+        let now = Instant::now();
+        let q = queue_with(1, now).with_lanes(AUTO);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Solo));
+    }
+
+    #[test]
+    fn images_on_their_way_mean_load() {
+        let now = Instant::now();
+        let q = queue_with(1, now).with_lanes(AUTO);
+        // Other images are still decoding: they are waited for as usual, then the batch goes
+        // to the pool, where the next one can run beside it.
+        let incoming = ModelState {
+            images_incoming: 2,
+            ..IDLE
+        };
+        assert_eq!(q.decide(now, incoming), Decision::Wait(Some(now + DELAY)));
+        assert_eq!(
+            q.decide(now + DELAY, incoming),
+            Decision::Dispatch(1, Lane::Pool)
+        );
+        assert_eq!(
+            queue_with(4, now).with_lanes(AUTO).decide(now, incoming),
+            Decision::Dispatch(4, Lane::Pool)
+        );
+    }
+
+    #[test]
+    fn nothing_runs_beside_the_solo_copy() {
+        let now = Instant::now();
+        let solo = ModelState {
+            solo_running: true,
+            ..IDLE
+        };
+        // Not even a full batch: the solo copy's threads hold every core.
+        let mut q = queue_with(0, now).with_lanes(AUTO);
+        for i in 0..8 {
+            q.push(job(i), now, true);
+        }
+        assert_eq!(q.decide(now + DELAY * 10, solo), Decision::Wait(None));
+        // Once it finishes, images that waited for it go to the pool.
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(4, Lane::Pool));
+    }
+
+    #[test]
+    fn under_load_batches_go_to_the_pool_side_by_side() {
+        let now = Instant::now();
+        let mut q = queue_with(0, now).with_lanes(AUTO);
+        q.push(job(0), now, true);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Pool));
+        // A pool copy is running: even images that arrived at an idle moment join the pool,
+        // on the other copy, at once.
+        let one_running = ModelState {
+            outstanding_batches: 1,
+            ..IDLE
+        };
+        let q = queue_with(2, now).with_lanes(AUTO);
+        assert_eq!(
+            q.decide(now, one_running),
+            Decision::Dispatch(2, Lane::Pool)
+        );
+        let both_running = ModelState {
+            outstanding_batches: 2,
+            ..IDLE
+        };
+        assert_eq!(q.decide(now, both_running), Decision::Wait(None));
+        assert_eq!(
+            queue_with(4, now)
+                .with_lanes(AUTO)
+                .decide(now, both_running),
+            Decision::Dispatch(4, Lane::Pool)
+        );
+    }
+
+    #[test]
+    fn only_the_images_of_the_next_batch_decide_its_lane() {
+        let now = Instant::now();
+        let mut q = queue_with(3, now).with_lanes(AUTO);
+        q.push(job(9), now, true);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(4, Lane::Pool));
+        // With batches of 3, the fourth image, which waited, is not in the next batch.
+        q.set_batch_limit(3);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(3, Lane::Solo));
+    }
+
+    #[test]
+    fn images_left_behind_by_a_solo_batch_go_to_the_pool() {
+        let now = Instant::now();
+        // A burst at an idle model, in batches of one: the first runs solo, the rest waited.
+        let mut q = queue_with(3, now).with_lanes(AUTO);
+        q.set_batch_limit(1);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Solo));
+        q.take(1);
+        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Pool));
     }
 
     #[test]
@@ -402,6 +606,7 @@ mod tests {
         let full = ModelState {
             outstanding_batches: 2,
             images_incoming: 0,
+            ..IDLE
         };
         assert_eq!(queue_with(8, now).decide(now, full), Decision::Wait(None));
     }
@@ -420,9 +625,9 @@ mod tests {
         let mut q = queue_with(0, Instant::now());
         let gone = job(1);
         gone.gone.set(true);
-        q.push(job(0), Instant::now());
-        q.push(gone, Instant::now());
-        q.push(job(2), Instant::now());
+        q.push(job(0), Instant::now(), false);
+        q.push(gone, Instant::now(), false);
+        q.push(job(2), Instant::now(), false);
         assert_eq!(q.drop_abandoned(), 1);
         let ids: Vec<usize> = q.drain().into_iter().map(|e| e.item.id).collect();
         assert_eq!(ids, vec![0, 2]);
