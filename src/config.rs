@@ -104,8 +104,9 @@ pub struct Config {
     /// one copy's upload and download overlap another's compute; on a CPU, N copies with
     /// 1/N of the cores each run without the threads of one operator waiting for each other.
     /// `auto` on a CPU with 2 or more cores: one copy with every intra-op thread runs the
-    /// batches that arrive at an idle model (latency), and two copies with half the threads
-    /// each take over once images queue (throughput); the two kinds never run at once. On a
+    /// batches that arrive at an idle model (latency), and copies with half the threads each
+    /// (two on an even number of threads) take over once images queue (throughput); the two
+    /// kinds never run at once. On a
     /// GPU, `auto` is one copy. Each copy holds its own weights. `auto` is for a server with
     /// one model: the two kinds of copy take turns per model, not across models.
     #[arg(long, env = "VISIONSERVE_INSTANCES", default_value = "1", value_parser = Instances::parse)]
@@ -174,7 +175,7 @@ pub struct Config {
     pub memory_budget: Option<u64>,
 
     /// Threads libtorch uses inside one operator: with --instances N, per copy; with auto, the
-    /// copy that runs lone batches, and half of it for each of the two others [default: the
+    /// copy that runs lone batches, and half of it (rounded down) for each pool copy [default: the
     /// CPUs the process may use (cgroup CPU quota included), divided by N, at least 1;
     /// libtorch's own default, the machine's physical cores, oversubscribes a container].
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]

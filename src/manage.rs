@@ -311,8 +311,8 @@ impl Manager {
             }
             Err(reason) => {
                 tracing::warn!(model = %name, %version, %reason, "model version failed to load; the serving version (if any) stays");
-                // Another instance may have turned ready and answered `name@version` requests:
-                // they finish before the threads stop.
+                // Requests may hold this version (a lease taken while it loaded): they finish
+                // before the threads stop.
                 if let Some(handle) = self.registry.fail(name, version, reason.clone()) {
                     self.retire(handle).await;
                 }

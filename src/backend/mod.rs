@@ -339,8 +339,10 @@ impl InstanceLayout {
                 if cuda || all < 2 {
                     return fixed(1);
                 }
-                // Two copies with half the threads: each runs operators with half as many
-                // threads to wait for, and memory grows by three copies, not one per CPU.
+                // Copies with half the threads (two for an even count; an odd count leaves a
+                // thread over, or with 3 runs three copies of 1): each runs operators with half
+                // as many threads to wait for, and memory grows by three or four copies, not
+                // one per CPU.
                 let pool_threads = all / 2;
                 Self {
                     solo_threads: Some(all),

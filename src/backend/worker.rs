@@ -428,7 +428,9 @@ pub fn run(
             }
             Ok(BatchOutcome::Panicked { message }) => break Exit::Panicked(message),
             Ok(BatchOutcome::Retired) => {
-                // The supervisor took the batch over and told the batcher.
+                // The supervisor took the running batch over and told the batcher. (The other
+                // way to be retired, a batch received after the generation changed, cannot
+                // happen: the generation only changes while this copy runs a batch.)
                 running.counted = false;
                 break Exit::Retired;
             }
@@ -455,8 +457,11 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
         let _alone = ctx.warmup_gate.lock().unwrap_or_else(|e| e.into_inner());
         runner.warm_up(spec.max_batch_size, ctx.profiles)?
     };
-    ctx.metrics
-        .model_loaded(loaded_in, start.elapsed() - loaded_in);
+    if ctx.profiles {
+        // The gauges describe the copy whose full warm-up is timed, not the last to finish.
+        ctx.metrics
+            .model_loaded(loaded_in, start.elapsed() - loaded_in);
+    }
     status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,
@@ -487,7 +492,8 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
 /// batcher must learn that it finished, exactly once, or it would count the copy as busy
 /// forever: when the batch ran, as soon as the model is done with it ([`RunningBatch::done`],
 /// before its images are answered, so that a client answered at once finds the model idle
-/// and its next image is not taken for load), else when this guard drops.
+/// and its next image is not taken for load); when it failed, after its images are answered;
+/// else when this guard drops.
 struct RunningBatch<'a> {
     ctx: &'a WorkerContext,
     /// Still counted by the batcher.
