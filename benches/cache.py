@@ -20,25 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from levers import cargo_bench, cells  # noqa: E402  (the same `cargo bench` driver and table parser)
-
-
-def end_to_end(model, image, concurrency, seconds, repeat_ratio, flags):
-    rows = cargo_bench(
-        "http",
-        ["--image", image, "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds),
-         "--repeat-ratio", str(repeat_ratio),
-         "--server", "--model", f"m={model}", "--device", "cpu"] + flags,
-    )
-    # | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch | repeated | cached |
-    out = {}
-    for r in rows:
-        c = cells(r)
-        if c[0] == "protocol":
-            continue
-        out[int(c[1])] = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
-                          "batch": float(c[8]), "repeated": float(c[9]), "cached": float(c[10])}
-    return out
+from levers import end_to_end  # noqa: E402  (the same `cargo bench` driver and table parser)
 
 
 def main():
@@ -57,7 +39,8 @@ def main():
     results = {name: [] for name, _ in configs}
     for round_ in range(1, args.rounds + 1):
         for name, flags in configs:
-            e2e = end_to_end(args.model, args.image, concurrency, args.seconds, args.repeat_ratio, flags)
+            e2e = end_to_end(args.model, args.image, concurrency, args.seconds, {}, flags,
+                             client_args=["--repeat-ratio", str(args.repeat_ratio)])
             results[name].append(e2e)
             line = "  ".join(
                 f"c{c} {e2e[c]['rate']:.1f}/s p50 {e2e[c]['p50']:.1f} p99 {e2e[c]['p99']:.1f} b{e2e[c]['batch']:.2f}"

@@ -42,21 +42,28 @@ def model_alone(model, seconds, dtype):
     return {int(cells(r)[4]): float(cells(r)[5]) for r in rows}
 
 
-def end_to_end(model, image, concurrency, seconds, env, flags, dtype):
+def end_to_end(model, image, concurrency, seconds, env, flags, dtype="f32", client_args=()):
+    """The server under `flags` (and `env`), driven by `benches/http.rs` (plus `client_args`):
+    per concurrency, images/s, errors, p50/p99 ms and the mean batch, and with `--repeat-ratio`
+    also the fractions of repeated and cached answers."""
     rows = cargo_bench(
         "http",
-        ["--image", image, "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds),
-         "--server", "--model", f"m={model}", "--device", "cpu", "--dtype", dtype] + flags,
+        ["--image", image, "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds)]
+        + list(client_args)
+        + ["--server", "--model", f"m={model}", "--device", "cpu", "--dtype", dtype] + flags,
         env,
     )
-    # | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch |
+    # | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch | [repeated | cached |]
     out = {}
     for r in rows:
         c = cells(r)
         if c[0] == "protocol":
             continue
-        out[int(c[1])] = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
-                          "batch": float(c[8])}
+        row = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
+               "batch": float(c[8])}
+        if len(c) > 10:
+            row.update(repeated=float(c[9]), cached=float(c[10]))
+        out[int(c[1])] = row
     return out
 
 

@@ -246,6 +246,8 @@ pub struct ModelHandle {
     closing: watch::Sender<bool>,
     /// One per instance.
     threads: Vec<supervisor::ThreadSlot>,
+    /// Its copies as the batcher feeds them: the pool's copies share the queue's waits (the
+    /// solo copy of `--instances auto` never runs beside them).
     lanes: Lanes,
     /// Requests holding this version (see [`InFlight`]).
     in_flight: Arc<AtomicUsize>,
@@ -387,6 +389,8 @@ impl ModelHandle {
         options: SpawnOptions,
     ) -> anyhow::Result<(Arc<Self>, LoadOutcome)> {
         let kind = device::kind(options.dtype, options.device)?;
+        let layout = options.instances;
+        let copies = layout.copies();
         let info = ModelInfo {
             name: name.clone(),
             version,
@@ -401,18 +405,17 @@ impl ModelHandle {
             max_batch_size: options.max_batch_size,
             max_batch_delay_ms: options.max_batch_delay.as_millis() as u64,
             max_queue_images: options.max_queue_images,
-            instances: options.instances.copies().len(),
-            instance_threads: options.instances.copies().iter().map(|c| c.1).collect(),
+            instances: copies.len(),
+            instance_threads: copies.iter().map(|c| c.1).collect(),
             labels: Arc::new(config.labels),
         };
-        let status = Arc::new(ModelStatus::for_copies(options.instances.copies().len()));
+        let status = Arc::new(ModelStatus::for_copies(copies.len()));
         let link = Arc::new(BatcherLink::default());
         // Admission control bounds what is in flight, so this channel never fills up.
         let (jobs_tx, jobs_rx) = mpsc::channel(options.max_queue_images.max(1));
         // One slot per lane: the batch waiting while another runs.
         let (pool_tx, pool_rx) = mpsc::channel(1);
         let (solo_tx, solo_rx) = mpsc::channel(1);
-        let layout = options.instances;
         let (closing_tx, closing_rx) = watch::channel(false);
 
         tokio::spawn(batcher::run(
@@ -444,7 +447,6 @@ impl ModelHandle {
         let pool_batches = Arc::new(Mutex::new(pool_rx));
         let solo_batches = Arc::new(Mutex::new(solo_rx));
         let warmup_gate = Arc::new(Mutex::new(()));
-        let copies = layout.copies();
         // The batch policy comes from a pool copy: the pool runs the batches of a loaded
         // server, where the batch size matters.
         let profiled = copies.iter().position(|c| c.0 == Lane::Pool);
@@ -581,7 +583,7 @@ impl ModelHandle {
         std::time::Duration::from_micros(least_wait_us(
             admitted + images,
             self.info.max_batch_size,
-            self.pool_copies(),
+            self.lanes.pool,
             self.link.micros_per_image(),
         ))
     }
@@ -590,15 +592,9 @@ impl ModelHandle {
     /// model time, shared among the instances.
     fn retry_after_secs(&self) -> u64 {
         let queued = self.info.max_queue_images - self.admission.available_permits();
-        clearing_time_us(queued, self.pool_copies(), self.link.micros_per_image())
+        clearing_time_us(queued, self.lanes.pool, self.link.micros_per_image())
             .div_ceil(1_000_000)
             .max(1)
-    }
-
-    /// Copies that run batches side by side under load (the solo copy of `--instances auto`
-    /// never runs beside them).
-    fn pool_copies(&self) -> usize {
-        self.lanes.pool
     }
 
     /// Queue one preprocessed image.
