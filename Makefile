@@ -194,11 +194,15 @@ bench-classify: deps venv weights test-data
 # there on first use (apt wrk/hey, a ~5 GB venv, models: about 10 minutes): ROUNDS (3) interleaved
 # passes of PEERS ("torchserve_2w ours fastapi_2w ours2"), DURATION (10) s per run at 1, 8 and 32
 # clients, then visionserve / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
-# coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server.
+# coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server
+# (OURS_ARGS_<label> to one label: benches/peers.sh). After each round the model alone at batch 8
+# (MODEL_BENCH) gives the ceiling: the medians then say how far ahead of the peers any server
+# running this model could be, and how close to that each configuration came.
 # About 15 minutes at the defaults (about 5 a round), more while the kit waits for a quiet machine.
 bench-peers: deps venv weights
 	cargo test --release --no-run
-	VISIONSERVE_BIN=$(BIN) benches/peers.sh
+	cargo bench --no-run
+	VISIONSERVE_BIN=$(BIN) MODEL_BENCH="cargo bench -q --bench model --" benches/peers.sh
 
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 # Fuzzing (fuzz/, cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z
@@ -247,7 +251,8 @@ bench-models: deps venv weights parity-data
 	done
 
 # End to end against the model alone (benches/levers.py: interleaved rounds, medians, the ratio
-# to the model-alone batch-8 rate), at the server's defaults, for three models at their test size.
+# to the model-alone batch-8 rate, and issue #9's targets checked round by round), at the server's
+# defaults and with --instances auto, for three models at their test size.
 CEILING_MODELS := $(CURDIR)/$(DEFAULT_MODEL) $(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 $(PARITY_FAST)/coatnet/coatnet_nano_rw_224
 ROUNDS ?= 3
 bench-ceiling: deps venv weights test-data parity-data
@@ -255,7 +260,7 @@ bench-ceiling: deps venv weights test-data parity-data
 	cargo bench --no-run
 	@for model in $(CEILING_MODELS); do echo "== $$model"; \
 	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
-	    --config default= --config instances2='--instances 2' || exit 1; \
+	    --config default= --config auto='--instances auto' || exit 1; \
 	done
 
 # Each CPU lever against the defaults, interleaved (BENCHMARKS.md, "CPU levers").

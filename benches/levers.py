@@ -4,7 +4,14 @@
 Each round runs, in turn: the model alone (`benches/model.rs`, batch 1 and 8: the ceiling) and
 then the server (`benches/http.rs`, closed-loop clients posting one photo) under each
 configuration, so that the host's drift hits them alike. Prints every round, then the medians
-and the ratio of each configuration's end-to-end images/s to the model-alone batch-8 ceiling.
+and, per configuration, issue #9's targets computed round by round (each round's server against
+that round's model alone, then the median over rounds, which the host's drift between rounds
+does not skew):
+
+- images/s at 8 and more clients >= 0.9x the model-alone batch-8 rate (the ceiling);
+- 1 client: p50 <= the model's batch-1 time + decoding and resizing the photo for this model
+  (`benches/preprocess.rs`, one thread) + 1 ms;
+- at the highest concurrency: p99 <= 1.3x p50.
 
     python3 benches/levers.py --model weights/tf_efficientnet_lite0 --image target/test-data/photos/rocket.jpg \\
         --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config x2='--instances 2' --rounds 3
@@ -40,6 +47,14 @@ def model_alone(model, seconds, dtype):
     rows = cargo_bench("model", ["--model", model, "--batch-sizes", "1,8", "--seconds", str(seconds), "--dtype", dtype])
     # | arch | backend | input | threads | batch | images/s | ms/batch |
     return {int(cells(r)[4]): float(cells(r)[5]) for r in rows}
+
+
+def preprocess_ms(model, image):
+    """Decoding plus resizing and cropping `image` for `model`, one thread, milliseconds."""
+    rows = cargo_bench("preprocess", ["--image", image, "--model", model])
+    # | photo | size | decode ms | resize+crop ms |
+    c = cells(rows[-1])
+    return float(c[2]) + float(c[3])
 
 
 def end_to_end(model, image, concurrency, seconds, env, flags, dtype="f32", client_args=()):
@@ -96,8 +111,10 @@ def main():
     ceiling, results = [], {name: [] for name, _, _ in configs}
     for round_ in range(1, args.rounds + 1):
         alone = model_alone(args.model, args.model_seconds, args.dtype)
+        alone["prep"] = preprocess_ms(args.model, args.image)
         ceiling.append(alone)
-        print(f"round {round_}: model alone  b1 {alone[1]:.1f}  b8 {alone[8]:.1f} images/s", flush=True)
+        print(f"round {round_}: model alone  b1 {alone[1]:.1f}  b8 {alone[8]:.1f} images/s;"
+              f" decode+resize {alone['prep']:.2f} ms", flush=True)
         for name, env, flags in configs:
             e2e = end_to_end(args.model, args.image, concurrency, args.seconds, env, flags, args.dtype)
             results[name].append(e2e)
@@ -108,10 +125,13 @@ def main():
             )
             print(f"round {round_}: {name:<12} {line}", flush=True)
 
-    b1 = statistics.median(a[1] for a in ceiling)
-    b8 = statistics.median(a[8] for a in ceiling)
+    median = statistics.median
+    b1 = median(a[1] for a in ceiling)
+    b8 = median(a[8] for a in ceiling)
+    prep = median(a["prep"] for a in ceiling)
     print()
-    print(f"model alone (median of {args.rounds}): batch 1 {b1:.1f} images/s ({1e3 / b1:.2f} ms), batch 8 {b8:.1f} images/s")
+    print(f"model alone (median of {args.rounds}): batch 1 {b1:.1f} images/s ({1e3 / b1:.2f} ms), batch 8 {b8:.1f} images/s;"
+          f" decode+resize {prep:.2f} ms")
     print()
     header = " | ".join(f"{c} clients: images/s (x ceiling) p50/p99 ms" for c in concurrency)
     print(f"| configuration | {header} |")
@@ -119,11 +139,50 @@ def main():
     for name, _, _ in configs:
         row = []
         for c in concurrency:
-            rate = statistics.median(r[c]["rate"] for r in results[name])
-            p50 = statistics.median(r[c]["p50"] for r in results[name])
-            p99 = statistics.median(r[c]["p99"] for r in results[name])
-            row.append(f"{rate:.1f} ({rate / b8:.2f}x) {p50:.1f}/{p99:.1f}")
+            runs = [r[c] for r in results[name]]
+            row.append(f"{median(r['rate'] for r in runs):.1f} ({median(ratios_to_ceiling(results[name], ceiling, c)):.2f}x)"
+                       f" {median(r['p50'] for r in runs):.1f}/{median(r['p99'] for r in runs):.1f}")
         print(f"| {name} | " + " | ".join(row) + " |")
+    print()
+    print("(x ceiling: the median of the per-round ratios to that round's model-alone batch-8 rate)")
+    for name, _, _ in configs:
+        print()
+        print(f"{name}: issue #9's targets, per round, then the median")
+        for line in target_lines(results[name], ceiling, concurrency):
+            print("  " + line)
+
+
+def ratios_to_ceiling(rounds, ceiling, c):
+    return [r[c]["rate"] / a[8] for r, a in zip(rounds, ceiling)]
+
+
+def target_lines(rounds, ceiling, concurrency):
+    """One line per target of issue #9 that these concurrencies cover: the per-round values, their
+    median, and whether the median meets it."""
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    def listed(values, fmt):
+        return ", ".join(fmt.format(v) for v in values)
+
+    lines = []
+    if 1 in concurrency:
+        # p50 minus its budget: the model's batch-1 time plus decode and resize (+1 ms allowed).
+        over = [r[1]["p50"] - (1e3 / a[1] + a["prep"]) for r, a in zip(rounds, ceiling)]
+        m = statistics.median(over)
+        lines.append(f"1 client, p50 - (model batch 1 + decode + resize) <= 1 ms: {m:+.1f} ms"
+                     f" [{listed(over, '{:+.1f}')}] {verdict(m <= 1.0)}")
+    for c in (c for c in concurrency if c >= 8):
+        ratios = ratios_to_ceiling(rounds, ceiling, c)
+        m = statistics.median(ratios)
+        lines.append(f"{c} clients, images/s >= 0.9x model alone at batch 8: {m:.2f}x"
+                     f" [{listed(ratios, '{:.2f}')}] {verdict(m >= 0.9)}")
+    top = max(concurrency)
+    if top > 1:
+        spread = [r[top]["p99"] / r[top]["p50"] for r in rounds]
+        m = statistics.median(spread)
+        lines.append(f"{top} clients, p99 <= 1.3x p50: {m:.2f}x [{listed(spread, '{:.2f}')}] {verdict(m <= 1.3)}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ struct Args {
     /// Seconds to measure each batch size.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Sleep this many milliseconds after each batch (only the batches are timed), as a server
+    /// answering one client at a time leaves the model idle between requests. On the project's
+    /// VM a batch after an idle spell runs slower than back-to-back ones (BENCHMARKS.md, "Idle
+    /// cores"), which the default of 0 hides.
+    #[arg(long, default_value_t = 0.0)]
+    gap_ms: f64,
     /// Leave glibc's malloc at its defaults (to measure what the tuning buys).
     #[arg(long)]
     no_malloc_tuning: bool,
@@ -158,12 +164,18 @@ fn time_batches(
     // the others waiting.
     ready.wait();
     let runner = warmed?;
-    let (mut runs, start) = (0u32, Instant::now());
+    let (mut runs, mut busy, start) = (0u32, Duration::ZERO, Instant::now());
+    let gap = Duration::from_secs_f64(args.gap_ms / 1e3);
     while start.elapsed() < Duration::from_secs_f64(args.seconds) {
+        let batch_started = Instant::now();
         runner.run(&images, Outputs::top_k(5))?;
+        busy += batch_started.elapsed();
         runs += 1;
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
     }
-    let per_batch = start.elapsed().as_secs_f64() / f64::from(runs);
+    let per_batch = busy.as_secs_f64() / f64::from(runs);
     Ok(Timed {
         backend: runner.backend(),
         threads: tch::get_num_threads(),

@@ -8,11 +8,17 @@
 #   ROUNDS=3  DURATION=10 (s per measured run)  WARMUP=5  CONCURRENCY=1,8,32  MAX_WAIT_QUIET=600 (s, the kit's quiet.py)
 #   PEERS="torchserve_2w ours fastapi_2w ours2"  (labels ours* are visionserve; the kit's variants: fastapi
 #     fastapi_2w torchserve torchserve_b1 torchserve_2w). Each round starts one further along this list.
+#     Labels that differ only in trailing digits (ours, ours2) are one configuration, pooled in the medians.
 #   MODEL=tf_efficientnet_lite0 | tf_efficientnetv2_b0 | coatnet_nano_rw_224 (the kit's models; the last two
 #     have random weights). Every server serves the same model: visionserve the kit's Hub folder (Lite0: the
 #     project's weights/tf_efficientnet_lite0, as the kit's ours/start.sh does), FastAPI the same folder,
 #     TorchServe its TorchScript file.
 #   OURS_ARGS="..."  extra visionserve flags        VISIONSERVE_MODEL  serve this folder instead
+#   OURS_ARGS_<label>="..."  that label's flags (trailing digits dropped) instead of OURS_ARGS, to compare
+#     configurations in one pass:
+#     PEERS="fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2" OURS_ARGS_ours_auto="--instances auto" ...
+#   MODEL_BENCH="cargo bench -q --bench model --"  after each round, time visionserve's model alone at batch 8
+#     (its ceiling: what a server doing nothing but the model would reach) for the medians' ceiling lines
 #   MALLOC_TUNED=1   glibc malloc tuned for every server (the kit's README; MALLOC_TUNED= for glibc defaults)
 #   KIT=target/bench-peers (the writable copy, made and set up on first use)  OUT=$KIT/results/peers-<time>
 set -euo pipefail
@@ -89,6 +95,11 @@ for round in $(seq 1 "$ROUNDS"); do
   PEERS="${order[*]}" SKIP_MODEL=1 OUT="$out/round-$round" "$run_dir/run_all.sh" 2>&1 | tee "$out/round-$round.log" |
     { grep --line-buffered -E '^\S+ +[0-9]+ +[0-9.]+ |^quiet.py: .*waiting|^\S+: c=[0-9]+ run disturbed' || true; } ||
     { tail -40 "$out/round-$round.log" >&2; echo "round $round failed: $out/round-$round.log" >&2; exit 1; }
+  if [[ -n ${MODEL_BENCH:-} ]]; then
+    # shellcheck disable=SC2086  # MODEL_BENCH is a command line
+    (cd "$repo" && $MODEL_BENCH --model "$VISIONSERVE_MODEL" --batch-sizes 8 --seconds 5) | tee "$out/round-$round/model_alone.md" |
+      grep '^| [a-z]' || { echo "MODEL_BENCH failed" >&2; exit 1; }
+  fi
   echo "round $round: $("$kit/.venv/bin/python" "$kit/ratio.py" "$out/round-$round") ($((SECONDS - start)) s so far)"
 done
 "$kit/.venv/bin/python" "$repo/benches/peers/medians.py" "$out" | tee "$out/medians.txt"

@@ -1,14 +1,44 @@
 //! Decode and preprocess cost per image (single thread), for the test photos.
 //!
 //!     make test-data && cargo bench --bench preprocess
+//!     cargo bench --bench preprocess -- --image rocket.jpg --model weights/tf_efficientnet_lite0
 //!
-//! Prints one row per photo: decode and resize+crop milliseconds (median of repeated runs).
+//! Prints one row per photo: decode and resize+crop milliseconds (median of repeated runs). By
+//! default the test photos at 224 (bicubic, crop_pct 0.875); `--image` times those files instead,
+//! and `--model` uses that model's own preprocessing (its size, filter and crop), as the server
+//! would for it (`benches/levers.py` uses both for the 1-client latency budget).
 
+use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
 use visionserve::pipeline::decode::{decode, DecodeOptions};
 use visionserve::pipeline::preprocess::{preprocess, CropMode, PreprocessConfig};
 use visionserve::pipeline::resize::Filter;
+use visionserve::repository::{ModelFiles, ModelOptions};
+
+#[derive(Parser)]
+struct Args {
+    /// Photos to time (default: the test photos under $VISIONSERVE_TEST_DATA/photos).
+    #[arg(long, value_delimiter = ',')]
+    image: Vec<PathBuf>,
+    /// Preprocess as this model's config says (default: 224, bicubic, crop_pct 0.875).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Timed runs per photo and stage (the median is printed).
+    #[arg(long, default_value_t = 31)]
+    runs: usize,
+    /// Ignored (cargo bench passes it).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const TEST_PHOTOS: [&str; 5] = [
+    "chelsea.jpg",
+    "rocket.jpg",
+    "astronaut.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+];
 
 fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
     let mut times: Vec<f64> = (0..runs)
@@ -22,17 +52,32 @@ fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
     times[runs / 2]
 }
 
-fn main() {
-    let data = std::env::var_os("VISIONSERVE_TEST_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/test-data"));
-    let cfg = PreprocessConfig {
-        input_size: (224, 224),
-        interpolation: Filter::Bicubic,
-        crop_pct: 0.875,
-        crop_mode: CropMode::Center,
-        mean: [0.5; 3],
-        std: [0.5; 3],
+fn main() -> Result<(), String> {
+    let args = Args::parse();
+    let cfg = match &args.model {
+        Some(model) => {
+            let files = ModelFiles::locate(model)?;
+            files.config.resolve(&ModelOptions::default())?.preprocess
+        }
+        None => PreprocessConfig {
+            input_size: (224, 224),
+            interpolation: Filter::Bicubic,
+            crop_pct: 0.875,
+            crop_mode: CropMode::Center,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        },
+    };
+    let photos = if args.image.is_empty() {
+        let data = std::env::var_os("VISIONSERVE_TEST_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target/test-data"));
+        TEST_PHOTOS
+            .iter()
+            .map(|p| data.join("photos").join(p))
+            .collect()
+    } else {
+        args.image.clone()
     };
     let opts = DecodeOptions {
         max_pixels: 100_000_000,
@@ -40,21 +85,17 @@ fn main() {
     };
     println!("| photo | size | decode ms | resize+crop ms |");
     println!("|---|---|---|---|");
-    for photo in [
-        "chelsea.jpg",
-        "rocket.jpg",
-        "astronaut.png",
-        "hubble_deep_field.jpg",
-        "retina.jpg",
-    ] {
-        let bytes =
-            std::fs::read(data.join("photos").join(photo)).expect("run `make test-data` first");
-        let image = decode(&bytes, &opts).unwrap();
-        let decode_ms = median_ms(|| drop(decode(&bytes, &opts).unwrap()), 31);
-        let resize_ms = median_ms(|| drop(preprocess(&image, &cfg)), 31);
+    for path in photos {
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("{}: {e} (run `make test-data` first)", path.display()))?;
+        let image = decode(&bytes, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let decode_ms = median_ms(|| drop(decode(&bytes, &opts).unwrap()), args.runs);
+        let resize_ms = median_ms(|| drop(preprocess(&image, &cfg)), args.runs);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
         println!(
-            "| {photo} | {}x{} | {decode_ms:.2} | {resize_ms:.2} |",
+            "| {name} | {}x{} | {decode_ms:.2} | {resize_ms:.2} |",
             image.width, image.height
         );
     }
+    Ok(())
 }

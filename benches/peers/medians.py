@@ -1,42 +1,69 @@
 #!/usr/bin/env python3
 """Medians over the rounds of benches/peers.sh: OUT/round-*/<label>.json (the peer kit's load.py output).
 
-Every label starting with 'ours' is visionserve (all its runs pooled); every other label is a peer.
-Per concurrency: median req/s and p99 of each server over all its runs, the best peer (highest median),
-visionserve / best peer, and the median of the per-round ratios (each round's ours median / that round's
-best peer), which is less exposed to the host's slow spells than a ratio of medians over the whole pass.
+Every label starting with 'ours' is visionserve; labels that differ only in trailing digits (ours, ours2)
+are one configuration, their runs pooled ('ours_auto' shows as visionserve_auto). Every other label is a
+peer. Per concurrency: median req/s and p99 of each server over all its runs, the best peer (highest
+median), each configuration / best peer, and the median of the per-round ratios (each round's
+configuration median / that round's best peer), which is less exposed to the host's slow spells than a
+ratio of medians over the whole pass.
+
+With OUT/round-*/model_alone.md (peers.sh's MODEL_BENCH: visionserve's model alone at batch 8, the
+ceiling), also per round: ceiling / best peer, the most any server running that model could reach
+against the peers in that round, and each configuration / ceiling.
 Usage: medians.py OUT  (stdlib only)
 """
 import glob
 import json
 import os
+import re
 import statistics
 import sys
+
+
+def configuration(label):
+    """'ours', 'ours2' -> 'visionserve'; 'ours_auto', 'ours_auto2' -> 'visionserve_auto'."""
+    return 'visionserve' + label[len('ours'):].rstrip('0123456789')
+
+
+def ceiling(rnd):
+    """Images/s of the model alone at batch 8 in this round (the bench's markdown row), if measured."""
+    path = os.path.join(rnd, 'model_alone.md')
+    if not os.path.exists(path):
+        return None
+    for line in open(path):
+        c = [x.strip() for x in line.strip().strip('|').split('|')]
+        if len(c) >= 7 and c[4] == '8' and re.fullmatch(r'[0-9.]+', c[5]):
+            return float(c[5])
+    return None
+
 
 out = sys.argv[1]
 rounds = sorted((p for p in glob.glob(os.path.join(out, 'round-*')) if os.path.isdir(p)), key=lambda p: int(p.rsplit('-', 1)[1]))
 runs = {}      # (server, c) -> [(rps, p99, disturbed)]
-per_round = {}  # (round, c) -> {'ours': [rps], peer: rps}
+per_round = {}  # (round, c) -> {config: [rps], peer: rps}
+ceilings = {rnd: ceiling(rnd) for rnd in rounds}
 for rnd in rounds:
     for path in glob.glob(os.path.join(rnd, '*.json')):
         j = json.load(open(path))
         if 'runs' not in j:
             continue
         ours = j['label'].startswith('ours')
-        server = 'visionserve' if ours else j['label']
+        server = configuration(j['label']) if ours else j['label']
         for r in j['runs']:
             c = r['concurrency']
             runs.setdefault((server, c), []).append((r['rps'], r['p99_ms'] or 0.0, r.get('disturbed', False)))
             slot = per_round.setdefault((rnd, c), {})
             if ours:
-                slot.setdefault('ours', []).append(r['rps'])
+                slot.setdefault(server, []).append(r['rps'])
             else:
                 slot[server] = r['rps']
 if not runs:
     sys.exit(f'no results under {out}/round-*')
 
 conc = sorted({c for _, c in runs})
-servers = sorted({s for s, _ in runs}, key=lambda s: (s != 'visionserve', s))
+servers = sorted({s for s, _ in runs}, key=lambda s: (not s.startswith('visionserve'), s))
+configs = [s for s in servers if s.startswith('visionserve')]
 print(f'\n{len(rounds)} round(s) in {out}: median req/s (median p99 ms) [runs; disturbed]')
 print(f'{"server":16s}' + ''.join(f'{"c=" + str(c):>28s}' for c in conc))
 for s in servers:
@@ -52,25 +79,56 @@ for s in servers:
         cells.append(f'{rps:9.1f} ({p99:7.1f} ms) [{len(v)};{bad}]'.rjust(28))
     print(f'{s:16s}' + ''.join(cells))
 
-print('\nvisionserve / best peer (median req/s):')
-for c in conc:
-    ours = runs.get(('visionserve', c))
-    peers = {s: statistics.median(x[0] for x in v) for (s, cc), v in runs.items() if cc == c and s != 'visionserve'}
-    if not ours or not peers:
-        print(f'  c={c}: missing ours or peers')
-        continue
-    o = statistics.median(x[0] for x in ours)
-    best = max(peers, key=peers.get)
-    ratios = []
-    for (rnd, cc), slot in per_round.items():
-        if cc != c or 'ours' not in slot or len(slot) < 2:
+
+
+def best_peer(slot):
+    peers = [v for k, v in slot.items() if not k.startswith('visionserve')]
+    return max(peers) if peers else None
+
+
+def listed(values):
+    return ', '.join(f'{x:.2f}' for x in sorted(values))
+
+
+for config in configs:
+    print(f'\n{config} / best peer (median req/s):')
+    for c in conc:
+        ours = runs.get((config, c))
+        peers = {s: statistics.median(x[0] for x in v) for (s, cc), v in runs.items() if cc == c and s not in configs}
+        if not ours or not peers:
+            print(f'  c={c}: missing {config} or peers')
             continue
-        b = max(v for k, v in slot.items() if k != 'ours')
-        if b:
-            ratios.append(statistics.median(slot['ours']) / b)
-    ratio = f'{o / peers[best]:.2f}x' if peers[best] else 'inf'
-    line = f'  c={c:<3d} {o:8.1f} / {peers[best]:8.1f} ({best}) = {ratio}'
-    if ratios:
-        per = ', '.join(f'{x:.2f}' for x in sorted(ratios))
-        line += f'; median of per-round ratios {statistics.median(ratios):.2f}x [{per}]'
-    print(line)
+        o = statistics.median(x[0] for x in ours)
+        best = max(peers, key=peers.get)
+        ratios = []
+        for (rnd, cc), slot in per_round.items():
+            b = best_peer(slot)
+            if cc == c and config in slot and b:
+                ratios.append(statistics.median(slot[config]) / b)
+        ratio = f'{o / peers[best]:.2f}x' if peers[best] else 'inf'
+        line = f'  c={c:<3d} {o:8.1f} / {peers[best]:8.1f} ({best}) = {ratio}'
+        if ratios:
+            line += f'; median of per-round ratios {statistics.median(ratios):.2f}x [{listed(ratios)}]'
+        print(line)
+
+measured = {rnd: b8 for rnd, b8 in ceilings.items() if b8}
+if measured:
+    print(f'\nvisionserve\'s model alone at batch 8 (the ceiling): '
+          f'{", ".join(f"{b8:.1f}" for b8 in measured.values())} images/s by round')
+    for c in conc:
+        bound, reached = [], {config: [] for config in configs}
+        for rnd, b8 in measured.items():
+            slot = per_round.get((rnd, c), {})
+            b = best_peer(slot)
+            if b:
+                bound.append(b8 / b)
+            for config in configs:
+                if config in slot:
+                    reached[config].append(statistics.median(slot[config]) / b8)
+        line = f'  c={c:<3d}'
+        if bound:
+            line += f' ceiling / best peer {statistics.median(bound):.2f}x [{listed(bound)}]'
+        for config, values in reached.items():
+            if values:
+                line += f'; {config} / ceiling {statistics.median(values):.2f}x [{listed(values)}]'
+        print(line)
