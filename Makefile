@@ -192,17 +192,20 @@ bench-classify: deps venv weights test-data
 
 # The peer kit (../shared/bench-peers, see its README.md), copied to target/bench-peers and set up
 # there on first use (apt wrk/hey, a ~5 GB venv, models: about 10 minutes): ROUNDS (3) interleaved
-# passes of PEERS ("torchserve_2w ours fastapi_2w ours2"), DURATION (10) s per run at 1, 8 and 32
-# clients, then visionserve / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
+# passes of PEERS (below: visionserve at its defaults, as ours/ours2, and with --instances auto, as
+# ours_auto/ours_auto2), DURATION (10) s per run at 1, 8 and 32 clients, then each
+# configuration / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
 # coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server
 # (OURS_ARGS_<label> to one label: benches/peers.sh). After each round the model alone at batch 8
 # (MODEL_BENCH) gives the ceiling: the medians then say how far ahead of the peers any server
 # running this model could be, and how close to that each configuration came.
-# About 15 minutes at the defaults (about 5 a round), more while the kit waits for a quiet machine.
+# About 25 minutes at the defaults (about 8 a round), more while the kit waits for a quiet machine.
+PEERS ?= fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2
 bench-peers: deps venv weights
 	cargo test --release --no-run
 	cargo bench --no-run
-	VISIONSERVE_BIN=$(BIN) MODEL_BENCH="cargo bench -q --bench model --" benches/peers.sh
+	VISIONSERVE_BIN=$(BIN) MODEL_BENCH="cargo bench -q --bench model --" PEERS="$(PEERS)" \
+	  OURS_ARGS_ours_auto="$${OURS_ARGS_ours_auto:---instances auto}" benches/peers.sh
 
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 # Fuzzing (fuzz/, cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z
