@@ -197,8 +197,8 @@ bench-classify: deps venv weights test-data
 # configuration / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
 # coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server
 # (OURS_ARGS_<label> to one label: benches/peers.sh). After each round the model alone at batch 8
-# (MODEL_BENCH) gives the ceiling: the medians then say how far ahead of the peers any server
-# running this model could be, and how close to that each configuration came.
+# (MODEL_BENCH: one copy with every thread, and two with half each) is timed: the medians then
+# say how far ahead of the peers the model alone ran, and each configuration's share of it.
 # About 25 minutes at the defaults (about 8 a round), more while the kit waits for a quiet machine.
 PEERS ?= fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2
 bench-peers: deps venv weights

@@ -37,14 +37,18 @@ def main():
     rows = []
     for i in range(args.warmup + args.requests):
         started = time.perf_counter()
-        conn.request("POST", url.path + (f"?{url.query}" if url.query else ""), body,
-                     {"Content-Type": args.content_type})
+        # no-store: with --cache-bytes, the same photo again would be a cache hit, not a request.
+        conn.request("POST", (url.path or "/") + (f"?{url.query}" if url.query else ""), body,
+                     {"Content-Type": args.content_type, "Cache-Control": "no-store"})
         response = conn.getresponse()
         response.read()
         client_ms = (time.perf_counter() - started) * 1e3
         if response.status != 200:
             raise SystemExit(f"HTTP {response.status} from {args.url}")
         stages = {k: float(v) for k, v in STAGE.findall(response.getheader("Server-Timing", ""))}
+        missing = [s for s in ("decode", "preprocess", "queue", "inference", "total") if s not in stages]
+        if missing:
+            raise SystemExit(f"no {', '.join(missing)} in Server-Timing: {response.getheader('Server-Timing')!r}")
         if i >= args.warmup:
             rows.append((client_ms, stages))
 

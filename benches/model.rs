@@ -36,7 +36,8 @@ struct Args {
     /// Sleep this many milliseconds after each batch (only the batches are timed), as a server
     /// answering one client at a time leaves the model idle between requests. On the project's
     /// VM a batch after an idle spell runs slower than back-to-back ones (BENCHMARKS.md, "Idle
-    /// cores"), which the default of 0 hides.
+    /// cores"), which the default of 0 hides. With a gap, images/s is the rate while busy (with
+    /// --instances, each copy's busy rate summed), not the throughput over the wall time.
     #[arg(long, default_value_t = 0.0)]
     gap_ms: f64,
     /// Leave glibc's malloc at its defaults (to measure what the tuning buys).

@@ -17,8 +17,9 @@
 #   OURS_ARGS_<label>="..."  that label's flags (trailing digits dropped) instead of OURS_ARGS, to compare
 #     configurations in one pass:
 #     PEERS="fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2" OURS_ARGS_ours_auto="--instances auto" ...
-#   MODEL_BENCH="cargo bench -q --bench model --"  after each round, time visionserve's model alone at batch 8
-#     (its ceiling: what a server doing nothing but the model would reach) for the medians' ceiling lines
+#   MODEL_BENCH="cargo bench -q --bench model --"  after each round, time visionserve's model alone at batch 8,
+#     one copy with every thread and two copies with half each (as --instances auto's pool), for the medians'
+#     "model / best peer" lines: how far ahead of the peers the model alone ran in that round
 #   MALLOC_TUNED=1   glibc malloc tuned for every server (the kit's README; MALLOC_TUNED= for glibc defaults)
 #   KIT=target/bench-peers (the writable copy, made and set up on first use)  OUT=$KIT/results/peers-<time>
 set -euo pipefail
@@ -96,9 +97,13 @@ for round in $(seq 1 "$ROUNDS"); do
     { grep --line-buffered -E '^\S+ +[0-9]+ +[0-9.]+ |^quiet.py: .*waiting|^\S+: c=[0-9]+ run disturbed' || true; } ||
     { tail -40 "$out/round-$round.log" >&2; echo "round $round failed: $out/round-$round.log" >&2; exit 1; }
   if [[ -n ${MODEL_BENCH:-} ]]; then
+    # Written aside and moved into place whole, so that a failed bench leaves no partial figure behind.
     # shellcheck disable=SC2086  # MODEL_BENCH is a command line
-    (cd "$repo" && $MODEL_BENCH --model "$VISIONSERVE_MODEL" --batch-sizes 8 --seconds 5) | tee "$out/round-$round/model_alone.md" |
-      grep '^| [a-z]' || { echo "MODEL_BENCH failed" >&2; exit 1; }
+    (cd "$repo" && $MODEL_BENCH --model "$VISIONSERVE_MODEL" --batch-sizes 8 --seconds 5 &&
+      $MODEL_BENCH --model "$VISIONSERVE_MODEL" --batch-sizes 8 --seconds 5 --instances 2) >"$out/round-$round/model_alone.tmp" ||
+      { echo "MODEL_BENCH failed: $out/round-$round/model_alone.tmp" >&2; exit 1; }
+    mv "$out/round-$round/model_alone.tmp" "$out/round-$round/model_alone.md"
+    grep '^| ' "$out/round-$round/model_alone.md" | grep -v -e '^| arch' -e '^|---' || true
   fi
   echo "round $round: $("$kit/.venv/bin/python" "$kit/ratio.py" "$out/round-$round") ($((SECONDS - start)) s so far)"
 done
