@@ -87,6 +87,9 @@ done
 echo "peers: ${peers[*]}; model $model (visionserve: $VISIONSERVE_MODEL${OURS_ARGS:+, $OURS_ARGS}); $ROUNDS round(s) x" \
   "c=$CONCURRENCY x ${DURATION}s (+${WARMUP}s warm-up); results in $out"
 mkdir -p "$out"
+# Which flags each visionserve label ran with, kept beside the results (OURS_ARGS_<label> otherwise
+# shows nowhere in them).
+env | { grep '^OURS_ARGS' || true; } | sort | tee "$out/configurations.txt"
 start=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
   k=$(((round - 1) % ${#peers[@]}))

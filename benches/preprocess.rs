@@ -18,8 +18,8 @@ use visionserve::repository::{ModelFiles, ModelOptions};
 
 #[derive(Parser)]
 struct Args {
-    /// Photos to time (default: the test photos under $VISIONSERVE_TEST_DATA/photos).
-    #[arg(long, value_delimiter = ',')]
+    /// A photo to time, repeatable (default: the test photos under $VISIONSERVE_TEST_DATA/photos).
+    #[arg(long)]
     image: Vec<PathBuf>,
     /// Preprocess as this model's config says (default: 224, bicubic, crop_pct 0.875).
     #[arg(long)]

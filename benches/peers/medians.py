@@ -123,18 +123,18 @@ if measured:
     if missing:
         print(f'  (no model-alone figure for {", ".join(missing)}: those rounds are left out below)')
     for c in (c for c in conc if c >= 8):
-        bound, reached = [], {config: [] for config in configs}
+        model_vs_peer, reached = [], {config: [] for config in configs}
         for rnd, b8 in measured.items():
             slot = per_round.get((rnd, c), {})
             b = best_peer(slot)
             if b:
-                bound.append(b8 / b)
+                model_vs_peer.append(b8 / b)
             for config in configs:
                 if config in slot:
                     reached[config].append(statistics.median(slot[config]) / b8)
         line = f'  c={c:<3d}'
-        if bound:
-            line += f' model / best peer {statistics.median(bound):.2f}x [{listed(bound)}]'
+        if model_vs_peer:
+            line += f' model / best peer {statistics.median(model_vs_peer):.2f}x [{listed(model_vs_peer)}]'
         for config, values in reached.items():
             if values:
                 line += f'; {config} / model {statistics.median(values):.2f}x [{listed(values)}]'
