@@ -15,6 +15,9 @@
 //! the same pixels, different bytes. Two more columns then give the fraction of requests that
 //! were repeats and of responses that said `"cached": true` (the response cache's hits).
 //!
+//! `--model a,b` drives several models of one server side by side: at each concurrency every
+//! model gets that many clients at once, and each model has its own row (`V1:a`, `V1:b`).
+//!
 //! Server flags go after `--server`, e.g. `--server --model lite0=weights/tf_efficientnet_lite0`.
 
 mod support;
@@ -38,9 +41,10 @@ struct Args {
     /// Seconds per measurement (after one second of warm-up load).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// Model name to post to (default: the server's default model).
-    #[arg(long)]
-    model: Option<String>,
+    /// Model names to post to (default: the server's default model); several, comma-separated,
+    /// are loaded side by side, each by its own clients.
+    #[arg(long, value_delimiter = ',')]
+    model: Vec<String>,
     /// Protocols to compare: v1, v2 (REST, binary tensors), grpc.
     #[arg(long, value_delimiter = ',', default_value = "v1")]
     protocols: Vec<Protocol>,
@@ -393,7 +397,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
+/// The images and batches `model` has run so far.
+async fn batch_totals(client: &reqwest::Client, base: &str, model: &str) -> (f64, f64) {
+    let label = format!("model=\"{model}\"");
     let text = client
         .get(format!("{base}/metrics"))
         .send()
@@ -404,7 +410,7 @@ async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
         .unwrap();
     let sum = |prefix: &str| -> f64 {
         text.lines()
-            .filter(|l| l.starts_with(prefix))
+            .filter(|l| l.starts_with(prefix) && l.contains(&label))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
     };
@@ -428,38 +434,56 @@ struct Round {
     cached: f64,
 }
 
+/// One round of a group of callers loaded at once (one per model), `clients` each.
 async fn measure(
-    caller: &Caller,
+    group: &[Target],
     client: &reqwest::Client,
     base: &str,
     clients: usize,
     seconds: f64,
-) -> Round {
-    load(caller, clients, Duration::from_secs(1)).await;
-    let (images_before, batches_before) = batch_totals(client, base).await;
-    let start = Instant::now();
-    let seen = load(caller, clients, Duration::from_secs_f64(seconds)).await;
-    let elapsed = start.elapsed().as_secs_f64();
-    let (images_after, batches_after) = batch_totals(client, base).await;
-    let latencies = &seen.latencies;
-    let requests = latencies.len();
-    Round {
-        requests,
-        errors: seen.errors,
-        rate: requests as f64 / elapsed,
-        p50: percentile(latencies, 0.50),
-        p90: percentile(latencies, 0.90),
-        p99: percentile(latencies, 0.99),
-        mean_batch: (images_after - images_before) / (batches_after - batches_before).max(1.0),
-        repeated: seen.repeated as f64 / requests.max(1) as f64,
-        cached: seen.cached as f64 / requests.max(1) as f64,
+) -> Vec<Round> {
+    let all_at_once = |duration| {
+        futures::future::join_all(group.iter().map(|t| load(&t.caller, clients, duration)))
+    };
+    all_at_once(Duration::from_secs(1)).await;
+    let mut before = Vec::new();
+    for target in group {
+        before.push(batch_totals(client, base, &target.model).await);
     }
+    let start = Instant::now();
+    let seen = all_at_once(Duration::from_secs_f64(seconds)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut rounds = Vec::new();
+    for ((target, seen), (images_before, batches_before)) in group.iter().zip(seen).zip(before) {
+        let (images_after, batches_after) = batch_totals(client, base, &target.model).await;
+        let latencies = &seen.latencies;
+        let requests = latencies.len();
+        rounds.push(Round {
+            requests,
+            errors: seen.errors,
+            rate: requests as f64 / elapsed,
+            p50: percentile(latencies, 0.50),
+            p90: percentile(latencies, 0.90),
+            p99: percentile(latencies, 0.99),
+            mean_batch: (images_after - images_before) / (batches_after - batches_before).max(1.0),
+            repeated: seen.repeated as f64 / requests.max(1) as f64,
+            cached: seen.cached as f64 / requests.max(1) as f64,
+        });
+    }
+    rounds
 }
 
-/// The model to call: `--model`, else the server's default.
-async fn model_name(client: &reqwest::Client, base: &str, model: Option<String>) -> String {
-    if let Some(model) = model {
-        return model;
+/// One row of the table: a protocol calling one model.
+struct Target {
+    label: String,
+    model: String,
+    caller: Caller,
+}
+
+/// The models to call: `--model`, else the server's default.
+async fn model_names(client: &reqwest::Client, base: &str, models: Vec<String>) -> Vec<String> {
+    if !models.is_empty() {
+        return models;
     }
     let models: serde_json::Value = client
         .get(format!("{base}/v1/models"))
@@ -475,8 +499,8 @@ async fn model_name(client: &reqwest::Client, base: &str, model: Option<String>)
         .iter()
         .find(|m| m["default"] == true)
         .and_then(|m| m["name"].as_str())
+        .map(|name| vec![name.to_owned()])
         .unwrap()
-        .to_owned()
 }
 
 #[tokio::main]
@@ -506,7 +530,7 @@ async fn main() {
         .build()
         .unwrap();
     server.wait_ready(&client).await;
-    let model = model_name(&client, &server.base, args.model.clone()).await;
+    let models = model_names(&client, &server.base, args.model.clone()).await;
     let grpc = match &server.grpc {
         Some(address) => {
             // The same flow-control windows as the server, as a tuned client would use.
@@ -522,15 +546,29 @@ async fn main() {
         }
         None => None,
     };
-    let callers: Vec<(Protocol, Caller)> = args
+    // One group per protocol, measured in turn; the models of a group are loaded at once.
+    let groups: Vec<Vec<Target>> = args
         .protocols
         .iter()
         .map(|&p| {
-            let mut caller = Caller::new(p, &server, &client, grpc.as_ref(), &model, &body);
-            if let Caller::Http { repeat: r, .. } = &mut caller {
-                r.clone_from(&repeat);
-            }
-            (p, caller)
+            models
+                .iter()
+                .map(|model| {
+                    let mut caller = Caller::new(p, &server, &client, grpc.as_ref(), model, &body);
+                    if let Caller::Http { repeat: r, .. } = &mut caller {
+                        r.clone_from(&repeat);
+                    }
+                    let label = match models.len() {
+                        1 => format!("{p:?}"),
+                        _ => format!("{p:?}:{model}"),
+                    };
+                    Target {
+                        label,
+                        model: model.clone(),
+                        caller,
+                    }
+                })
+                .collect()
         })
         .collect();
     let (extra_header, extra_rule) = match args.repeat_ratio {
@@ -540,13 +578,18 @@ async fn main() {
     println!("| protocol | clients | requests | errors | images/s | p50 ms | p90 ms | p99 ms | mean batch |{extra_header}");
     println!("|---|---|---|---|---|---|---|---|---|{extra_rule}");
     for &clients in &args.concurrency {
-        let mut rounds: Vec<Vec<Round>> = callers.iter().map(|_| Vec::new()).collect();
+        let targets: Vec<&Target> = groups.iter().flatten().collect();
+        let mut rounds: Vec<Vec<Round>> = targets.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds.max(1) {
-            for (i, (_, caller)) in callers.iter().enumerate() {
-                rounds[i].push(measure(caller, &client, &server.base, clients, args.seconds).await);
+            let mut row = 0;
+            for group in &groups {
+                for measured in measure(group, &client, &server.base, clients, args.seconds).await {
+                    rounds[row].push(measured);
+                    row += 1;
+                }
             }
         }
-        for ((protocol, _), mut rounds) in callers.iter().zip(rounds) {
+        for (target, mut rounds) in targets.iter().zip(rounds) {
             rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
             let r = &rounds[rounds.len() / 2];
             let extra = match args.repeat_ratio {
@@ -554,8 +597,8 @@ async fn main() {
                 None => String::new(),
             };
             println!(
-                "| {protocol:?} | {clients} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |{extra}",
-                r.requests, r.errors, r.rate, r.p50, r.p90, r.p99, r.mean_batch,
+                "| {} | {clients} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |{extra}",
+                target.label, r.requests, r.errors, r.rate, r.p50, r.p90, r.p99, r.mean_batch,
             );
         }
     }
