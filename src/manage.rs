@@ -422,7 +422,7 @@ impl Manager {
             files,
             config,
             metrics.clone(),
-            self.settings,
+            self.settings.clone(),
         )
         .inspect_err(|_| self.metrics.remove_model(&metrics))
     }

@@ -1,6 +1,7 @@
 //! Models at run time: each served model is a handle (what request handlers talk to), a
 //! batcher task and a model thread. Only `worker` and `device` touch libtorch.
 
+pub mod cores;
 pub mod device;
 #[cfg(feature = "fault-injection")]
 mod fault;
@@ -299,7 +300,7 @@ impl Drop for Admission {
 }
 
 /// How a model version is spawned: the server-wide settings every version gets.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SpawnOptions {
     pub device: tch::Device,
     pub dtype: DType,
@@ -310,6 +311,9 @@ pub struct SpawnOptions {
     pub batch_timeout: std::time::Duration,
     /// Copies of the model, each with its own thread and supervisor, and their threads.
     pub instances: InstanceLayout,
+    /// The CPU cores every model's threads take turns for (`None`: on a GPU, or
+    /// `--cpu-arbiter off`).
+    pub cores: Option<Arc<cores::CoreArbiter>>,
 }
 
 /// The copies of a model and the intra-op threads of each, resolved from `--instances` and
@@ -461,6 +465,7 @@ impl ModelHandle {
                     instance,
                     lane,
                     intra_op_threads,
+                    cores: options.cores.clone(),
                     profiles: profiled == Some(instance),
                     batches: match lane {
                         Lane::Solo => solo_batches.clone(),
