@@ -8,6 +8,7 @@
 #   make bench-models   native vs TorchScript vs timm eager for four models
 #   make bench-ceiling  the server end to end vs the model alone (its ceiling): Lite0, EfficientNetV2-B0, CoAtNet-nano
 #   make bench-levers   CPU levers (OpenMP wait policy, instances) interleaved, vs the ceiling
+#   make bench-side-by-side   three models served by one process, all under load at once: defaults vs --instances auto
 #   make bench-cache   the response cache (--cache-bytes 256MiB) vs none at a 30 % repeat rate, interleaved
 #   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
 #   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
@@ -62,7 +63,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-ceiling bench-levers bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -272,6 +273,15 @@ bench-levers: deps venv weights test-data
 	cargo bench --no-run
 	$(PYTHON) benches/levers.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
 	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2' --config auto='--instances auto'
+
+# Three models served side by side, all under load at once, at the defaults and with
+# --instances auto (benches/side_by_side.py: interleaved rounds, per-model and total medians).
+bench-side-by-side: deps venv weights test-data parity-data
+	cargo test --release --no-run
+	cargo bench --no-run
+	$(PYTHON) benches/side_by_side.py --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) --concurrency 1,8 \
+	  --model lite0=$(CURDIR)/$(DEFAULT_MODEL) --model b0=$(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 \
+	  --model nano=$(PARITY_FAST)/coatnet/coatnet_nano_rw_224 --config default= --config auto='--instances auto'
 
 # The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
 # 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).

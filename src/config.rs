@@ -181,15 +181,6 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
 
-    /// On a CPU, the model threads of every model take turns for the cores the process may
-    /// use: a batch (or warm-up run) starts once the cores its intra-op threads need are free,
-    /// first come, first served, so models served side by side never run more model threads
-    /// than there are cores (an OpenMP team that loses a core to another stalls at every
-    /// layer). `off`: each copy runs whenever it has a batch, as many threads as the models
-    /// have at once.
-    #[arg(long, env = "VISIONSERVE_CPU_ARBITER", value_enum, default_value_t = Switch::On)]
-    pub cpu_arbiter: Switch,
-
     /// Threads that decode and resize images [default: the CPUs the process may use].
     #[arg(long, env = "VISIONSERVE_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
@@ -234,12 +225,6 @@ pub enum DType {
     F32,
     F16,
     Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

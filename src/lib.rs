@@ -294,7 +294,6 @@ pub async fn start_service(config: &Config) -> Result<Service> {
             instances: budgets.instances,
             max_queue_images: config.max_queue_images,
             batch_timeout: config.batch_timeout,
-            cores: budgets.cores.clone(),
         },
         metrics: metrics.clone(),
         memory_budget: budgets.models,
@@ -355,8 +354,6 @@ struct Budgets {
     decode_threads: usize,
     /// The model copies and their intra-op threads.
     instances: backend::InstanceLayout,
-    /// The cores the model threads of every model take turns for (CPU, `--cpu-arbiter on`).
-    cores: Option<Arc<backend::cores::CoreArbiter>>,
 }
 
 impl Budgets {
@@ -386,8 +383,6 @@ impl Budgets {
                 config.intra_op_threads,
                 cuda,
             ),
-            cores: (!cuda && config.cpu_arbiter == config::Switch::On)
-                .then(|| backend::cores::CoreArbiter::new(resources.cpus)),
         }
     }
 
@@ -408,7 +403,6 @@ impl Budgets {
             model_memory_budget = %budget::mib(self.models),
             memory_budget_from = %origin(config.memory_budget.is_some(), "memory limit / 4, at least 64 MiB"),
             decode_threads = self.decode_threads,
-            cpu_arbiter_cores = self.cores.as_ref().map(|c| c.capacity()),
             instances = ?self.instances.copies(),
             threads_from = %origin(
                 config.decode_threads.is_some() || config.intra_op_threads.is_some(),

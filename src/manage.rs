@@ -422,7 +422,7 @@ impl Manager {
             files,
             config,
             metrics.clone(),
-            self.settings.clone(),
+            self.settings,
         )
         .inspect_err(|_| self.metrics.remove_model(&metrics))
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use visionserve::config::{Instances, Switch};
+use visionserve::config::Instances;
 
 const MAX_BATCH: usize = 8;
 
@@ -112,78 +112,6 @@ async fn auto_instances_run_lone_requests_solo_and_bursts_on_the_pool() {
         "one request at a time should run on the solo copy: {burst:?} then {after:?}"
     );
     server.stop().unwrap();
-}
-
-/// Two models under load at once, each with as many intra-op threads as the machine has CPUs:
-/// with the CPU arbiter (the default) their batches take turns, and each model's time spent
-/// waiting for the other's is counted; with `--cpu-arbiter off` they run on top of each other
-/// and nothing waits. Every answer is its own image's either way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn models_side_by_side_take_turns_for_the_cores() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for arbiter in [Switch::On, Switch::Off] {
-        let lite0 = lite0_dir();
-        let mut config = config_for(&[
-            format!("a={}", lite0.display()),
-            format!("b={}", lite0.display()),
-        ]);
-        config.intra_op_threads = Some(cpus);
-        config.cpu_arbiter = arbiter;
-        let server = TestServer::start(config);
-        let image = read("photos/chelsea.jpg");
-        let want = classify(&server, "a", &image).await;
-        let client = reqwest::Client::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..48 {
-            let model = ["a", "b"][i % 2];
-            let (client, url, image) = (
-                client.clone(),
-                server.url(&format!("/v1/models/{model}/classify")),
-                image.clone(),
-            );
-            tasks.spawn(async move {
-                let response = client
-                    .post(url)
-                    .header("content-type", "image/jpeg")
-                    .body(image)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                response.json::<serde_json::Value>().await.unwrap()
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let body = done.unwrap();
-            assert_same_top5(&predictions(&body["results"][0]), &want, 1e-4, "burst");
-        }
-        let metrics = scrape(&server.base).await;
-        let waited = |model: &str| {
-            let series =
-                format!(r#"visionserve_core_wait_seconds_total{{model="{model}",version="1"}}"#);
-            metric(&metrics, &series).unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
-        };
-        let (a, b) = (waited("a"), waited("b"));
-        match arbiter {
-            // Each model's batches needed every core while the other's ran: both waited.
-            Switch::On => assert!(a > 0.001 && b > 0.001, "a waited {a} s, b {b} s"),
-            Switch::Off => assert_eq!((a, b), (0.0, 0.0)),
-        }
-        server.stop().unwrap();
-    }
-}
-
-/// The top 5 of one image from `model`, asked alone.
-async fn classify(server: &TestServer, model: &str, image: &[u8]) -> Ranked {
-    let response = reqwest::Client::new()
-        .post(server.url(&format!("/v1/models/{model}/classify")))
-        .header("content-type", "image/jpeg")
-        .body(image.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    predictions(&response.json::<serde_json::Value>().await.unwrap()["results"][0])
 }
 
 async fn model_info(server: &TestServer) -> serde_json::Value {

@@ -6,10 +6,8 @@
 //! runs past `--batch-timeout`, the supervisor takes them, answers every image at once (503,
 //! the model is restarting), retires the thread's generation and starts a new thread. If the
 //! old thread ever comes back, it finds its generation retired and exits without answering
-//! anyone twice. The batch's CPU cores (`cores.rs`) are parked with its replies and given back
-//! when the supervisor takes them: the abandoned thread must not hold every other model's turn.
+//! anyone twice.
 
-use super::cores::CoreLease;
 use crate::pipeline::{ImagePrediction, InferenceError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -22,13 +20,11 @@ pub struct Reply {
     pub span: tracing::Span,
 }
 
-/// A batch being run: by which thread generation, since when, whom to answer, and the CPU
-/// cores it holds (none on a GPU or with `--cpu-arbiter off`).
+/// A batch being run: by which thread generation, since when, and whom to answer.
 struct RunningBatch {
     generation: u64,
     started: Instant,
     replies: Vec<Reply>,
-    _cores: Option<CoreLease>,
 }
 
 /// A batch taken away from a thread that ran past the batch timeout.
@@ -59,15 +55,9 @@ impl Heartbeat {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A thread of `generation` starts a batch whose answers go to `replies`, holding `cores`
-    /// until it finishes or is taken over. Returns false (and hands the replies back, giving
-    /// the cores back) if that generation has been retired.
-    pub fn begin(
-        &self,
-        generation: u64,
-        replies: Vec<Reply>,
-        cores: Option<CoreLease>,
-    ) -> Result<(), Vec<Reply>> {
+    /// A thread of `generation` starts a batch whose answers go to `replies`. Returns false
+    /// (and hands the replies back) if that generation has been retired.
+    pub fn begin(&self, generation: u64, replies: Vec<Reply>) -> Result<(), Vec<Reply>> {
         let mut running = self.running();
         if generation != self.current_generation() {
             return Err(replies);
@@ -76,7 +66,6 @@ impl Heartbeat {
             generation,
             started: Instant::now(),
             replies,
-            _cores: cores,
         });
         Ok(())
     }
@@ -139,7 +128,6 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cores::CoreArbiter;
     use super::*;
 
     fn replies(
@@ -163,18 +151,13 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_batch_gives_its_replies_and_its_cores_back() {
+    fn a_finished_batch_gives_its_replies_back() {
         let heartbeat = Heartbeat::default();
-        let cores = CoreArbiter::new(2);
         let generation = heartbeat.next_generation();
         let (r, _rx) = replies(3);
-        assert!(heartbeat
-            .begin(generation, r, Some(cores.acquire(2)))
-            .is_ok());
+        assert!(heartbeat.begin(generation, r).is_ok());
         assert!(heartbeat.take_overdue(Duration::from_secs(60)).is_none());
-        assert_eq!(cores.free(), 0, "the running batch holds its cores");
         assert_eq!(heartbeat.finish(generation).map(|r| r.len()), Some(3));
-        assert_eq!(cores.free(), 2);
         assert!(heartbeat.finish(generation).is_none());
     }
 
@@ -182,29 +165,20 @@ mod tests {
     fn an_overdue_batch_is_taken_and_its_generation_retired() {
         let heartbeat = Heartbeat::default();
         let generation = heartbeat.next_generation();
-        let cores = CoreArbiter::new(2);
         let (r, _rx) = replies(2);
-        heartbeat
-            .begin(generation, r, Some(cores.acquire(1)))
-            .ok()
-            .unwrap();
+        heartbeat.begin(generation, r).ok().unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let overdue = heartbeat.take_overdue(Duration::from_millis(1)).unwrap();
         assert_eq!(overdue.replies.len(), 2);
-        // The wedged thread's cores go back to the other batches at once.
-        assert_eq!(cores.free(), 2);
         assert!(overdue.running_for >= Duration::from_millis(5));
         // The wedged thread comes back: nothing to answer, and it may not start again.
         assert!(heartbeat.finish(generation).is_none());
         let (r, _rx) = replies(1);
-        assert!(heartbeat
-            .begin(generation, r, Some(cores.acquire(2)))
-            .is_err());
-        assert_eq!(cores.free(), 2, "a refused batch keeps no cores");
+        assert!(heartbeat.begin(generation, r).is_err());
         // Its successor runs.
         let next = heartbeat.next_generation();
         let (r, _rx) = replies(1);
-        assert!(heartbeat.begin(next, r, None).is_ok());
+        assert!(heartbeat.begin(next, r).is_ok());
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Models at run time: each served model is a handle (what request handlers talk to), a
 //! batcher task and a model thread. Only `worker` and `device` touch libtorch.
 
-pub mod cores;
 pub mod device;
 #[cfg(feature = "fault-injection")]
 mod fault;
@@ -300,7 +299,7 @@ impl Drop for Admission {
 }
 
 /// How a model version is spawned: the server-wide settings every version gets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct SpawnOptions {
     pub device: tch::Device,
     pub dtype: DType,
@@ -311,9 +310,6 @@ pub struct SpawnOptions {
     pub batch_timeout: std::time::Duration,
     /// Copies of the model, each with its own thread and supervisor, and their threads.
     pub instances: InstanceLayout,
-    /// The CPU cores every model's threads take turns for (`None`: on a GPU, or
-    /// `--cpu-arbiter off`).
-    pub cores: Option<Arc<cores::CoreArbiter>>,
 }
 
 /// The copies of a model and the intra-op threads of each, resolved from `--instances` and
@@ -465,7 +461,6 @@ impl ModelHandle {
                     instance,
                     lane,
                     intra_op_threads,
-                    cores: options.cores.clone(),
                     profiles: profiled == Some(instance),
                     batches: match lane {
                         Lane::Solo => solo_batches.clone(),

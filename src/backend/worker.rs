@@ -3,7 +3,6 @@
 //! Everything libtorch-related for serving happens here, on one OS thread per model, because
 //! grad mode and the float control register are thread-local and tensors are not `Sync`.
 
-use super::cores::{CoreArbiter, CoreLease};
 use super::device::flush_denormals;
 use super::health::{Heartbeat, Reply};
 use super::{ModelStatus, WarmupTiming};
@@ -276,8 +275,7 @@ impl Runner {
         Ok((predictions, phases))
     }
 
-    /// The length of the embeddings this model gives (`None`: it gives none). Runs the model:
-    /// take the cores first.
+    /// The length of the embeddings this model gives (`None`: it gives none).
     pub fn embedding_size(&self) -> Result<Option<usize>> {
         let image = Tensor::f_zeros([1, 3, self.height, self.width], (self.kind, self.device))?;
         let forward = self.model.forward_with_embeddings(&image)?;
@@ -293,21 +291,13 @@ impl Runner {
     /// them alike instead of making the later, larger sizes look slow, and the fastest run is
     /// the one other processes disturbed least. The profile decides where batches stop
     /// growing (`BatchPolicy`). Without `timed`, only the first pass runs (a copy whose
-    /// profile nobody reads), and the result is empty. Each run takes its turn for the CPU
-    /// cores (`take_cores`) before its clock starts, so that another model's batches neither
-    /// run beside it nor count in its time.
-    fn warm_up(
-        &self,
-        max_batch_size: usize,
-        timed: bool,
-        take_cores: &dyn Fn() -> Option<CoreLease>,
-    ) -> Result<Vec<WarmupTiming>> {
+    /// profile nobody reads), and the result is empty.
+    fn warm_up(&self, max_batch_size: usize, timed: bool) -> Result<Vec<WarmupTiming>> {
         const TIMED_PASSES: usize = 3;
         const TIMED_TIME: Duration = Duration::from_secs(3);
         let image = Pixels::Rgb8(vec![0u8; (self.height * self.width * 3) as usize]);
         let run = |batch: usize| -> Result<Duration> {
             let images = vec![&image; batch];
-            let _cores = take_cores();
             let start = Instant::now();
             self.run(&images, Outputs::top_k(1))
                 .with_context(|| format!("warm-up at batch size {batch}"))?;
@@ -346,9 +336,6 @@ pub struct WorkerContext {
     /// The batches it takes, and libtorch's intra-op threads for them.
     pub lane: Lane,
     pub intra_op_threads: usize,
-    /// The cores every model's threads take turns for (`None`: on a GPU, or
-    /// `--cpu-arbiter off`).
-    pub cores: Option<Arc<CoreArbiter>>,
     /// Its warm-up is timed and sets the batch policy (one copy per model).
     pub profiles: bool,
     /// The batcher's hand-off channel of this copy's lane, shared by the lane's copies:
@@ -362,16 +349,6 @@ pub struct WorkerContext {
     pub status: Arc<ModelStatus>,
     pub metrics: ModelMetrics,
     pub heartbeat: Heartbeat,
-}
-
-impl WorkerContext {
-    /// Wait for this copy's turn and take the cores its intra-op threads run on; the time
-    /// spent waiting is counted in `visionserve_core_wait_seconds_total`.
-    fn take_cores(&self) -> Option<CoreLease> {
-        let lease = self.cores.as_ref()?.acquire(self.intra_op_threads);
-        self.metrics.core_wait.inc_by(lease.waited().as_secs_f64());
-        Some(lease)
-    }
 }
 
 /// Why a model thread returned.
@@ -476,21 +453,16 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     status.set_backend(runner.backend());
     status.set_warming();
     let loaded_in = start.elapsed();
-    let take_cores = || ctx.take_cores();
     let timings = {
         let _alone = ctx.warmup_gate.lock().unwrap_or_else(|e| e.into_inner());
-        runner.warm_up(spec.max_batch_size, ctx.profiles, &take_cores)?
+        runner.warm_up(spec.max_batch_size, ctx.profiles)?
     };
     if ctx.profiles {
         // The gauges describe the copy whose full warm-up is timed, not the last to finish.
         ctx.metrics
             .model_loaded(loaded_in, start.elapsed() - loaded_in);
     }
-    let embedding_size = {
-        let _cores = ctx.take_cores();
-        runner.embedding_size()?
-    };
-    status.set_embedding_size(embedding_size);
+    status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,
         instance = ctx.instance,
@@ -562,11 +534,7 @@ fn run_batch(
     running: &mut RunningBatch,
 ) -> BatchOutcome {
     let metrics = &ctx.metrics;
-    // Before anything else: the images are checked below after the wait, and the batch's
-    // clock (and the supervisor's) starts once it holds the cores it runs on.
-    let cores = ctx.take_cores();
-    // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot
-    // or for the cores.
+    // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot.
     let now = Instant::now();
     let (live, expired): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -599,7 +567,7 @@ fn run_batch(
             span: job.span,
         });
     }
-    if let Err(replies) = ctx.heartbeat.begin(generation, replies, cores) {
+    if let Err(replies) = ctx.heartbeat.begin(generation, replies) {
         answer_all(replies, InferenceError::ModelRestarting);
         return BatchOutcome::Retired;
     }

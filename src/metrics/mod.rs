@@ -45,7 +45,6 @@ pub const CACHE_EVICTIONS: &str = "cache_evictions";
 pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_CAPACITY: &str = "cache_capacity_bytes";
 pub const INSTANCE_BATCHES: &str = "instance_batches";
-pub const CORE_WAIT: &str = "core_wait_seconds";
 
 /// `visionserve_build_info`'s labels: what this binary is and what it was built against.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,9 +65,6 @@ impl BuildLabels {
 
 /// A gauge holding seconds.
 pub type SecondsGauge = Gauge<f64, AtomicU64>;
-
-/// A counter of seconds.
-pub type SecondsCounter = Counter<f64, AtomicU64>;
 
 /// Label used for requests naming a model we do not serve (never the client's string: that
 /// would let clients create unbounded series).
@@ -150,7 +146,6 @@ pub struct Metrics {
     cache_hits: Family<ModelLabel, Counter>,
     cache_misses: Family<ModelLabel, Counter>,
     instance_batches: Family<InstanceLabels, Counter>,
-    core_wait: Family<ModelLabel, SecondsCounter>,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
     pub cache_capacity: Gauge,
@@ -297,12 +292,6 @@ impl Metrics {
             "Batches run by each copy of a model (--instances); with --instances auto, instance 0 has every intra-op thread and runs the batches that arrive at an idle model",
             instance_batches.clone(),
         );
-        let core_wait = Family::default();
-        registry.register(
-            CORE_WAIT,
-            "Seconds this model's batches waited for CPU cores held by other batches (--cpu-arbiter): time lost to the models sharing the CPUs",
-            core_wait.clone(),
-        );
         let cache_hits = Family::default();
         let cache_misses = Family::default();
         let cache_evictions = Counter::default();
@@ -335,7 +324,6 @@ impl Metrics {
         );
         Self {
             instance_batches,
-            core_wait,
             cache_hits,
             cache_misses,
             cache_evictions,
@@ -405,7 +393,6 @@ impl Metrics {
             cache_hits: self.cache_hits.get_or_create(&label).clone(),
             cache_misses: self.cache_misses.get_or_create(&label).clone(),
             warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
-            core_wait: self.core_wait.get_or_create(&label).clone(),
             instance_batches: self.instance_batches.clone(),
             instances_counted: Arc::default(),
             requests: self.requests.clone(),
@@ -491,7 +478,6 @@ impl Metrics {
         }
         self.cache_hits.remove(&label);
         self.cache_misses.remove(&label);
-        self.core_wait.remove(&label);
         for instance in 0..model.instances_counted.load(Ordering::Acquire) {
             self.instance_batches
                 .remove(&model.instance_label(instance));
@@ -620,8 +606,6 @@ pub struct ModelMetrics {
     failures: Family<ReasonLabels, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
-    /// Seconds the model's batches waited for cores (`backend::cores`).
-    pub core_wait: SecondsCounter,
     instance_batches: Family<InstanceLabels, Counter>,
     /// Instances 0..this have a `instance_batches` series, so that it can be removed.
     instances_counted: Arc<std::sync::atomic::AtomicUsize>,
