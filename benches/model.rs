@@ -49,13 +49,10 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Copies of the model, each run by its own thread (as the server's `--instances`), sharing
-    /// one loaded model as the server's do; images/s is their sum.
+    /// Independent copies of the model, each run by its own thread (as the server's
+    /// `--instances`); images/s is their sum.
     #[arg(long, default_value_t = 1)]
     instances: usize,
-    /// With --instances: each copy loads its own weights instead of sharing one model.
-    #[arg(long)]
-    unshared: bool,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -87,7 +84,6 @@ fn main() -> anyhow::Result<()> {
         kind,
         max_batch_size: 1,
         files,
-        loaded: Default::default(),
     };
     let (h, w) = config.preprocess.input_size;
     let threads = args.threads.or_else(|| {
@@ -97,9 +93,8 @@ fn main() -> anyhow::Result<()> {
         })
     });
     for batch in &args.batch_sizes {
-        // The instances share one loaded model, as the server's copies do, and each warms up
-        // on its own thread; then all start timing together (the barrier) and run for the same
-        // wall time, so that their rates add up.
+        // Each instance loads its own copy and warms up; then all start timing together (the
+        // barrier) and run for the same wall time, so that their rates add up.
         let ready = std::sync::Barrier::new(args.instances.max(1));
         let per_instance = std::thread::scope(|scope| {
             let runs: Vec<_> = (0..args.instances)
@@ -124,8 +119,7 @@ fn main() -> anyhow::Result<()> {
                 other => format!(" {other:?}").to_lowercase(),
             },
             if args.instances > 1 {
-                let weights = if args.unshared { ", unshared" } else { "" };
-                format!(" x{} instances{weights}", args.instances)
+                format!(" x{} instances", args.instances)
             } else {
                 String::new()
             },
@@ -144,8 +138,8 @@ struct Timed {
     per_batch_ms: f64,
 }
 
-/// Load the model (or take the one another instance loaded), warm it up at `batch` on this
-/// thread, wait for the other instances, then run it for `--seconds`.
+/// Load the model on this thread, warm it up at `batch`, wait for the other instances, then
+/// run it for `--seconds`.
 fn time_batches(
     spec: &WorkerSpec,
     args: &Args,
@@ -161,11 +155,7 @@ fn time_batches(
     let (h, w) = spec.preprocess.input_size;
     let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
     let images = vec![&image; batch];
-    let loaded = match args.unshared {
-        true => Runner::load(spec),
-        false => Runner::load_shared(spec),
-    };
-    let warmed = loaded.and_then(|runner| {
+    let warmed = Runner::load(spec).and_then(|runner| {
         for _ in 0..3 {
             runner.run(&images, Outputs::top_k(5))?;
         }

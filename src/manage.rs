@@ -427,15 +427,15 @@ impl Manager {
         .inspect_err(|_| self.metrics.remove_model(&metrics))
     }
 
-    /// A version's memory, estimated before loading: the weights file once (the copies of
-    /// `--instances` share the loaded model; halved for f16/bf16 from an f32 file would be
-    /// optimistic, so it is not), plus working memory for the largest batch per copy.
+    /// A version's memory, estimated before loading: the weights file once per instance
+    /// (halved for f16/bf16 from an f32 file would be optimistic, so it is not), plus
+    /// working memory for the largest batch.
     fn estimate(&self, files: &ModelFiles, input_size: &(usize, usize)) -> u64 {
         let weights = std::fs::metadata(&files.weights).map_or(0, |m| m.len());
         let (h, w) = *input_size;
         let input = 3 * h as u64 * w as u64 * 4;
         let working = self.settings.max_batch_size as u64 * input * WORKING_MEMORY_PER_INPUT;
-        weights + working * self.settings.instances.copies().len() as u64
+        (weights + working) * self.settings.instances.copies().len() as u64
     }
 
     /// `--model-control poll`: apply the repository folder's changes until `stop` resolves.

@@ -441,7 +441,6 @@ impl ModelHandle {
             device: options.device,
             kind,
             max_batch_size: options.max_batch_size,
-            loaded: Default::default(),
         });
         // The copies of a lane take batches from its hand-off. Each warms up alone, so that its
         // timings are not skewed by another warming up at the same time.

@@ -7,7 +7,7 @@ use super::device::flush_denormals;
 use super::health::{Heartbeat, Reply};
 use super::{ModelStatus, WarmupTiming};
 use crate::metrics::{BatchPhases, ModelMetrics};
-use crate::models::{self, SharedModel};
+use crate::models::{self, Classifier};
 use crate::pipeline::preprocess::PreprocessConfig;
 use crate::pipeline::queue::{Abandonable, Lane};
 use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outputs, Pixels};
@@ -15,7 +15,7 @@ use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
@@ -28,14 +28,12 @@ pub struct WorkerSpec {
     pub device: Device,
     pub kind: Kind,
     pub max_batch_size: usize,
-    /// The model the copies share once one of them has loaded it (see [`Runner::load_shared`]).
-    pub loaded: Mutex<Weak<SharedModel>>,
 }
 
 /// Turns preprocessed u8 images into probabilities: the part of inference that is the same for
 /// every architecture.
 pub struct Runner {
-    model: Arc<SharedModel>,
+    model: Box<dyn Classifier>,
     device: Device,
     kind: Kind,
     height: i64,
@@ -61,27 +59,14 @@ impl Runner {
             spec.device,
             spec.kind,
         )?;
-        Self::new(Arc::new(SharedModel::new(model)), spec)
-    }
-
-    /// The model the other copies of `spec` loaded, if one still runs it; else load it and
-    /// leave it for them. The copies' threads start together: the first to get here loads
-    /// while the others wait, so the weights are read and held once.
-    pub fn load_shared(spec: &WorkerSpec) -> Result<Self> {
-        let mut loaded = spec.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(model) = loaded.upgrade() {
-            return Self::new(model, spec);
-        }
-        let runner = Self::load(spec)?;
-        *loaded = Arc::downgrade(&runner.model);
-        Ok(runner)
+        Self::new(model, spec)
     }
 
     pub fn backend(&self) -> &'static str {
         self.model.backend()
     }
 
-    pub fn new(model: Arc<SharedModel>, spec: &WorkerSpec) -> Result<Self> {
+    pub fn new(model: Box<dyn Classifier>, spec: &WorkerSpec) -> Result<Self> {
         let (height, width) = spec.preprocess.input_size;
         let channel_tensor = |v: [f32; 3]| -> Result<Tensor> {
             Ok(Tensor::from_slice(&v)
@@ -464,13 +449,7 @@ pub fn run(
 fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     let status = &ctx.status;
     let start = Instant::now();
-    // The copies share one model. A replacement (after a panic or a wedged batch) loads its
-    // own: nothing of the failed thread's is reused.
-    let runner = if ctx.served.load(std::sync::atomic::Ordering::Acquire) {
-        Runner::load(spec)?
-    } else {
-        Runner::load_shared(spec)?
-    };
+    let runner = Runner::load(spec)?;
     status.set_backend(runner.backend());
     status.set_warming();
     let loaded_in = start.elapsed();

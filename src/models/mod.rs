@@ -26,8 +26,7 @@ pub struct Forward {
     pub embeddings: Option<Tensor>,
 }
 
-/// A loaded image classifier, called from model threads (the copies of a model share one:
-/// [`SharedModel`]).
+/// A loaded image classifier. Only the model thread calls it.
 pub trait Classifier: Send {
     /// `input`: `[batch, 3, height, width]` in the model's dtype on its device. Returns logits
     /// `[batch, num_classes]`.
@@ -44,32 +43,6 @@ pub trait Classifier: Send {
     /// Whether the input should have NHWC strides (see `layers::channels_last`).
     fn wants_channels_last(&self) -> bool {
         false
-    }
-}
-
-/// A loaded model run by every copy of it (`--instances`), each from its own thread: the copies
-/// share the weights instead of holding one set each.
-pub struct SharedModel(Box<dyn Classifier>);
-
-// SAFETY: a forward pass takes `&self` and only reads the model's tensors: no `Classifier`
-// has interior mutability, and none runs an in-place operation on a weight (each forward
-// allocates its own activations). libtorch tensors may be read from several threads at once:
-// their reference counts are atomic and reads do not touch them otherwise, which is also why
-// `tch` declares its TorchScript `CModule` `Sync`. So several threads may call `forward` on
-// one model at once.
-unsafe impl Sync for SharedModel {}
-
-impl SharedModel {
-    pub fn new(model: Box<dyn Classifier>) -> Self {
-        Self(model)
-    }
-}
-
-impl std::ops::Deref for SharedModel {
-    type Target = dyn Classifier;
-
-    fn deref(&self) -> &Self::Target {
-        self.0.as_ref()
     }
 }
 
