@@ -18,9 +18,12 @@ impl Server {
         Self::start_with_env(args, &[])
     }
 
-    /// [`Server::start`] with extra environment variables.
+    /// [`Server::start`] with extra environment variables. `VISIONSERVE_BENCH_BIN` runs another
+    /// build of the server instead of this one (an older commit's, for a before-and-after).
     pub fn start_with_env(args: &[String], envs: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_visionserve"))
+        let binary = std::env::var_os("VISIONSERVE_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_visionserve").into());
+        let mut child = Command::new(binary)
             .args(args)
             .args([
                 "--port",
