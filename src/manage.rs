@@ -205,12 +205,12 @@ impl Manager {
             .config
             .resolve(&request.options)
             .map_err(|e| ManageError::Invalid(format!("source {source:?}: {e}")))?;
-        let estimate = self.estimate(&files, &config.preprocess.input_size);
+        let (settings, estimate) = self.settings_for(name, &files, &config.preprocess.input_size);
         let version =
             self.registry
                 .begin_load(name, request.version.as_deref(), source, estimate, budget)?;
         tracing::info!(model = %name, %version, %source, estimated = %crate::budget::mib(estimate), "loading a model version");
-        match self.spawn(name, &version, source, files, config) {
+        match self.spawn(name, &version, source, files, config, settings) {
             Ok((handle, loaded)) => {
                 self.registry.attach(name, &version, handle);
                 Ok((version, loaded))
@@ -413,6 +413,7 @@ impl Manager {
         source: &str,
         files: ModelFiles,
         config: crate::repository::ModelConfig,
+        settings: SpawnOptions,
     ) -> anyhow::Result<(Arc<ModelHandle>, LoadOutcome)> {
         let metrics = self.metrics.for_model(name, version);
         ModelHandle::spawn(
@@ -422,20 +423,57 @@ impl Manager {
             files,
             config,
             metrics.clone(),
-            self.settings,
+            settings,
         )
         .inspect_err(|_| self.metrics.remove_model(&metrics))
     }
 
-    /// A version's memory, estimated before loading: the weights file once per instance
+    /// How a model is spawned, and its estimated memory: the server's settings, except that
+    /// `--instances auto` runs one copy with every thread where its copies' estimate does not
+    /// fit in what is left of the model memory budget (each copy holds its own weights and
+    /// working memory, and one copy is what a tight budget can afford). An explicit
+    /// `--instances N` is kept as given.
+    fn settings_for(
+        &self,
+        name: &str,
+        files: &ModelFiles,
+        input_size: &(usize, usize),
+    ) -> (SpawnOptions, u64) {
+        let settings = self.settings;
+        let estimate = self.estimate(files, input_size, &settings.instances);
+        let room = self
+            .memory_budget
+            .saturating_sub(self.registry.estimated_bytes());
+        if settings.instances.solo_threads.is_none() || estimate <= room {
+            return (settings, estimate);
+        }
+        let single = SpawnOptions {
+            instances: settings.instances.single(),
+            ..settings
+        };
+        tracing::info!(
+            model = name,
+            estimated = %crate::budget::mib(estimate),
+            room = %crate::budget::mib(room),
+            "--instances auto: one copy, since its copies' estimated memory does not fit in what is left of --model-memory-budget"
+        );
+        (single, self.estimate(files, input_size, &single.instances))
+    }
+
+    /// A version's memory, estimated before loading: the weights file once per copy
     /// (halved for f16/bf16 from an f32 file would be optimistic, so it is not), plus
     /// working memory for the largest batch.
-    fn estimate(&self, files: &ModelFiles, input_size: &(usize, usize)) -> u64 {
+    fn estimate(
+        &self,
+        files: &ModelFiles,
+        input_size: &(usize, usize),
+        layout: &crate::backend::InstanceLayout,
+    ) -> u64 {
         let weights = std::fs::metadata(&files.weights).map_or(0, |m| m.len());
         let (h, w) = *input_size;
         let input = 3 * h as u64 * w as u64 * 4;
         let working = self.settings.max_batch_size as u64 * input * WORKING_MEMORY_PER_INPUT;
-        (weights + working) * self.settings.instances.copies().len() as u64
+        (weights + working) * layout.copies().len() as u64
     }
 
     /// `--model-control poll`: apply the repository folder's changes until `stop` resolves.

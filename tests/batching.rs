@@ -114,6 +114,31 @@ async fn auto_instances_run_lone_requests_solo_and_bursts_on_the_pool() {
     server.stop().unwrap();
 }
 
+/// `--instances auto` where the model's copies would not fit in `--model-memory-budget`: one
+/// copy with every thread, which still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_instances_run_one_copy_where_the_copies_do_not_fit_the_memory_budget() {
+    let mut config = config_for(&[format!("lite0={}", lite0_dir().display())]);
+    config.instances = Instances::Auto;
+    config.intra_op_threads = Some(2);
+    // Less than any model: start-up models are loaded anyway (with a warning), as small as
+    // they can be.
+    config.model_memory_budget = Some(1);
+    let server = TestServer::start(config);
+    let model = model_info(&server).await;
+    assert_eq!(model["instances"], 1, "{model}");
+    assert_eq!(model["instance_threads"], serde_json::json!([2]), "{model}");
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/classify"))
+        .header("content-type", "image/jpeg")
+        .body(read("photos/chelsea.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop().unwrap();
+}
+
 async fn model_info(server: &TestServer) -> serde_json::Value {
     reqwest::get(server.url("/v1/models/lite0"))
         .await

@@ -366,6 +366,15 @@ impl InstanceLayout {
             .collect()
     }
 
+    /// One copy with the threads of this layout's widest copy (what `auto` falls back to).
+    pub fn single(&self) -> Self {
+        Self {
+            solo_threads: None,
+            pool: 1,
+            pool_threads: self.solo_threads.unwrap_or(self.pool_threads),
+        }
+    }
+
     pub fn lanes(&self) -> Lanes {
         Lanes {
             solo: self.solo_threads.is_some(),
@@ -702,6 +711,15 @@ mod tests {
         assert_eq!(
             resolve(Instances::Auto, 8, Some(4), false),
             layout(Some(4), 2, 2)
+        );
+        // What auto falls back to where its copies do not fit: one copy of the solo's width.
+        assert_eq!(
+            resolve(Instances::Auto, 2, None, false).single(),
+            layout(None, 1, 2)
+        );
+        assert_eq!(
+            resolve(Instances::Auto, 8, Some(4), false).single(),
+            layout(None, 1, 4)
         );
         // One CPU, or a GPU: one copy.
         assert_eq!(resolve(Instances::Auto, 1, None, false), layout(None, 1, 1));
