@@ -8,7 +8,7 @@
 #   make bench-models   native vs TorchScript vs timm eager for four models
 #   make bench-ceiling  the server end to end vs the model alone (its ceiling): Lite0, EfficientNetV2-B0, CoAtNet-nano
 #   make bench-levers   CPU levers (OpenMP wait policy, instances) interleaved, vs the ceiling
-#   make bench-side-by-side   three models served by one process, all under load at once: defaults vs --instances auto
+#   make bench-side-by-side   three models served by one process, all under load at once: defaults (auto) vs --instances 1
 #   make bench-cache   the response cache (--cache-bytes 256MiB) vs none at a 30 % repeat rate, interleaved
 #   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
 #   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
@@ -193,20 +193,20 @@ bench-classify: deps venv weights test-data
 
 # The peer kit (../shared/bench-peers, see its README.md), copied to target/bench-peers and set up
 # there on first use (apt wrk/hey, a ~5 GB venv, models: about 10 minutes): ROUNDS (3) interleaved
-# passes of PEERS (below: visionserve at its defaults, as ours/ours2, and with --instances auto, as
-# ours_auto/ours_auto2), DURATION (10) s per run at 1, 8 and 32 clients, then each
+# passes of PEERS (below: visionserve at its defaults, --instances auto, as ours/ours2, and with
+# one copy, --instances 1, as ours_one/ours_one2), DURATION (10) s per run at 1, 8 and 32 clients, then each
 # configuration / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
 # coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server
 # (OURS_ARGS_<label> to one label: benches/peers.sh). After each round the model alone at batch 8
 # (MODEL_BENCH: one copy with every thread, and two with half each) is timed: the medians then
 # say how far ahead of the peers the model alone ran, and each configuration's share of it.
 # About 25 minutes at the defaults (about 8 a round), more while the kit waits for a quiet machine.
-PEERS ?= fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2
+PEERS ?= fastapi_2w ours torchserve_2w ours_one ours2 ours_one2
 bench-peers: deps venv weights
 	cargo test --release --no-run
 	cargo bench --no-run
 	VISIONSERVE_BIN=$(BIN) MODEL_BENCH="cargo bench -q --bench model --" PEERS="$(PEERS)" \
-	  OURS_ARGS_ours_auto="$${OURS_ARGS_ours_auto:---instances auto}" benches/peers.sh
+	  OURS_ARGS_ours_one="$${OURS_ARGS_ours_one:---instances 1}" benches/peers.sh
 
 # /v1, v2 REST (binary tensors) and v2 gRPC on one server, interleaved rounds, medians.
 # Fuzzing (fuzz/, cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z
@@ -256,7 +256,7 @@ bench-models: deps venv weights parity-data
 
 # End to end against the model alone (benches/levers.py: interleaved rounds, medians, the ratio
 # to the model-alone batch-8 rate, and issue #9's targets checked round by round), at the server's
-# defaults and with --instances auto, for three models at their test size.
+# defaults (--instances auto) and with one copy (--instances 1), for three models at their test size.
 CEILING_MODELS := $(CURDIR)/$(DEFAULT_MODEL) $(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 $(PARITY_FAST)/coatnet/coatnet_nano_rw_224
 ROUNDS ?= 3
 bench-ceiling: deps venv weights test-data parity-data
@@ -264,7 +264,7 @@ bench-ceiling: deps venv weights test-data parity-data
 	cargo bench --no-run
 	@for model in $(CEILING_MODELS); do echo "== $$model"; \
 	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
-	    --config default= --config auto='--instances auto' || exit 1; \
+	    --config default= --config one='--instances 1' || exit 1; \
 	done
 
 # Each CPU lever against the defaults, interleaved (BENCHMARKS.md, "CPU levers").
@@ -272,16 +272,16 @@ bench-levers: deps venv weights test-data
 	cargo test --release --no-run
 	cargo bench --no-run
 	$(PYTHON) benches/levers.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
-	  --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config instances2='--instances 2' --config auto='--instances auto'
+	  --config default= --config one='--instances 1' --config spin='OMP_WAIT_POLICY=ACTIVE --instances 1' --config instances2='--instances 2'
 
-# Three models served side by side, all under load at once, at the defaults and with
-# --instances auto (benches/side_by_side.py: interleaved rounds, per-model and total medians).
+# Three models served side by side, all under load at once, at the defaults (--instances auto)
+# and with one copy each (benches/side_by_side.py: interleaved rounds, per-model and total medians).
 bench-side-by-side: deps venv weights test-data parity-data
 	cargo test --release --no-run
 	cargo bench --no-run
 	$(PYTHON) benches/side_by_side.py --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) --concurrency 1,8 \
 	  --model lite0=$(CURDIR)/$(DEFAULT_MODEL) --model b0=$(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 \
-	  --model nano=$(PARITY_FAST)/coatnet/coatnet_nano_rw_224 --config default= --config auto='--instances auto'
+	  --model nano=$(PARITY_FAST)/coatnet/coatnet_nano_rw_224 --config default= --config one='--instances 1'
 
 # The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
 # 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).

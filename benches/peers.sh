@@ -16,7 +16,7 @@
 #   OURS_ARGS="..."  extra visionserve flags        VISIONSERVE_MODEL  serve this folder instead
 #   OURS_ARGS_<label>="..."  that label's flags (trailing digits dropped) instead of OURS_ARGS, to compare
 #     configurations in one pass:
-#     PEERS="fastapi_2w ours torchserve_2w ours_auto ours2 ours_auto2" OURS_ARGS_ours_auto="--instances auto" ...
+#     PEERS="fastapi_2w ours torchserve_2w ours_one ours2 ours_one2" OURS_ARGS_ours_one="--instances 1" ...
 #   MODEL_BENCH="cargo bench -q --bench model --"  after each round, time visionserve's model alone at batch 8,
 #     one copy with every thread and two copies with half each (as --instances auto's pool), for the medians'
 #     "model / best peer" lines: how far ahead of the peers the model alone ran in that round

@@ -103,13 +103,13 @@ pub struct Config {
     /// Copies of each model, each run by its own thread and fed from the same queue: on a GPU,
     /// one copy's upload and download overlap another's compute; on a CPU, N copies with
     /// 1/N of the cores each run without the threads of one operator waiting for each other.
-    /// `auto` on a CPU with 2 or more cores: one copy with every intra-op thread runs the
-    /// batches that arrive at an idle model (latency), and copies with half the threads each
-    /// (two on an even number of threads) take over once images queue (throughput); the two
-    /// kinds never run at once. On a
-    /// GPU, `auto` is one copy. Each copy holds its own weights. `auto` is for a server with
-    /// one model: the two kinds of copy take turns per model, not across models.
-    #[arg(long, env = "VISIONSERVE_INSTANCES", default_value = "1", value_parser = Instances::parse)]
+    /// `auto` (the default) on a CPU with 2 or more cores: one copy with every intra-op thread
+    /// runs the batches that arrive at an idle model (latency), and copies with half the
+    /// threads each (two on an even number of threads) take over once images queue
+    /// (throughput); the two kinds never run at once. On a GPU or one CPU, `auto` is one copy,
+    /// and so it is for a model whose copies' estimated memory would not fit in what is left of
+    /// --model-memory-budget. Each copy holds its own weights and working memory.
+    #[arg(long, env = "VISIONSERVE_INSTANCES", default_value = "auto", value_parser = Instances::parse)]
     pub instances: Instances,
 
     /// Images admitted per model (being decoded, queued or running) before new requests get

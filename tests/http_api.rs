@@ -431,11 +431,20 @@ async fn models_endpoint_describes_each_model() {
         visionserve::pipeline::queue::preferred_batch_size(&points),
         "{profile:?}"
     );
-    // The default: one copy with every CPU the process may use.
-    assert_eq!(model["instances"], 1, "{model}");
+    // The default, `--instances auto`: a solo copy with every CPU the process may use, then
+    // pool copies of half as many threads (one copy of every CPU where there is only one).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let half = cpus / 2;
+    let expected: Vec<usize> = match cpus {
+        1 => vec![1],
+        _ => std::iter::once(cpus)
+            .chain(std::iter::repeat_n(half, cpus / half))
+            .collect(),
+    };
+    assert_eq!(model["instances"], expected.len(), "{model}");
     assert_eq!(
-        model["instance_threads"].as_array().unwrap().len(),
-        1,
+        model["instance_threads"],
+        serde_json::json!(expected),
         "{model}"
     );
     assert_eq!(by_name("lite0_ts")["backend"], "torchscript");

@@ -2,7 +2,7 @@
 """Medians over the rounds of benches/peers.sh: OUT/round-*/<label>.json (the peer kit's load.py output).
 
 Every label starting with 'ours' is visionserve; labels that differ only in trailing digits (ours, ours2)
-are one configuration, their runs pooled ('ours_auto' shows as visionserve_auto). Every other label is a
+are one configuration, their runs pooled ('ours_one' shows as visionserve_one). Every other label is a
 peer. Per concurrency: median req/s and p99 of each server over all its runs, the best peer (highest
 median), each configuration / best peer, and the median of the per-round ratios (each round's
 configuration median / that round's best peer), which is less exposed to the host's slow spells than a
@@ -23,7 +23,7 @@ import sys
 
 
 def configuration(label):
-    """'ours', 'ours2' -> 'visionserve'; 'ours_auto', 'ours_auto2' -> 'visionserve_auto'."""
+    """'ours', 'ours2' -> 'visionserve'; 'ours_one', 'ours_one2' -> 'visionserve_one'."""
     return 'visionserve' + label[len('ours'):].rstrip('0123456789')
 
 
