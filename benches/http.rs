@@ -397,9 +397,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The images and batches `model` has run so far.
+/// The images and batches `model` (a name, or name@version) has run so far.
 async fn batch_totals(client: &reqwest::Client, base: &str, model: &str) -> (f64, f64) {
-    let label = format!("model=\"{model}\"");
+    let (name, version) = model
+        .split_once('@')
+        .map_or((model, None), |(name, version)| (name, Some(version)));
+    let label = format!("model=\"{name}\"");
+    let version = version.map(|v| format!("version=\"{v}\""));
     let text = client
         .get(format!("{base}/metrics"))
         .send()
@@ -411,6 +415,7 @@ async fn batch_totals(client: &reqwest::Client, base: &str, model: &str) -> (f64
     let sum = |prefix: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(prefix) && l.contains(&label))
+            .filter(|l| version.as_ref().is_none_or(|v| l.contains(v.as_str())))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
     };

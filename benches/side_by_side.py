@@ -10,7 +10,7 @@ configuration's total to the first configuration's, with its median.
 
     python3 benches/side_by_side.py --image target/test-data/photos/rocket.jpg \\
         --model lite0=weights/tf_efficientnet_lite0 --model b0=PATH --model nano=PATH \\
-        --config arbiter= --config off='--cpu-arbiter off' --rounds 3
+        --config default= --config one='--instances 1' --rounds 3
 
 A configuration is NAME=[ENV=VALUE ...] [--server-flag ...], as in benches/levers.py.
 """

@@ -60,9 +60,10 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<crate::auth::Secret>,
 
-    /// Memory the served models may take together, as estimated before each load (weights per
-    /// instance plus working memory for the largest batch); a run-time load that does not fit
-    /// is refused with 507. During a rollout the old and the new version both count
+    /// Memory the served models may take together, as estimated before each load (per copy of
+    /// the model, its weights plus working memory for the largest batch); with --instances
+    /// auto a version whose copies do not fit loads as one copy, and a run-time load that still
+    /// does not fit is refused with 507. During a rollout the old and the new version both count
     /// [default: the memory limit minus --memory-budget, minus --cache-bytes, minus 512 MiB for
     /// the runtime, at least 256 MiB].
     #[arg(long, env = "VISIONSERVE_MODEL_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
@@ -174,10 +175,11 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
     pub memory_budget: Option<u64>,
 
-    /// Threads libtorch uses inside one operator: with --instances N, per copy; with auto, the
-    /// copy that runs lone batches, and half of it (rounded down) for each pool copy [default: the
-    /// CPUs the process may use (cgroup CPU quota included), divided by N, at least 1;
-    /// libtorch's own default, the machine's physical cores, oversubscribes a container].
+    /// Threads libtorch uses inside one operator: with --instances N, per copy; with auto (the
+    /// default), the copy that runs lone batches, and half of it (rounded down) for each pool
+    /// copy [default: the CPUs the process may use (cgroup CPU quota included), divided by N
+    /// with --instances N, at least 1; libtorch's own default, the machine's physical cores,
+    /// oversubscribes a container].
     #[arg(long, env = "VISIONSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
 

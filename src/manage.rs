@@ -451,7 +451,7 @@ impl Manager {
             instances: settings.instances.single(),
             ..settings
         };
-        tracing::info!(
+        tracing::warn!(
             model = name,
             estimated = %crate::budget::mib(estimate),
             room = %crate::budget::mib(room),
