@@ -72,18 +72,17 @@ def end_to_end(model, image, concurrency, seconds, env, flags, dtype="f32", clie
         + ["--server", "--model", f"m={model}", "--device", "cpu", "--dtype", dtype] + flags,
         env,
     )
-    # | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch | [repeated | cached |]
-    out = {}
-    for r in rows:
-        c = cells(r)
-        if c[0] == "protocol":
-            continue
-        row = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
-               "batch": float(c[8])}
-        if len(c) > 10:
-            row.update(repeated=float(c[9]), cached=float(c[10]))
-        out[int(c[1])] = row
-    return out
+    return {int(c[1]): http_row(c) for c in map(cells, rows) if c[0] != "protocol"}
+
+
+def http_row(c):
+    """One row of benches/http.rs's table, as cells:
+    | protocol | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch | [repeated | cached |]"""
+    row = {"rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
+           "batch": float(c[8])}
+    if len(c) > 10:
+        row.update(repeated=float(c[9]), cached=float(c[10]))
+    return row
 
 
 def parse_config(text):

@@ -18,7 +18,7 @@ A configuration is NAME=[ENV=VALUE ...] [--server-flag ...], as in benches/lever
 import argparse
 import statistics
 
-from levers import cargo_bench, cells, parse_config
+from levers import cargo_bench, cells, http_row, parse_config
 
 
 def side_by_side(models, image, concurrency, seconds, env, flags):
@@ -38,12 +38,9 @@ def side_by_side(models, image, concurrency, seconds, env, flags):
         c = cells(r)
         if c[0] == "protocol":
             continue
-        # | V1:model | clients | requests | errors | images/s | p50 | p90 | p99 | mean batch |
+        # The first cell is V1:model (V1 alone with one model).
         model = c[0].split(":", 1)[1] if ":" in c[0] else names[0]
-        out.setdefault(int(c[1]), {})[model] = {
-            "rate": float(c[4]), "errors": int(c[3]), "p50": float(c[5]), "p99": float(c[7]),
-            "batch": float(c[8]),
-        }
+        out.setdefault(int(c[1]), {})[model] = http_row(c)
     return out
 
 
