@@ -20,10 +20,8 @@
 //!   to wait for the model runs on the solo copy, which has every intra-op thread: a lone
 //!   request gets the whole machine. Once images queue behind running batches, batches go to
 //!   the pool of copies with a share of the threads each, which run side by side without the
-//!   threads of one operator waiting for each other. Saturated (full batches of 8 or more
-//!   queue up behind the pool's), the pool finishes and full batches go to the solo copy
-//!   again, which runs them faster. The two lanes never run at once, so their threads never
-//!   outnumber the cores.
+//!   threads of one operator waiting for each other. The two lanes never run at once, so
+//!   their threads never outnumber the cores.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -191,10 +189,6 @@ impl<T: Abandonable> BatchQueue<T> {
             return Decision::Wait(None);
         }
         let lane = self.lane_for_next_batch(model);
-        if lane == Lane::Pool && self.solo_takes_over(model) {
-            // Let the pool's running batches finish: the full batches then go to the solo copy.
-            return Decision::Wait(None);
-        }
         let (running, copies) = match lane {
             Lane::Solo => (0, 1),
             Lane::Pool => (model.outstanding_batches, self.lanes.pool),
@@ -228,44 +222,15 @@ impl<T: Abandonable> BatchQueue<T> {
     /// When several clients keep the pool busy, the moment it runs dry their next images are
     /// still being decoded: without the `images_incoming` test such a moment would send a
     /// batch solo and hold every other image back until it finished.
-    ///
-    /// Saturated, it is the solo copy again: a full batch of at least [`SOLO_FULL_BATCH`] images
-    /// runs faster on one copy with every thread than side by side on the pool's (Lite0 at
-    /// batch 8: one two-thread copy ahead of two one-thread copies in each of 7 timings on the
-    /// 2-vCPU VM, by 1-26 %). The pool wins on the small batches of moderate load, where a
-    /// copy's threads would wait for each other at every operator.
     fn lane_for_next_batch(&self, model: ModelState) -> Lane {
-        if !self.lanes.solo {
-            return Lane::Pool;
-        }
-        let saturated = self.full_batches_run_solo() && self.entries.len() >= self.batch_limit;
-        if model.outstanding_batches == 0 && saturated {
-            return Lane::Solo;
-        }
         let loaded = model.outstanding_batches > 0
             || model.images_incoming > 0
             || self.entries.iter().take(self.batch_limit).any(|e| e.waited);
-        if loaded {
-            Lane::Pool
-        } else {
+        if self.lanes.solo && !loaded {
             Lane::Solo
+        } else {
+            Lane::Pool
         }
-    }
-
-    /// Full batches are large enough to run on the solo copy when the server is saturated.
-    fn full_batches_run_solo(&self) -> bool {
-        self.lanes.solo && self.batch_limit >= SOLO_FULL_BATCH
-    }
-
-    /// The pool is running, and enough images wait to fill a full batch for each of its copies
-    /// and more: the load is past what the pool's smaller batches are for, so the pool is
-    /// left to finish and the solo copy takes the full batches from then on. (Between one and
-    /// two full batches queued, the pool keeps them: a drain leaves a core idle for up to a
-    /// batch, worth paying only when the solo copy will then run several in a row.)
-    fn solo_takes_over(&self, model: ModelState) -> bool {
-        self.full_batches_run_solo()
-            && model.outstanding_batches > 0
-            && self.entries.len() >= 2 * self.batch_limit
     }
 
     /// Take the oldest `n` entries, in arrival order, to run them: the others now wait for
@@ -284,10 +249,6 @@ impl<T: Abandonable> BatchQueue<T> {
         self.entries.drain(..).collect()
     }
 }
-
-/// The smallest full batch that runs on the solo copy under saturation (see
-/// `BatchQueue::lane_for_next_batch`): measured at 8; smaller full batches stay on the pool.
-pub const SOLO_FULL_BATCH: usize = 8;
 
 /// Throughputs within this fraction of the best are as good as the best.
 pub const PLATEAU: f64 = 0.97;
@@ -610,79 +571,6 @@ mod tests {
         assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Solo));
         q.take(1);
         assert_eq!(q.decide(now, IDLE), Decision::Dispatch(1, Lane::Pool));
-    }
-
-    /// `n` images that waited for a running batch, in a queue of full batches of 8.
-    fn saturated_queue(n: usize, now: Instant) -> BatchQueue<Job> {
-        let mut q = BatchQueue::new(8, DELAY).with_lanes(AUTO);
-        for i in 0..n {
-            q.push(job(i), now, true);
-        }
-        q
-    }
-
-    fn pool_running(batches: usize) -> ModelState {
-        ModelState {
-            outstanding_batches: batches,
-            ..IDLE
-        }
-    }
-
-    #[test]
-    fn saturated_full_batches_run_on_the_solo_copy() {
-        let now = Instant::now();
-        // A full batch of images that waited, at an idle pool: every thread on it.
-        assert_eq!(
-            saturated_queue(8, now).decide(now, IDLE),
-            Decision::Dispatch(8, Lane::Solo)
-        );
-        assert_eq!(
-            saturated_queue(20, now).decide(now, IDLE),
-            Decision::Dispatch(8, Lane::Solo)
-        );
-        // Less than a full batch after load: the pool, as before.
-        assert_eq!(
-            saturated_queue(7, now).decide(now, IDLE),
-            Decision::Dispatch(7, Lane::Pool)
-        );
-    }
-
-    #[test]
-    fn the_pool_finishes_before_the_solo_copy_takes_over() {
-        let now = Instant::now();
-        // Two full batches wait behind the pool's: it gets no more, and once it is done...
-        let q = saturated_queue(16, now);
-        assert_eq!(q.decide(now, pool_running(2)), Decision::Wait(None));
-        assert_eq!(q.decide(now, pool_running(1)), Decision::Wait(None));
-        // ...the solo copy runs them.
-        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(8, Lane::Solo));
-        // One full batch waiting (and some): the pool keeps it, on its idle copy.
-        assert_eq!(
-            saturated_queue(15, now).decide(now, pool_running(1)),
-            Decision::Dispatch(8, Lane::Pool)
-        );
-    }
-
-    #[test]
-    fn small_full_batches_stay_on_the_pool() {
-        let now = Instant::now();
-        // Batches stop at 4 (the warm-up profile, or --max-batch-size 4): no takeover.
-        let mut q = saturated_queue(16, now);
-        q.set_batch_limit(4);
-        assert_eq!(q.decide(now, IDLE), Decision::Dispatch(4, Lane::Pool));
-        assert_eq!(
-            q.decide(now, pool_running(1)),
-            Decision::Dispatch(4, Lane::Pool)
-        );
-        // Without a solo copy (--instances N), nothing changes either.
-        let mut q = BatchQueue::new(8, DELAY).with_lanes(Lanes::pool(2));
-        for i in 0..16 {
-            q.push(job(i), now, true);
-        }
-        assert_eq!(
-            q.decide(now, pool_running(1)),
-            Decision::Dispatch(8, Lane::Pool)
-        );
     }
 
     #[test]
