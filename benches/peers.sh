@@ -15,7 +15,8 @@
 #     TorchServe its TorchScript file.
 #   OURS_ARGS="..."  extra visionserve flags        VISIONSERVE_MODEL  serve this folder instead
 #   OURS_ARGS_<label>="..."  that label's flags (trailing digits dropped) instead of OURS_ARGS, to compare
-#     configurations in one pass:
+#     configurations in one pass (a label must end in a letter: ours_bf16 would read OURS_ARGS_ours_bf;
+#     an ours_* label without its variable is refused):
 #     PEERS="fastapi_2w ours torchserve_2w ours_one ours2 ours_one2" OURS_ARGS_ours_one="--instances 1" ...
 #   MODEL_BENCH="cargo bench -q --bench model --"  after each round, time visionserve's model alone at batch 8,
 #     one copy with every thread and two copies with half each (as --instances auto's pool), for the medians'
@@ -33,6 +34,18 @@ export ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} WARMUP=${WARMUP:-5} CONCURRE
 export MAX_WAIT_QUIET=${MAX_WAIT_QUIET:-600} MALLOC_TUNED=${MALLOC_TUNED-1} OURS_ARGS=${OURS_ARGS:-}
 # shellcheck disable=SC2206  # a list of names
 peers=(${PEERS:-torchserve_2w ours fastapi_2w ours2})
+# A label's flags come from OURS_ARGS_<label without its trailing digits>, the digits being the copy
+# number (ours_one2 is ours_one's second copy). A label with no such variable would silently run with
+# OURS_ARGS, so refuse it: "ours_bf16" reads OURS_ARGS_ours_bf, not OURS_ARGS_ours_bf16.
+for p in "${peers[@]}"; do
+  config=${p%"${p##*[!0-9]}"}
+  args_var=OURS_ARGS_$config
+  if [[ $p == ours* && $config != ours && -z ${!args_var+set} ]]; then
+    echo "label $p runs with \$$args_var, which is not set (trailing digits are the copy number:" \
+      "name the label so that it ends in a letter, e.g. ${p}x, and set OURS_ARGS_${p}x)" >&2
+    exit 2
+  fi
+done
 out=$(realpath -m "${OUT:-$kit/results/peers-$(date +%Y%m%d-%H%M%S)}")
 # The Makefile's VENV (the project's torch venv) must not reach the kit's lib.sh, which reads VENV too.
 unset VENV
