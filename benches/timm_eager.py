@@ -1,12 +1,13 @@
 """timm eager throughput, the reference the native and TorchScript numbers are compared with.
 
-    python benches/timm_eager.py --model DIR [--batch-sizes 1,8] [--threads 2] [--seconds 5]
+    python benches/timm_eager.py --model DIR [--batch-sizes 1,8] [--threads 2] [--seconds 5] [--dtype bf16]
 
 DIR is a Hub-layout folder (config.json + model.safetensors). The measured work matches
 `cargo bench --bench model`: a batch of preprocessed u8 images normalised, forward, softmax and
 top-5, no_grad, denormals flushed. Run it with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
 set as the server sets them (the Makefile does) so only the model implementation differs.
-Prints markdown rows like the Rust bench.
+Prints markdown rows like the Rust bench. `--dtype bf16` casts the weights and the normalised input
+to bfloat16, as `cargo bench --bench model -- --dtype bf16` does: what timm itself reaches at bf16.
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,6 +39,8 @@ def main():
     model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"], **kwargs)
     model.load_state_dict(safetensors.torch.load_file(str(args.model / "model.safetensors")))
     model.eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model.to(dtype)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     h, w = size[1], size[2]
@@ -46,7 +50,7 @@ def main():
         pixels = image.unsqueeze(0).expand(batch, h, w, 3).contiguous()
 
         def run():
-            x = pixels.permute(0, 3, 1, 2).contiguous().float().div(255).sub(mean).div(std)
+            x = pixels.permute(0, 3, 1, 2).contiguous().float().div(255).sub(mean).div(std).to(dtype)
             return model(x).softmax(-1).topk(5)
 
         for _ in range(3):
@@ -56,7 +60,7 @@ def main():
             run()
             runs += 1
         per_batch = (time.perf_counter() - start) / runs
-        print(f"| {config['architecture']} | timm eager | {h}x{w} | {torch.get_num_threads()} | {batch} "
+        print(f"| {config['architecture']} | timm eager{' bf16' if args.dtype == 'bf16' else ''} | {h}x{w} | {torch.get_num_threads()} | {batch} "
               f"| {batch / per_batch:.1f} | {per_batch * 1e3:.2f} |")
 
 
