@@ -34,13 +34,19 @@ export ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} WARMUP=${WARMUP:-5} CONCURRE
 export MAX_WAIT_QUIET=${MAX_WAIT_QUIET:-600} MALLOC_TUNED=${MALLOC_TUNED-1} OURS_ARGS=${OURS_ARGS:-}
 # shellcheck disable=SC2206  # a list of names
 peers=(${PEERS:-torchserve_2w ours fastapi_2w ours2})
-# A label's flags come from OURS_ARGS_<label without its trailing digits>, the digits being the copy
-# number (ours_one2 is ours_one's second copy). A label with no such variable would silently run with
-# OURS_ARGS, so refuse it: "ours_bf16" reads OURS_ARGS_ours_bf, not OURS_ARGS_ours_bf16.
+# Each visionserve label's flags, resolved here once and handed to ours-start.sh as OURS_FLAGS_<label>:
+# OURS_ARGS_<label without its trailing digits>, the digits being the copy number (ours_one2 is
+# ours_one's second copy); plain ours (ours2, ...) takes OURS_ARGS. A label with no such variable
+# would silently run with OURS_ARGS, so refuse it: "ours_bf16" reads OURS_ARGS_ours_bf.
 for p in "${peers[@]}"; do
+  [[ $p == ours* ]] || continue
   config=${p%"${p##*[!0-9]}"}
   args_var=OURS_ARGS_$config
-  if [[ $p == ours* && $config != ours && -z ${!args_var+set} ]]; then
+  if [[ $config == ours ]]; then
+    export "OURS_FLAGS_$p=$OURS_ARGS"
+  elif [[ -n ${!args_var+set} ]]; then
+    export "OURS_FLAGS_$p=${!args_var}"
+  else
     echo "label $p runs with \$$args_var, which is not set (trailing digits are the copy number:" \
       "name the label so that it ends in a letter, e.g. ${p}x, and set OURS_ARGS_${p}x)" >&2
     exit 2
@@ -100,9 +106,8 @@ done
 echo "peers: ${peers[*]}; model $model (visionserve: $VISIONSERVE_MODEL${OURS_ARGS:+, $OURS_ARGS}); $ROUNDS round(s) x" \
   "c=$CONCURRENCY x ${DURATION}s (+${WARMUP}s warm-up); results in $out"
 mkdir -p "$out"
-# Which flags each visionserve label ran with, kept beside the results (OURS_ARGS_<label> otherwise
-# shows nowhere in them).
-env | { grep '^OURS_ARGS' || true; } | sort | tee "$out/configurations.txt"
+# Which flags each visionserve label ran with, kept beside the results (they show nowhere else in them).
+env | { grep '^OURS_FLAGS_' || true; } | sort | tee "$out/configurations.txt"
 start=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
   k=$(((round - 1) % ${#peers[@]}))
