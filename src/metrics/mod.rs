@@ -157,198 +157,116 @@ impl Default for Metrics {
     }
 }
 
+/// Register a clone of `metric` under `name` (the registry keeps one handle, the server
+/// another) and return it.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+fn latency_family() -> Family<ModelLabel, Histogram, fn() -> Histogram> {
+    Family::new_with_constructor(latency_histogram as fn() -> _)
+}
+
 impl Metrics {
+    /// Every metric, registered in the order `/metrics` lists them.
     pub fn new() -> Self {
         // The standard process_* metrics carry no prefix; everything else is visionserve_*.
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
-        let registry = root.sub_registry_with_prefix(PREFIX);
+        let r = root.sub_registry_with_prefix(PREFIX);
         // visionserve_gpu_* from NVML at each scrape (gpu.rs); no series without a GPU/driver.
-        registry.register_collector(Box::new(gpu::GpuCollector::new()));
+        r.register_collector(Box::new(gpu::GpuCollector::new()));
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info.get_or_create(&BuildLabels::THIS).set(1);
-        registry.register(
+        r.register(
             BUILD_INFO,
             "Always 1; the labels say this binary's version and the libtorch and CUDA versions it was built against",
             build_info,
         );
-        let load_seconds = Family::default();
-        let warmup_seconds = Family::default();
-        let admitted = Family::default();
-        let admission_limit = Family::default();
-        registry.register(
-            ADMITTED,
-            "Images admitted and not yet answered (decoding, queued or running); new requests get 429 when this reaches max_admitted_images",
-            admitted.clone(),
-        );
-        registry.register(
-            ADMISSION_LIMIT,
-            "The model's --max-queue-images: images it admits at once",
-            admission_limit.clone(),
-        );
-        registry.register(
-            MODEL_LOAD,
-            "How long the model's last load took (reading and placing the weights)",
-            load_seconds.clone(),
-        );
-        registry.register(
-            MODEL_WARMUP,
-            "How long the model's last warm-up took (every batch size, before it turned ready)",
-            warmup_seconds.clone(),
-        );
-        let requests = Family::default();
-        let images = Family::default();
-        let failures = Family::default();
-        let dropped = Family::default();
-        let request_duration = Family::new_with_constructor(latency_histogram as fn() -> _);
-        let queue_wait = Family::new_with_constructor(latency_histogram as fn() -> _);
-        let preprocess = Family::new_with_constructor(latency_histogram as fn() -> _);
-        let inference = Family::new_with_constructor(latency_histogram as fn() -> _);
-        let batch_size = Family::new_with_constructor(batch_histogram as fn() -> _);
-        let queue_depth = Family::default();
-        let model_ready = Family::default();
         let unauthorized = Family::<ProtocolLabel, Counter>::default();
         // Both series exist from the start, so dashboards show 0 rather than nothing.
         for protocol in ["http", "grpc"] {
             let _ = unauthorized.get_or_create(&ProtocolLabel { protocol });
         }
-        let restarts = Family::default();
-        let memory_budget = Gauge::default();
-        let memory_in_use = Gauge::default();
-        registry.register(
-            REQUESTS,
-            "Classification requests by model and outcome",
-            requests.clone(),
-        );
-        registry.register(IMAGES, "Images by model and outcome", images.clone());
-        registry.register(
-            FAILURES,
-            "Failed requests by model and reason (the error_type)",
-            failures.clone(),
-        );
-        registry.register(
-            DROPPED_IMAGES,
-            "Queued images dropped before inference, by reason (client_gone: the client disconnected; deadline_exceeded: the request's deadline passed)",
-            dropped.clone(),
-        );
-        registry.register(
-            REQUEST_DURATION,
-            "End-to-end request latency",
-            request_duration.clone(),
-        );
-        registry.register(
-            QUEUE_WAIT,
-            "Time an image waited between queueing and its batch starting",
-            queue_wait.clone(),
-        );
-        registry.register(
-            PREPROCESS_DURATION,
-            "Decode plus resize/crop time per image",
-            preprocess.clone(),
-        );
-        registry.register(
-            INFERENCE_DURATION,
-            "Model time per batch (input upload, forward, top-k)",
-            inference.clone(),
-        );
-        registry.register(
-            BATCH_SIZE,
-            "Images per batch run by the model",
-            batch_size.clone(),
-        );
-        registry.register(
-            QUEUE_DEPTH,
-            "Images queued for the model, not yet in a batch",
-            queue_depth.clone(),
-        );
-        registry.register(
-            MODEL_READY,
-            "1 once the model is loaded and warmed up",
-            model_ready.clone(),
-        );
-        registry.register(
-            UNAUTHORIZED,
-            "Requests refused for a missing or invalid API key, by protocol (http, grpc)",
-            unauthorized.clone(),
-        );
-        registry.register(
-            MODEL_RESTARTS,
-            "Model threads replaced, by reason (batch_timeout: a batch ran past --batch-timeout; panic: the thread panicked)",
-            restarts.clone(),
-        );
-        registry.register(
-            MEMORY_BUDGET,
-            "The in-flight memory budget (--memory-budget): bodies, decoding images and queued model inputs",
-            memory_budget.clone(),
-        );
-        registry.register(
-            MEMORY_IN_USE,
-            "Bytes of the in-flight memory budget held by requests now",
-            memory_in_use.clone(),
-        );
-        let instance_batches = Family::default();
-        registry.register(
-            INSTANCE_BATCHES,
-            "Batches run by each copy of a model (--instances); with --instances auto, instance 0 has every intra-op thread and runs the batches that arrive at an idle model",
-            instance_batches.clone(),
-        );
-        let cache_hits = Family::default();
-        let cache_misses = Family::default();
-        let cache_evictions = Counter::default();
-        let cache_bytes = Gauge::default();
-        let cache_capacity = Gauge::default();
-        registry.register(
-            CACHE_HITS,
-            "Images answered from the response cache, by model and version (no decode, no queue)",
-            cache_hits.clone(),
-        );
-        registry.register(
-            CACHE_MISSES,
-            "Images looked up in the response cache and not found, by model and version",
-            cache_misses.clone(),
-        );
-        registry.register(
-            CACHE_EVICTIONS,
-            "Response cache entries evicted to stay within --cache-bytes",
-            cache_evictions.clone(),
-        );
-        registry.register(
-            CACHE_BYTES,
-            "Bytes the response cache holds (keys and answers, as estimated)",
-            cache_bytes.clone(),
-        );
-        registry.register(
-            CACHE_CAPACITY,
-            "The response cache's capacity (--cache-bytes; 0: off)",
-            cache_capacity.clone(),
-        );
         Self {
-            instance_batches,
-            cache_hits,
-            cache_misses,
-            cache_evictions,
-            cache_bytes,
-            cache_capacity,
+            admitted: registered(r, ADMITTED,
+                "Images admitted and not yet answered (decoding, queued or running); new requests get 429 when this reaches max_admitted_images",
+                Family::default()),
+            admission_limit: registered(r, ADMISSION_LIMIT,
+                "The model's --max-queue-images: images it admits at once",
+                Family::default()),
+            load_seconds: registered(r, MODEL_LOAD,
+                "How long the model's last load took (reading and placing the weights)",
+                Family::default()),
+            warmup_seconds: registered(r, MODEL_WARMUP,
+                "How long the model's last warm-up took (every batch size, before it turned ready)",
+                Family::default()),
+            requests: registered(r, REQUESTS,
+                "Classification requests by model and outcome",
+                Family::default()),
+            images: registered(r, IMAGES, "Images by model and outcome", Family::default()),
+            failures: registered(r, FAILURES,
+                "Failed requests by model and reason (the error_type)",
+                Family::default()),
+            dropped: registered(r, DROPPED_IMAGES,
+                "Queued images dropped before inference, by reason (client_gone: the client disconnected; deadline_exceeded: the request's deadline passed)",
+                Family::default()),
+            request_duration: registered(r, REQUEST_DURATION,
+                "End-to-end request latency",
+                latency_family()),
+            queue_wait: registered(r, QUEUE_WAIT,
+                "Time an image waited between queueing and its batch starting",
+                latency_family()),
+            preprocess: registered(r, PREPROCESS_DURATION,
+                "Decode plus resize/crop time per image",
+                latency_family()),
+            inference: registered(r, INFERENCE_DURATION,
+                "Model time per batch (input upload, forward, top-k)",
+                latency_family()),
+            batch_size: registered(r, BATCH_SIZE,
+                "Images per batch run by the model",
+                Family::new_with_constructor(batch_histogram as fn() -> _)),
+            queue_depth: registered(r, QUEUE_DEPTH,
+                "Images queued for the model, not yet in a batch",
+                Family::default()),
+            model_ready: registered(r, MODEL_READY,
+                "1 once the model is loaded and warmed up",
+                Family::default()),
+            unauthorized: registered(r, UNAUTHORIZED,
+                "Requests refused for a missing or invalid API key, by protocol (http, grpc)",
+                unauthorized),
+            restarts: registered(r, MODEL_RESTARTS,
+                "Model threads replaced, by reason (batch_timeout: a batch ran past --batch-timeout; panic: the thread panicked)",
+                Family::default()),
+            memory_budget: registered(r, MEMORY_BUDGET,
+                "The in-flight memory budget (--memory-budget): bodies, decoding images and queued model inputs",
+                Gauge::default()),
+            memory_in_use: registered(r, MEMORY_IN_USE,
+                "Bytes of the in-flight memory budget held by requests now",
+                Gauge::default()),
+            instance_batches: registered(r, INSTANCE_BATCHES,
+                "Batches run by each copy of a model (--instances); with --instances auto, instance 0 has every intra-op thread and runs the batches that arrive at an idle model",
+                Family::default()),
+            cache_hits: registered(r, CACHE_HITS,
+                "Images answered from the response cache, by model and version (no decode, no queue)",
+                Family::default()),
+            cache_misses: registered(r, CACHE_MISSES,
+                "Images looked up in the response cache and not found, by model and version",
+                Family::default()),
+            cache_evictions: registered(r, CACHE_EVICTIONS,
+                "Response cache entries evicted to stay within --cache-bytes",
+                Counter::default()),
+            cache_bytes: registered(r, CACHE_BYTES,
+                "Bytes the response cache holds (keys and answers, as estimated)",
+                Gauge::default()),
+            cache_capacity: registered(r, CACHE_CAPACITY,
+                "The response cache's capacity (--cache-bytes; 0: off)",
+                Gauge::default()),
             registry: root,
-            requests,
-            images,
-            failures,
-            dropped,
-            request_duration,
-            queue_wait,
-            preprocess,
-            inference,
-            batch_size,
-            queue_depth,
-            model_ready,
-            unauthorized,
-            restarts,
-            load_seconds,
-            warmup_seconds,
-            admitted,
-            admission_limit,
-            memory_budget,
-            memory_in_use,
         }
     }
 
