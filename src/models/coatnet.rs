@@ -905,98 +905,115 @@ pub struct CoAtNet {
 impl CoAtNet {
     /// Build `cfg` from the checkpoint seen from `w` (the whole checkpoint: `w.root()`).
     pub fn load(cfg: &Config, w: Scope) -> Result<Self> {
-        let stem = w.pp("stem");
-        let (s0, s1) = cfg.stem_width;
-        let stem_conv = |i, o, stride| ConvSpec::new(i, o, 3, stride, Padding::Symmetric(1));
-        let (stem_conv1, stem_norm) = match cfg.conv.norm {
-            NormKind::BatchNorm => (
-                Conv2d::load_with_batch_norm(
-                    stem.pp("conv1"),
-                    stem.pp("norm1"),
-                    stem_conv(3, s0, 2),
-                    cfg.conv.norm_eps,
-                )?,
-                StemNorm::Folded(cfg.conv.act),
-            ),
-            NormKind::LayerNorm => (
-                Conv2d::load(stem.pp("conv1"), stem_conv(3, s0, 2), false)?,
-                StemNorm::Layer(
-                    LayerNorm2d::load(stem.pp("norm1"), s0, cfg.conv.norm_eps)?,
-                    cfg.conv.act,
-                ),
-            ),
-        };
-        let stem_conv2 = Conv2d::load(stem.pp("conv2"), stem_conv(s0, s1, 1), false)?;
-
-        let mut blocks = Vec::new();
-        let mut channels = s1;
-        let mut feat = cfg.img_size / 2;
-        for (stage, ((&dim, &depth), &kind)) in cfg
-            .embed_dim
-            .iter()
-            .zip(&cfg.depths)
-            .zip(&cfg.stages)
-            .enumerate()
-        {
-            feat = (feat - 1) / 2 + 1;
-            for index in 0..depth {
-                let p = w.pp("stages").pp(stage).pp("blocks").pp(index);
-                let stride = if index == 0 { 2 } else { 1 };
-                let block = match (kind, cfg.conv.block) {
-                    (StageKind::Conv, ConvBlock::MbConv) => {
-                        Block::MbConv(Box::new(MbConv::load(p, &cfg.conv, channels, dim, stride)?))
-                    }
-                    (StageKind::Conv, ConvBlock::ConvNeXt { layer_scale }) => {
-                        Block::ConvNeXt(Box::new(ConvNeXt::load(
-                            p,
-                            &cfg.conv,
-                            channels,
-                            dim,
-                            stride,
-                            layer_scale,
-                        )?))
-                    }
-                    (StageKind::Transformer, _) => {
-                        Block::Transformer(Box::new(TransformerBlock::load(
-                            p,
-                            &cfg.transformer,
-                            channels,
-                            dim,
-                            stride,
-                            (feat, feat),
-                        )?))
-                    }
-                };
-                blocks.push(block);
-                channels = dim;
-            }
-        }
-        let features = cfg.embed_dim[3];
-        let head = w.pp("head");
-        let head = match cfg.head_hidden_size {
-            None => Head::Classifier {
-                norm: Norm::load(
-                    w.pp("norm"),
-                    cfg.transformer.norm,
-                    features,
-                    cfg.transformer.norm_eps,
-                )?,
-                fc: Linear::load(head.pp("fc"), features, cfg.num_classes, true)?,
-            },
-            Some(hidden) => Head::NormMlp {
-                norm: LayerNorm2d::load(head.pp("norm"), features, cfg.transformer.norm_eps)?,
-                pre_logits: Linear::load(head.pp("pre_logits").pp("fc"), features, hidden, true)?,
-                fc: Linear::load(head.pp("fc"), hidden, cfg.num_classes, true)?,
-            },
-        };
+        let (stem_conv1, stem_norm, stem_conv2) = load_stem(cfg, w.pp("stem"))?;
         Ok(Self {
             stem_conv1,
             stem_norm,
             stem_conv2,
-            blocks,
-            head,
+            blocks: load_blocks(cfg, w.clone())?,
+            head: load_head(cfg, w)?,
         })
     }
+}
+
+/// `stem`: a strided 3x3 convolution with its norm and activation, then another 3x3.
+fn load_stem(cfg: &Config, stem: Scope) -> Result<(Conv2d, StemNorm, Conv2d)> {
+    let (s0, s1) = cfg.stem_width;
+    let stem_conv = |i, o, stride| ConvSpec::new(i, o, 3, stride, Padding::Symmetric(1));
+    let (conv1, norm) = match cfg.conv.norm {
+        NormKind::BatchNorm => (
+            Conv2d::load_with_batch_norm(
+                stem.pp("conv1"),
+                stem.pp("norm1"),
+                stem_conv(3, s0, 2),
+                cfg.conv.norm_eps,
+            )?,
+            StemNorm::Folded(cfg.conv.act),
+        ),
+        NormKind::LayerNorm => (
+            Conv2d::load(stem.pp("conv1"), stem_conv(3, s0, 2), false)?,
+            StemNorm::Layer(
+                LayerNorm2d::load(stem.pp("norm1"), s0, cfg.conv.norm_eps)?,
+                cfg.conv.act,
+            ),
+        ),
+    };
+    let conv2 = Conv2d::load(stem.pp("conv2"), stem_conv(s0, s1, 1), false)?;
+    Ok((conv1, norm, conv2))
+}
+
+/// `stages.{s}.blocks.{i}`: each stage halves the map in its first block; transformer blocks
+/// build their attention windows for the map size they see.
+fn load_blocks(cfg: &Config, w: Scope) -> Result<Vec<Block>> {
+    let mut blocks = Vec::new();
+    let mut channels = cfg.stem_width.1;
+    let mut feat = cfg.img_size / 2;
+    for (stage, ((&dim, &depth), &kind)) in cfg
+        .embed_dim
+        .iter()
+        .zip(&cfg.depths)
+        .zip(&cfg.stages)
+        .enumerate()
+    {
+        feat = (feat - 1) / 2 + 1;
+        for index in 0..depth {
+            let p = w.pp("stages").pp(stage).pp("blocks").pp(index);
+            let stride = if index == 0 { 2 } else { 1 };
+            blocks.push(load_block(cfg, kind, p, channels, dim, stride, feat)?);
+            channels = dim;
+        }
+    }
+    Ok(blocks)
+}
+
+fn load_block(
+    cfg: &Config,
+    kind: StageKind,
+    p: Scope,
+    channels: i64,
+    dim: i64,
+    stride: i64,
+    feat: i64,
+) -> Result<Block> {
+    Ok(match (kind, cfg.conv.block) {
+        (StageKind::Conv, ConvBlock::MbConv) => {
+            Block::MbConv(Box::new(MbConv::load(p, &cfg.conv, channels, dim, stride)?))
+        }
+        (StageKind::Conv, ConvBlock::ConvNeXt { layer_scale }) => Block::ConvNeXt(Box::new(
+            ConvNeXt::load(p, &cfg.conv, channels, dim, stride, layer_scale)?,
+        )),
+        (StageKind::Transformer, _) => Block::Transformer(Box::new(TransformerBlock::load(
+            p,
+            &cfg.transformer,
+            channels,
+            dim,
+            stride,
+            (feat, feat),
+        )?)),
+    })
+}
+
+/// The rw/coatnext head (`norm`, `head.fc`) or the paper's (`head.norm`,
+/// `head.pre_logits.fc`, `head.fc`).
+fn load_head(cfg: &Config, w: Scope) -> Result<Head> {
+    let features = cfg.embed_dim[3];
+    let head = w.pp("head");
+    Ok(match cfg.head_hidden_size {
+        None => Head::Classifier {
+            norm: Norm::load(
+                w.pp("norm"),
+                cfg.transformer.norm,
+                features,
+                cfg.transformer.norm_eps,
+            )?,
+            fc: Linear::load(head.pp("fc"), features, cfg.num_classes, true)?,
+        },
+        Some(hidden) => Head::NormMlp {
+            norm: LayerNorm2d::load(head.pp("norm"), features, cfg.transformer.norm_eps)?,
+            pre_logits: Linear::load(head.pp("pre_logits").pp("fc"), features, hidden, true)?,
+            fc: Linear::load(head.pp("fc"), hidden, cfg.num_classes, true)?,
+        },
+    })
 }
 
 impl Classifier for CoAtNet {
