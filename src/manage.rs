@@ -18,7 +18,7 @@
 //! Triton's model control (none / explicit / poll) is the model for the modes and the v2
 //! repository extension.
 
-use crate::backend::{device, LoadOutcome, ModelHandle, SpawnOptions};
+use crate::backend::{device, LoadOutcome, ModelHandle, SpawnOptions, VersionSpec};
 use crate::cache::ResponseCache;
 use crate::metrics::Metrics;
 use crate::registry::{check_name, Registry, RegistryError, RepositoryEntry};
@@ -416,16 +416,15 @@ impl Manager {
         settings: SpawnOptions,
     ) -> anyhow::Result<(Arc<ModelHandle>, LoadOutcome)> {
         let metrics = self.metrics.for_model(name, version);
-        ModelHandle::spawn(
-            name.to_owned(),
-            version.to_owned(),
-            source.to_owned(),
+        let spec = VersionSpec {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            source: source.to_owned(),
             files,
             config,
-            metrics.clone(),
-            settings,
-        )
-        .inspect_err(|_| self.metrics.remove_model(&metrics))
+        };
+        ModelHandle::spawn(spec, metrics.clone(), settings)
+            .inspect_err(|_| self.metrics.remove_model(&metrics))
     }
 
     /// How a model is spawned, and its estimated memory: the server's settings, except that

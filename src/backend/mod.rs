@@ -14,7 +14,7 @@ use crate::metrics::ModelMetrics;
 use crate::pipeline::batcher::{self, BatcherConfig};
 use crate::pipeline::preprocess::PreprocessConfig;
 use crate::pipeline::queue::{Lane, Lanes};
-use crate::pipeline::{BatcherLink, ImageJob};
+use crate::pipeline::{Batch, BatcherLink, ImageJob};
 use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -383,117 +383,61 @@ impl InstanceLayout {
     }
 }
 
+/// A model version to spawn: what it is called and the files and config it is built from.
+pub struct VersionSpec {
+    pub name: String,
+    /// The version `name@version` addresses.
+    pub version: String,
+    /// What `--model` or the management API gave as its source, for `/v1/models`.
+    pub source: String,
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+}
+
+/// The hand-offs from the batcher to the model copies: one slot per lane, shared by the lane's
+/// copies (whichever is free takes the next batch).
+struct Handoffs {
+    pool: Arc<Mutex<mpsc::Receiver<Batch>>>,
+    solo: Arc<Mutex<mpsc::Receiver<Batch>>>,
+}
+
 impl ModelHandle {
-    /// Start the batcher task and the model's supervisor, which starts the model thread; the
-    /// thread loads and warms the model up and the outcome is reported on the returned
-    /// channel.
-    #[allow(clippy::too_many_arguments)]
+    /// Start the batcher task and the model's supervisors, which start the model threads; the
+    /// threads load and warm the model up and the outcome is reported on the returned channel.
     pub fn spawn(
-        name: String,
-        version: String,
-        source: String,
-        files: ModelFiles,
-        config: ModelConfig,
+        spec: VersionSpec,
         metrics: ModelMetrics,
         options: SpawnOptions,
     ) -> anyhow::Result<(Arc<Self>, LoadOutcome)> {
         let kind = device::kind(options.dtype, options.device)?;
         let layout = options.instances;
-        let copies = layout.copies();
-        let info = ModelInfo {
-            name: name.clone(),
-            version,
-            architecture: config.architecture.clone(),
-            tag: config.tag.clone(),
-            source,
-            weights_format: files.format,
-            device: device::describe(options.device),
-            dtype: options.dtype,
-            num_classes: config.num_classes,
-            preprocess: config.preprocess.clone(),
-            max_batch_size: options.max_batch_size,
-            max_batch_delay_ms: options.max_batch_delay.as_millis() as u64,
-            max_queue_images: options.max_queue_images,
-            instances: copies.len(),
-            instance_threads: copies.iter().map(|c| c.1).collect(),
-            labels: Arc::new(config.labels),
-        };
-        let status = Arc::new(ModelStatus::for_copies(copies.len()));
+        let info = model_info(&spec, &options);
+        let status = Arc::new(ModelStatus::for_copies(info.instances));
         let link = Arc::new(BatcherLink::default());
         // Admission control bounds what is in flight, so this channel never fills up.
         let (jobs_tx, jobs_rx) = mpsc::channel(options.max_queue_images.max(1));
-        // One slot per lane: the batch waiting while another runs.
-        let (pool_tx, pool_rx) = mpsc::channel(1);
-        let (solo_tx, solo_rx) = mpsc::channel(1);
         let (closing_tx, closing_rx) = watch::channel(false);
-
-        tokio::spawn(batcher::run(
-            jobs_rx,
-            batcher::Handoff {
-                pool: pool_tx,
-                solo: layout.solo_threads.map(|_| solo_tx),
-            },
-            link.clone(),
-            metrics.clone(),
-            BatcherConfig {
-                max_batch_size: options.max_batch_size,
-                max_batch_delay: options.max_batch_delay,
-                lanes: layout.lanes(),
-            },
-            closing_rx.clone(),
-        ));
+        let handoffs = spawn_batcher(jobs_rx, &link, &metrics, &options, closing_rx.clone());
         let worker_spec = Arc::new(worker::WorkerSpec {
-            name: name.clone(),
-            files,
-            preprocess: config.preprocess,
-            num_classes: config.num_classes,
+            name: spec.name,
+            files: spec.files,
+            preprocess: spec.config.preprocess,
+            num_classes: spec.config.num_classes,
             device: options.device,
             kind,
             max_batch_size: options.max_batch_size,
         });
-        // The copies of a lane take batches from its hand-off. Each warms up alone, so that its
-        // timings are not skewed by another warming up at the same time.
-        let pool_batches = Arc::new(Mutex::new(pool_rx));
-        let solo_batches = Arc::new(Mutex::new(solo_rx));
-        let warmup_gate = Arc::new(Mutex::new(()));
-        // The batch policy comes from a pool copy: the pool runs the batches of a loaded
-        // server, where the batch size matters.
-        let profiled = copies.iter().position(|c| c.0 == Lane::Pool);
-        let mut threads = Vec::with_capacity(copies.len());
-        let mut loads = Vec::with_capacity(copies.len());
-        for (instance, (lane, intra_op_threads)) in copies.into_iter().enumerate() {
-            let thread = supervisor::ThreadSlot::default();
-            let (loaded_tx, loaded_rx) = oneshot::channel();
-            let supervisor = supervisor::Supervisor {
-                ctx: Arc::new(worker::WorkerContext {
-                    spec: worker_spec.clone(),
-                    instance,
-                    lane,
-                    intra_op_threads,
-                    profiles: profiled == Some(instance),
-                    batches: match lane {
-                        Lane::Solo => solo_batches.clone(),
-                        Lane::Pool => pool_batches.clone(),
-                    },
-                    warmup_gate: warmup_gate.clone(),
-                    link: link.clone(),
-                    status: status.clone(),
-                    metrics: metrics.clone(),
-                    heartbeat: health::Heartbeat::default(),
-                    served: Default::default(),
-                }),
-                batch_timeout: options.batch_timeout,
-                thread: thread.clone(),
-                closing: closing_rx.clone(),
-            };
-            tokio::spawn(supervisor.run(loaded_tx));
-            threads.push(thread);
-            loads.push(loaded_rx);
-        }
-        let (loaded_tx, loaded_rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let _ = loaded_tx.send(all_loaded(loads).await);
-        });
+        let shared = CopyShared {
+            spec: worker_spec,
+            handoffs,
+            warmup_gate: Arc::default(),
+            link: link.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            batch_timeout: options.batch_timeout,
+            closing: closing_rx,
+        };
+        let (threads, loaded) = spawn_copies(&layout, &shared);
 
         metrics.admission_limit.set(options.max_queue_images as i64);
         let handle = Arc::new(Self {
@@ -509,7 +453,7 @@ impl ModelHandle {
             in_flight: Arc::default(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         });
-        Ok((handle, loaded_rx))
+        Ok((handle, loaded))
     }
 
     pub fn name(&self) -> &str {
@@ -636,6 +580,125 @@ impl ModelHandle {
             }
         }
     }
+}
+
+/// What `/v1/models` and request handling know of a version from the start.
+fn model_info(spec: &VersionSpec, options: &SpawnOptions) -> ModelInfo {
+    let copies = options.instances.copies();
+    let config = &spec.config;
+    ModelInfo {
+        name: spec.name.clone(),
+        version: spec.version.clone(),
+        architecture: config.architecture.clone(),
+        tag: config.tag.clone(),
+        source: spec.source.clone(),
+        weights_format: spec.files.format,
+        device: device::describe(options.device),
+        dtype: options.dtype,
+        num_classes: config.num_classes,
+        preprocess: config.preprocess.clone(),
+        max_batch_size: options.max_batch_size,
+        max_batch_delay_ms: options.max_batch_delay.as_millis() as u64,
+        max_queue_images: options.max_queue_images,
+        instances: copies.len(),
+        instance_threads: copies.iter().map(|c| c.1).collect(),
+        labels: Arc::new(config.labels.clone()),
+    }
+}
+
+/// Start the batcher task, which takes jobs from `jobs` and hands batches to the lanes.
+fn spawn_batcher(
+    jobs: mpsc::Receiver<ImageJob>,
+    link: &Arc<BatcherLink>,
+    metrics: &ModelMetrics,
+    options: &SpawnOptions,
+    closing: watch::Receiver<bool>,
+) -> Handoffs {
+    let layout = options.instances;
+    // One slot per lane: the batch waiting while another runs.
+    let (pool_tx, pool_rx) = mpsc::channel(1);
+    let (solo_tx, solo_rx) = mpsc::channel(1);
+    tokio::spawn(batcher::run(
+        jobs,
+        batcher::Handoff {
+            pool: pool_tx,
+            solo: layout.solo_threads.map(|_| solo_tx),
+        },
+        link.clone(),
+        metrics.clone(),
+        BatcherConfig {
+            max_batch_size: options.max_batch_size,
+            max_batch_delay: options.max_batch_delay,
+            lanes: layout.lanes(),
+        },
+        closing,
+    ));
+    Handoffs {
+        pool: Arc::new(Mutex::new(pool_rx)),
+        solo: Arc::new(Mutex::new(solo_rx)),
+    }
+}
+
+/// What every copy of a version shares.
+struct CopyShared {
+    spec: Arc<worker::WorkerSpec>,
+    handoffs: Handoffs,
+    /// Held while a copy warms up: each warms up alone, so that its timings are not skewed by
+    /// another warming up at the same time.
+    warmup_gate: Arc<Mutex<()>>,
+    link: Arc<BatcherLink>,
+    status: Arc<ModelStatus>,
+    metrics: ModelMetrics,
+    batch_timeout: std::time::Duration,
+    closing: watch::Receiver<bool>,
+}
+
+/// Start a supervisor (and through it a model thread) per copy; the returned channel reports
+/// once every copy has loaded, or the first failure.
+fn spawn_copies(
+    layout: &InstanceLayout,
+    shared: &CopyShared,
+) -> (Vec<supervisor::ThreadSlot>, LoadOutcome) {
+    let copies = layout.copies();
+    // The batch policy comes from a pool copy: the pool runs the batches of a loaded server,
+    // where the batch size matters.
+    let profiled = copies.iter().position(|c| c.0 == Lane::Pool);
+    let mut threads = Vec::with_capacity(copies.len());
+    let mut loads = Vec::with_capacity(copies.len());
+    for (instance, (lane, intra_op_threads)) in copies.into_iter().enumerate() {
+        let thread = supervisor::ThreadSlot::default();
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let supervisor = supervisor::Supervisor {
+            ctx: Arc::new(worker::WorkerContext {
+                spec: shared.spec.clone(),
+                instance,
+                lane,
+                intra_op_threads,
+                profiles: profiled == Some(instance),
+                batches: match lane {
+                    Lane::Solo => shared.handoffs.solo.clone(),
+                    Lane::Pool => shared.handoffs.pool.clone(),
+                },
+                warmup_gate: shared.warmup_gate.clone(),
+                link: shared.link.clone(),
+                status: shared.status.clone(),
+                metrics: shared.metrics.clone(),
+                heartbeat: health::Heartbeat::default(),
+                served: Default::default(),
+            }),
+            batch_timeout: shared.batch_timeout,
+            thread: thread.clone(),
+            closing: shared.closing.clone(),
+        };
+        tokio::spawn(supervisor.run(loaded_tx));
+        threads.push(thread);
+        loads.push(loaded_rx);
+    }
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = loaded_tx.send(all_loaded(loads).await);
+    });
+    (threads, loaded_rx)
 }
 
 /// A lower bound of the wait of the last of `images` queued images: they run in full batches,

@@ -533,8 +533,85 @@ fn run_batch(
     generation: u64,
     running: &mut RunningBatch,
 ) -> BatchOutcome {
-    let metrics = &ctx.metrics;
-    // Deadlines may have passed, or clients gone, while the batch waited in the hand-off slot.
+    let live = drop_stale(batch, &ctx.metrics);
+    if live.is_empty() {
+        return BatchOutcome::Ran { images: 0 };
+    }
+    let start = Instant::now();
+    let batch_size = live.len();
+    let mut inputs = Vec::with_capacity(batch_size);
+    let mut replies = Vec::with_capacity(batch_size);
+    for entry in live {
+        let queue_wait = start.saturating_duration_since(entry.enqueued_at);
+        ctx.metrics.observe_queue_wait(queue_wait);
+        let job = entry.item;
+        inputs.push(BatchInput {
+            pixels: job.pixels,
+            outputs: job.outputs,
+            queue_wait,
+        });
+        replies.push(Reply {
+            sender: job.reply,
+            span: job.span,
+        });
+    }
+    if let Err(replies) = ctx.heartbeat.begin(generation, replies) {
+        answer_all(replies, InferenceError::ModelRestarting);
+        return BatchOutcome::Retired;
+    }
+    let outputs = inputs
+        .iter()
+        .map(|input| input.outputs)
+        .fold(Outputs::top_k(0), Outputs::union);
+    let images: Vec<&Pixels> = inputs.iter().map(|input| &input.pixels).collect();
+    // A libtorch error fails this batch only; a panic fails it and replaces the thread.
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        #[cfg(feature = "fault-injection")]
+        super::fault::before_batch();
+        runner.run_timed(&images, outputs)
+    }));
+    let elapsed = start.elapsed();
+    let Some(replies) = ctx.heartbeat.finish(generation) else {
+        // Too late: the supervisor answered these images and started another thread.
+        return BatchOutcome::Retired;
+    };
+    match outcome {
+        Ok(Ok((results, phases))) => {
+            running.done(batch_size, elapsed);
+            ctx.metrics.batch_finished(batch_size, elapsed, phases);
+            for ((reply, computed), input) in replies.into_iter().zip(results).zip(&inputs) {
+                let mut prediction = answer_for(&input.outputs, computed, elapsed, batch_size);
+                prediction.queue_wait = input.queue_wait;
+                let _ = reply.sender.send(Ok(prediction));
+            }
+            BatchOutcome::Ran { images: batch_size }
+        }
+        Ok(Err(error)) => {
+            fail_batch(ctx, replies, &format!("{error:#}"), elapsed, running);
+            BatchOutcome::Ran { images: batch_size }
+        }
+        Err(panic) => {
+            let message = panic_message(&panic);
+            let reason = format!("the model panicked: {message}");
+            // This thread stops after the batch: no new request may be admitted meanwhile.
+            ctx.status.set_restarting(reason.clone());
+            ctx.metrics.ready.set(0);
+            fail_batch(ctx, replies, &reason, elapsed, running);
+            BatchOutcome::Panicked { message }
+        }
+    }
+}
+
+/// One image of a running batch: its pixels, what it asked for and how long it waited.
+struct BatchInput {
+    pixels: Pixels,
+    outputs: Outputs,
+    queue_wait: Duration,
+}
+
+/// The entries of `batch` still worth running: those whose deadline passed while the batch
+/// waited in the hand-off slot are answered and counted, those whose client left are counted.
+fn drop_stale(batch: Batch, metrics: &ModelMetrics) -> Batch {
     let now = Instant::now();
     let (live, expired): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -550,71 +627,21 @@ fn run_batch(
     if !abandoned.is_empty() {
         metrics.dropped_client_gone.inc_by(abandoned.len() as u64);
     }
-    if live.is_empty() {
-        return BatchOutcome::Ran { images: 0 };
-    }
-    let start = Instant::now();
-    let batch_size = live.len();
-    let mut inputs = Vec::with_capacity(batch_size);
-    let mut replies = Vec::with_capacity(batch_size);
-    for entry in live {
-        let queue_wait = start.saturating_duration_since(entry.enqueued_at);
-        metrics.observe_queue_wait(queue_wait);
-        let job = entry.item;
-        inputs.push((job.pixels, job.outputs, queue_wait));
-        replies.push(Reply {
-            sender: job.reply,
-            span: job.span,
-        });
-    }
-    if let Err(replies) = ctx.heartbeat.begin(generation, replies) {
-        answer_all(replies, InferenceError::ModelRestarting);
-        return BatchOutcome::Retired;
-    }
-    let outputs = inputs
-        .iter()
-        .map(|(_, outputs, _)| *outputs)
-        .fold(Outputs::top_k(0), Outputs::union);
-    let images: Vec<&Pixels> = inputs.iter().map(|(pixels, _, _)| pixels).collect();
-    // A libtorch error fails this batch only; a panic fails it and replaces the thread.
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        #[cfg(feature = "fault-injection")]
-        super::fault::before_batch();
-        runner.run_timed(&images, outputs)
-    }));
-    let elapsed = start.elapsed();
-    let Some(replies) = ctx.heartbeat.finish(generation) else {
-        // Too late: the supervisor answered these images and started another thread.
-        return BatchOutcome::Retired;
-    };
-    let failure = match outcome {
-        Ok(Ok((results, phases))) => {
-            running.done(batch_size, elapsed);
-            metrics.batch_finished(batch_size, elapsed, phases);
-            for ((reply, computed), (_, wanted, queue_wait)) in
-                replies.into_iter().zip(results).zip(&inputs)
-            {
-                let mut prediction = answer_for(wanted, computed, elapsed, batch_size);
-                prediction.queue_wait = *queue_wait;
-                let _ = reply.sender.send(Ok(prediction));
-            }
-            return BatchOutcome::Ran { images: batch_size };
-        }
-        Ok(Err(error)) => (format!("{error:#}"), None),
-        Err(panic) => {
-            let message = panic_message(&panic);
-            (format!("the model panicked: {message}"), Some(message))
-        }
-    };
-    let (reason, panicked) = failure;
-    metrics.batch_failed(batch_size, elapsed);
-    if panicked.is_some() {
-        // This thread stops after the batch: no new request may be admitted meanwhile.
-        ctx.status.set_restarting(reason.clone());
-        metrics.ready.set(0);
-    }
-    // Logged once per image, inside its request's span, so that each request id of the failed
-    // batch appears in the log.
+    live
+}
+
+/// A batch failed with `reason`: count it and answer every image with the failure, logging it
+/// once per image inside its request's span, so that each request id of the batch appears in
+/// the log.
+fn fail_batch(
+    ctx: &WorkerContext,
+    replies: Vec<Reply>,
+    reason: &str,
+    elapsed: Duration,
+    running: &mut RunningBatch,
+) {
+    let batch_size = replies.len();
+    ctx.metrics.batch_failed(batch_size, elapsed);
     for reply in replies {
         reply.span.in_scope(|| {
             tracing::error!(model = %ctx.spec.name, batch_size, error = %reason, "batch failed");
@@ -622,10 +649,6 @@ fn run_batch(
         let _ = reply.sender.send(Err(InferenceError::Failed));
     }
     running.done(batch_size, elapsed);
-    match panicked {
-        None => BatchOutcome::Ran { images: batch_size },
-        Some(message) => BatchOutcome::Panicked { message },
-    }
 }
 
 /// Answer every image of a batch with `error`.
