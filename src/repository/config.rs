@@ -1,13 +1,22 @@
 //! timm's `config.json` schema ([`HubConfig`], `pretrained_cfg`) and its resolution into the
 //! [`ModelConfig`] a model is served with (input size, crop, normalisation, labels).
 
-use super::spec::ModelOptions;
 use crate::labels;
 use crate::pipeline::preprocess::{CropMode, PreprocessConfig};
 use crate::pipeline::resize::Filter;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// Per-model options (`--model NAME=SOURCE?opt=value`, the management API's `options`): what
+/// a deployment changes about a checkpoint's own config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOptions {
+    /// Serve at this square input size instead of the checkpoint's default.
+    pub input_size: Option<usize>,
+    /// The architecture, for weight files that come without a config.json.
+    pub arch: Option<String>,
+}
 
 /// `config.json` as timm writes it (`timm.models._hub.save_for_hf`).
 #[derive(Debug, Clone, Deserialize)]

@@ -5,10 +5,12 @@
 //! next to the weights: `model.safetensors` or `pytorch_model.bin` (a state dict for the
 //! native architectures) or `model.pt` (TorchScript). Plain Rust: nothing here touches tch.
 //!
-//! Three parts, re-exported here so every item lives at `crate::repository::X`:
-//! - `spec`: the `--model NAME=SOURCE?opt=value` grammar ([`ModelSpec`], [`ModelOptions`]);
-//! - `config`: timm's `config.json` schema ([`HubConfig`]) resolved into a [`ModelConfig`];
-//! - `layout`: a model folder on disk ([`ModelFiles`], [`WeightsFormat`], [`WEIGHT_FILES`]).
+//! Three parts, re-exported here so every item lives at `crate::repository::X`, each importing
+//! only the ones below it:
+//! - `spec`: the `--model NAME=SOURCE?opt=value` grammar ([`ModelSpec`]);
+//! - `layout`: a model folder on disk ([`ModelFiles`], [`WeightsFormat`], [`WEIGHT_FILES`]);
+//! - `config`: timm's `config.json` schema ([`HubConfig`]) resolved, with the deployment's
+//!   [`ModelOptions`], into a [`ModelConfig`].
 //!
 //! [`scan_repository`] lists a `--model-repository` folder as specs.
 
@@ -16,9 +18,9 @@ mod config;
 mod layout;
 mod spec;
 
-pub use config::{HubConfig, LabelDescriptions, ModelConfig, PretrainedCfg};
+pub use config::{HubConfig, LabelDescriptions, ModelConfig, ModelOptions, PretrainedCfg};
 pub use layout::{ModelFiles, WeightsFormat, CONFIG_FILE, WEIGHT_FILES};
-pub use spec::{parse_options, ModelOptions, ModelSpec};
+pub use spec::{parse_options, ModelSpec};
 
 use spec::default_name;
 use std::path::Path;

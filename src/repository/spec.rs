@@ -1,5 +1,6 @@
 //! The `--model` spec grammar: `NAME=SOURCE?opt=value&...` parsed into a [`ModelSpec`].
 
+use super::config::ModelOptions;
 use super::layout::WeightsFormat;
 use std::path::Path;
 
@@ -9,14 +10,6 @@ pub struct ModelSpec {
     pub name: String,
     pub source: String,
     pub options: ModelOptions,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ModelOptions {
-    /// Serve at this square input size instead of the checkpoint's default.
-    pub input_size: Option<usize>,
-    /// The architecture, for weight files that come without a config.json.
-    pub arch: Option<String>,
 }
 
 impl ModelSpec {
