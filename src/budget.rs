@@ -97,48 +97,6 @@ fn parse_limit(text: &str) -> Option<u64> {
     (value < 1 << 60).then_some(value)
 }
 
-/// `512MiB`, `1GiB`, `300MB`, `64k` or plain bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a size: write e.g. 512MiB, 2GiB or bytes"
-            ))
-        }
-    };
-    number
-        .parse::<f64>()
-        .ok()
-        .filter(|v| *v > 0.0)
-        .map(|v| (v * scale as f64) as u64)
-        .ok_or_else(|| format!("{text:?} is not a size: write e.g. 512MiB, 2GiB or bytes"))
-}
-
-/// [`parse_bytes`], or `0` for a feature sized by bytes that is off (`--cache-bytes 0`).
-pub fn parse_bytes_or_off(text: &str) -> Result<u64, String> {
-    if text.trim() == "0" {
-        return Ok(0);
-    }
-    parse_bytes(text)
-}
-
-/// Bytes for people: `48.0 MiB`.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
 /// Budget is counted in KiB so that one `u32` acquisition covers up to 4 TiB.
 const UNIT: u64 = 1024;
 
@@ -267,13 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_limits_parse() {
-        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_bytes("1.5 GB"), Ok(1_500_000_000));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("0").is_err());
+    fn cgroup_limits_parse() {
         assert_eq!(parse_limit("max\n"), None);
         assert_eq!(parse_limit("9223372036854771712"), None);
         assert_eq!(parse_limit("2147483648\n"), Some(2 << 30));

@@ -45,12 +45,12 @@ pub struct Config {
     /// `explicit` (the management API: POST /v1/models, DELETE /v1/models/{m}, v2's
     /// /v2/repository/...; needs --admin-token) or `poll` (--model-repository is watched and
     /// its added, changed and removed folders are loaded, rolled out and unloaded).
-    #[arg(long, env = "VISIONSERVE_MODEL_CONTROL", value_enum, default_value_t = crate::manage::ModelControl::None)]
-    pub model_control: crate::manage::ModelControl,
+    #[arg(long, env = "VISIONSERVE_MODEL_CONTROL", value_enum, default_value_t = ModelControl::None)]
+    pub model_control: ModelControl,
 
     /// How often --model-control poll scans --model-repository (e.g. 5s, 500ms); a folder's
     /// change is applied once two scans agree.
-    #[arg(long, env = "VISIONSERVE_REPOSITORY_POLL_INTERVAL", default_value = "5s", value_parser = crate::infer::parse_timeout)]
+    #[arg(long, env = "VISIONSERVE_REPOSITORY_POLL_INTERVAL", default_value = "5s", value_parser = parse_timeout)]
     pub repository_poll_interval: Duration,
 
     /// The key for the management API (GET /v1/repository, POST /v1/models, DELETE
@@ -66,14 +66,14 @@ pub struct Config {
     /// does not fit is refused with 507. During a rollout the old and the new version both count
     /// [default: the memory limit minus --memory-budget, minus --cache-bytes, minus 512 MiB for
     /// the runtime, at least 256 MiB].
-    #[arg(long, env = "VISIONSERVE_MODEL_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
+    #[arg(long, env = "VISIONSERVE_MODEL_MEMORY_BUDGET", value_parser = parse_bytes)]
     pub model_memory_budget: Option<u64>,
 
     /// Bytes of per-image answers the response cache keeps (e.g. 256MiB); 0 turns it off.
     /// Keyed by the image bytes' BLAKE3 hash, the model, its version and the requested outputs;
     /// a hit skips decoding and the queue. `Cache-Control: no-cache` on a request skips the
     /// lookup, `no-store` the cache.
-    #[arg(long, env = "VISIONSERVE_CACHE_BYTES", default_value = "0", value_parser = crate::budget::parse_bytes_or_off)]
+    #[arg(long, env = "VISIONSERVE_CACHE_BYTES", default_value = "0", value_parser = parse_bytes_or_off)]
     pub cache_bytes: u64,
 
     /// The model `POST /v1/classify` uses (default: the first model given).
@@ -150,7 +150,7 @@ pub struct Config {
     /// considered wedged: it turns not ready, the batch's requests get 503 at once, and a new
     /// model thread loads and warms up (after 1 s, doubling to 60 s if it keeps failing). A
     /// panic in the model thread does the same (its batch gets 500).
-    #[arg(long, env = "VISIONSERVE_BATCH_TIMEOUT", default_value = "30s", value_parser = crate::infer::parse_timeout)]
+    #[arg(long, env = "VISIONSERVE_BATCH_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
     pub batch_timeout: Duration,
 
     /// Largest image (width x height) accepted; checked from the header before decoding.
@@ -172,7 +172,7 @@ pub struct Config {
     /// gets 429; one larger than the whole budget gets 413 [default: a quarter of the memory
     /// limit (cgroup memory.max or memory.limit_in_bytes, else the machine's RAM), at least
     /// 64 MiB].
-    #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = crate::budget::parse_bytes)]
+    #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET", value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
 
     /// Threads libtorch uses inside one operator: with --instances N, per copy; with auto (the
@@ -233,6 +233,86 @@ pub enum DType {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--model-control`: who may change the served models at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControl {
+    /// The models given at start-up, for the life of the process.
+    None,
+    /// The management API loads and unloads (it needs `--admin-token`).
+    Explicit,
+    /// The `--model-repository` folder decides: the poller applies its changes.
+    Poll,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values as people write them on the command line, in environment variables and in requests
+
+/// A timeout as clients write it: `250ms`, `1.5s`, `800us`, or a bare number of seconds.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (text, 1.0)
+    };
+    number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            format!("timeout must be a positive duration such as 250ms, 1.5s or 2, not {text:?}")
+        })
+}
+
+/// `512MiB`, `1GiB`, `300MB`, `64k` or plain bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size: write e.g. 512MiB, 2GiB or bytes"
+            ))
+        }
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0)
+        .map(|v| (v * scale as f64) as u64)
+        .ok_or_else(|| format!("{text:?} is not a size: write e.g. 512MiB, 2GiB or bytes"))
+}
+
+/// [`parse_bytes`], or `0` for a feature sized by bytes that is off (`--cache-bytes 0`).
+pub fn parse_bytes_or_off(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(text)
+}
+
+/// Bytes for people: `48.0 MiB`.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
 /// `--instances`: a fixed number of interchangeable copies, or `auto`.
@@ -325,17 +405,14 @@ impl Config {
         if self.decode_threads == Some(0) || self.intra_op_threads == Some(0) {
             return Err("thread counts must be at least 1".into());
         }
-        if self.model_control == crate::manage::ModelControl::Explicit && self.admin_token.is_none()
-        {
+        if self.model_control == ModelControl::Explicit && self.admin_token.is_none() {
             return Err(
                 "--model-control explicit needs --admin-token: without it anyone who reaches the \
                  port could load files from this machine"
                     .into(),
             );
         }
-        if self.model_control == crate::manage::ModelControl::Poll
-            && self.model_repository.is_none()
-        {
+        if self.model_control == ModelControl::Poll && self.model_repository.is_none() {
             return Err(
                 "--model-control poll needs --model-repository (the folder to watch)".into(),
             );
@@ -399,6 +476,27 @@ mod tests {
         std::env::remove_var("VISIONSERVE_MAX_BATCH_DELAY_MS");
         assert_eq!(config.max_batch_delay_ms, 5);
         assert_eq!(config.port, 0);
+    }
+
+    #[test]
+    fn timeouts_parse_with_their_units() {
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout(" 2 "), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("800us"), Ok(Duration::from_micros(800)));
+        for bad in ["", "0", "-1s", "fast", "1h", "inf", "1e20", "1e-300", "NaN"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("0").is_err());
     }
 
     #[test]

@@ -29,14 +29,14 @@ pub enum InferError {
     },
     #[error(
         "the server's in-flight memory budget ({}) is in use by other requests; retry shortly",
-        crate::budget::mib(*budget)
+        crate::config::mib(*budget)
     )]
     MemoryBusy { budget: u64 },
     #[error(
         "{what} needs {}, more than the server's whole in-flight memory budget of {} \
          (--memory-budget); send a smaller image or body",
-        crate::budget::mib(*needed),
-        crate::budget::mib(*budget)
+        crate::config::mib(*needed),
+        crate::config::mib(*budget)
     )]
     OverMemoryBudget {
         what: &'static str,

@@ -48,8 +48,9 @@ pub mod v2;
 use anyhow::{anyhow, bail, Context, Result};
 use backend::{ModelHandle, SpawnOptions};
 use config::Config;
+use config::ModelControl;
 use error::LoadError;
-use manage::{Manager, ManagerParts, ModelControl};
+use manage::{Manager, ManagerParts};
 use metrics::Metrics;
 use pipeline::decode::DecodeOptions;
 use repository::{ModelFiles, ModelSpec};
@@ -396,11 +397,11 @@ impl Budgets {
             }
         };
         tracing::info!(
-            memory_limit = %budget::mib(resources.memory_limit),
+            memory_limit = %config::mib(resources.memory_limit),
             memory_limit_from = %resources.memory_source,
             cpus = resources.cpus,
-            memory_budget = %budget::mib(self.memory),
-            model_memory_budget = %budget::mib(self.models),
+            memory_budget = %config::mib(self.memory),
+            model_memory_budget = %config::mib(self.models),
             memory_budget_from = %origin(config.memory_budget.is_some(), "memory limit / 4, at least 64 MiB"),
             decode_threads = self.decode_threads,
             instances = ?self.instances.copies(),

@@ -20,6 +20,7 @@
 
 use crate::backend::{device, LoadOutcome, ModelHandle, SpawnOptions, VersionSpec};
 use crate::cache::ResponseCache;
+use crate::config::ModelControl;
 use crate::metrics::Metrics;
 use crate::registry::{check_name, Registry, RegistryError, RepositoryEntry};
 use crate::repository::{ModelFiles, ModelOptions, CONFIG_FILE};
@@ -27,18 +28,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-/// `--model-control`: who may change the served models at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelControl {
-    /// The models given at start-up, for the life of the process.
-    None,
-    /// The management API loads and unloads (it needs `--admin-token`).
-    Explicit,
-    /// The `--model-repository` folder decides: the poller applies its changes.
-    Poll,
-}
 
 /// Working memory per image of the largest batch, as a multiple of the f32 input: the widest
 /// activations of the served families at their input size are about 10 to 16 times the input
@@ -183,7 +172,7 @@ impl Manager {
         if self.registry.estimated_bytes() > self.memory_budget {
             tracing::warn!(
                 model = name,
-                budget = %crate::budget::mib(self.memory_budget),
+                budget = %crate::config::mib(self.memory_budget),
                 holders = %self.registry.holders(),
                 "the start-up models' estimated memory is above --model-memory-budget: run-time loads will be refused"
             );
@@ -209,7 +198,7 @@ impl Manager {
         let version =
             self.registry
                 .begin_load(name, request.version.as_deref(), source, estimate, budget)?;
-        tracing::info!(model = %name, %version, %source, estimated = %crate::budget::mib(estimate), "loading a model version");
+        tracing::info!(model = %name, %version, %source, estimated = %crate::config::mib(estimate), "loading a model version");
         match self.spawn(name, &version, source, files, config, settings) {
             Ok((handle, loaded)) => {
                 self.registry.attach(name, &version, handle);
@@ -452,8 +441,8 @@ impl Manager {
         };
         tracing::warn!(
             model = name,
-            estimated = %crate::budget::mib(estimate),
-            room = %crate::budget::mib(room),
+            estimated = %crate::config::mib(estimate),
+            room = %crate::config::mib(room),
             "--instances auto: one copy, since its copies' estimated memory does not fit in what is left of --model-memory-budget"
         );
         (single, self.estimate(files, input_size, &single.instances))

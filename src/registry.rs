@@ -68,9 +68,9 @@ pub enum RegistryError {
         "model {name:?} needs about {} (its weights for every instance plus working memory), but \
          {} of the {} model memory budget is held by {holders}; unload a model or raise \
          --model-memory-budget",
-        crate::budget::mib(*needed),
-        crate::budget::mib(*in_use),
-        crate::budget::mib(*budget)
+        crate::config::mib(*needed),
+        crate::config::mib(*in_use),
+        crate::config::mib(*budget)
     )]
     OverBudget {
         name: String,
@@ -331,7 +331,7 @@ fn holders(entries: &[Entry]) -> String {
                 "{}@{} ({})",
                 e.name,
                 e.version,
-                crate::budget::mib(e.estimated_bytes)
+                crate::config::mib(e.estimated_bytes)
             )
         })
         .collect();

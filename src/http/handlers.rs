@@ -9,7 +9,8 @@ use super::openapi::{
 use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
-use crate::infer::{parse_timeout, ImageInput, ImageOutput, InferRequest, Outputs};
+use crate::config::parse_timeout;
+use crate::infer::{ImageInput, ImageOutput, InferRequest, Outputs};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

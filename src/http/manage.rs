@@ -12,7 +12,8 @@
 use super::error::ErrorBody;
 use super::openapi::{UnauthorizedResponse, V2ErrorBody, V2UnauthorizedResponse};
 use super::AppState;
-use crate::manage::{LoadRequest, ManageError, ModelControl};
+use crate::config::ModelControl;
+use crate::manage::{LoadRequest, ManageError};
 use crate::registry::RepositoryEntry;
 use crate::repository::parse_options;
 use axum::body::Bytes;
