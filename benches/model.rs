@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use visionserve::backend::device;
 use visionserve::backend::worker::{Runner, WorkerSpec};
+use visionserve::batching::Outputs;
 use visionserve::config::{DType, DeviceChoice};
-use visionserve::pipeline::{Outputs, Pixels};
+use visionserve::images::Pixels;
 use visionserve::repository::{ModelFiles, ModelOptions};
 
 #[derive(Parser)]

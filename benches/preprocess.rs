@@ -11,9 +11,9 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
-use visionserve::pipeline::decode::{decode, DecodeOptions};
-use visionserve::pipeline::preprocess::{preprocess, CropMode, PreprocessConfig};
-use visionserve::pipeline::resize::Filter;
+use visionserve::images::decode::{decode, DecodeOptions};
+use visionserve::images::preprocess::{preprocess, CropMode, PreprocessConfig};
+use visionserve::images::resize::Filter;
 use visionserve::repository::{ModelFiles, ModelOptions};
 
 #[derive(Parser)]

@@ -17,8 +17,8 @@
 //! - `Cache-Control: no-cache` on a request skips the lookup (the fresh answer is stored);
 //!   `no-store` skips the cache entirely.
 
+use crate::batching::{ImagePrediction, Outputs};
 use crate::metrics::Metrics;
-use crate::pipeline::{ImagePrediction, Outputs};
 use moka::notification::RemovalCause;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;

@@ -6,7 +6,7 @@
 //! metric, so the two never disagree. Messages say what was wrong and what is accepted;
 //! internal details are logged, not sent.
 
-use crate::pipeline::decode::DecodeError;
+use crate::images::decode::DecodeError;
 
 /// Why the inference service refused or failed a request.
 #[derive(Debug, thiserror::Error)]

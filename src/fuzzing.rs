@@ -3,10 +3,10 @@
 //! request would, and must return without panicking, whatever the input.
 
 use crate::http::{self, RequestLimits};
-use crate::pipeline::decode::{decode_memory, DecodeOptions};
-use crate::pipeline::preprocess::{CropMode, PreprocessConfig};
-use crate::pipeline::resize::Filter;
-use crate::pipeline::{self, DecodePool};
+use crate::images::decode::{decode_memory, DecodeOptions};
+use crate::images::preprocess::{CropMode, PreprocessConfig};
+use crate::images::resize::Filter;
+use crate::images::{self, DecodePool};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -41,10 +41,10 @@ pub fn image(data: &[u8]) {
         exif_transpose: selector & 8 != 0,
     };
     let _ = decode_memory(bytes, MAX_PIXELS);
-    if let Ok(prepared) = pipeline::prepare(bytes, &options, &config) {
+    if let Ok(prepared) = images::prepare(bytes, &options, &config) {
         match prepared.pixels {
-            pipeline::Pixels::Rgb8(pixels) => assert_eq!(pixels.len(), config.image_bytes()),
-            pipeline::Pixels::Normalized(_) => unreachable!("prepare yields u8 pixels"),
+            images::Pixels::Rgb8(pixels) => assert_eq!(pixels.len(), config.image_bytes()),
+            images::Pixels::Normalized(_) => unreachable!("prepare yields u8 pixels"),
         }
     }
 }

@@ -15,13 +15,15 @@
 //! The service never sees an HTTP or gRPC type; its errors are [`InferError`]s.
 
 use crate::backend::{InFlight, ModelHandle};
+use crate::batching::{ImageJob, JobError};
+pub use crate::batching::{ImagePrediction, Outputs};
 use crate::budget::{MemoryBudget, Reservation, BUDGET_WAIT};
 use crate::cache::{CacheKey, CacheUse, ResponseCache};
 pub use crate::error::InferError;
+use crate::images::decode::DecodeOptions;
+pub use crate::images::Pixels;
+use crate::images::{self, DecodePool};
 use crate::metrics::Metrics;
-use crate::pipeline::decode::DecodeOptions;
-use crate::pipeline::{self, DecodePool, ImageJob, InferenceError};
-pub use crate::pipeline::{ImagePrediction, Outputs, Pixels};
 use crate::registry::{split_version, Missing, Registry};
 use bytes::Bytes;
 use std::fmt::Display;
@@ -508,14 +510,12 @@ impl InferRequest {
                     answer
                         .map_err(|_| InferError::Internal)?
                         .map_err(|e| match e {
-                            InferenceError::Failed => InferError::Internal,
-                            InferenceError::Stopped => InferError::ShuttingDown,
-                            InferenceError::ModelRestarting => InferError::NotReady {
+                            JobError::Failed => InferError::Internal,
+                            JobError::Stopped => InferError::ShuttingDown,
+                            JobError::ModelRestarting => InferError::NotReady {
                                 model: self.model.name().to_owned(),
                             },
-                            InferenceError::DeadlineExceeded => {
-                                self.deadline_exceeded(String::new())
-                            }
+                            JobError::DeadlineExceeded => self.deadline_exceeded(String::new()),
                         })?;
                 Ok(ImageOutput {
                     prediction,
@@ -622,14 +622,14 @@ impl InferRequest {
     async fn prepare_all(
         &self,
         images: Vec<ImageInput>,
-    ) -> Result<Vec<pipeline::Prepared>, InferError> {
+    ) -> Result<Vec<images::Prepared>, InferError> {
         let count = images.len();
-        let mut slots: Vec<Option<pipeline::Prepared>> = (0..count).map(|_| None).collect();
+        let mut slots: Vec<Option<images::Prepared>> = (0..count).map(|_| None).collect();
         let mut tasks = JoinSet::new();
         for (index, image) in images.into_iter().enumerate() {
             let bytes = match image {
                 ImageInput::Pixels(pixels) => {
-                    slots[index] = Some(pipeline::Prepared {
+                    slots[index] = Some(images::Prepared {
                         pixels,
                         decode: Duration::ZERO,
                         preprocess: Duration::ZERO,
@@ -639,8 +639,7 @@ impl InferRequest {
                 ImageInput::Encoded(bytes) => bytes,
             };
             // Decoding holds up to 7 bytes per pixel: reserve them from the header first.
-            let decode_bytes =
-                pipeline::decode::decode_memory(&bytes, self.limits.decode.max_pixels);
+            let decode_bytes = images::decode::decode_memory(&bytes, self.limits.decode.max_pixels);
             let reservation = match decode_bytes {
                 Some(needed) => Some(
                     self.memory
@@ -655,7 +654,7 @@ impl InferRequest {
             let metric = self.model.metrics.preprocess.clone();
             tasks.spawn(async move {
                 let prepared = pool
-                    .run(move || pipeline::prepare(&bytes, &decode, &cfg))
+                    .run(move || images::prepare(&bytes, &decode, &cfg))
                     .await;
                 drop(reservation);
                 if let Ok(p) = &prepared {

@@ -9,8 +9,9 @@
 //! v2              the Open Inference Protocol's tensors, shared by v2 REST and gRPC
 //! infer           the inference service: admission, decode on the pool, one queue entry per
 //!                 image, the wait for answers, each request counted once
-//! pipeline/       decode + resize/crop on a bounded thread pool (no tch), then the model's queue;
-//!                 the batcher task forms batches and hands them over through a one-slot channel
+//! images/         decode + resize/crop on a bounded thread pool (no tch)
+//! batching/       one job per image, the queue's policy and the batcher task, which forms
+//!                 batches and hands them over through a one-slot channel
 //! backend/        the model thread: owns the model, normalises the batch on the device, runs
 //!                 forward, computes what the batch's images asked for (top-k, probabilities,
 //!                 logits, embeddings), answers each image on its own oneshot
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod batching;
 pub mod budget;
 pub mod cache;
 pub mod cli;
@@ -35,12 +37,12 @@ pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod images;
 pub mod infer;
 pub mod labels;
 pub mod manage;
 pub mod metrics;
 pub mod models;
-pub mod pipeline;
 pub mod registry;
 pub mod repository;
 pub mod v2;
@@ -50,9 +52,9 @@ use backend::{ModelHandle, SpawnOptions};
 use config::Config;
 use config::ModelControl;
 use error::LoadError;
+use images::decode::DecodeOptions;
 use manage::{Manager, ManagerParts};
 use metrics::Metrics;
-use pipeline::decode::DecodeOptions;
 use repository::{ModelFiles, ModelSpec};
 use std::future::Future;
 use std::sync::Arc;
@@ -335,7 +337,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
                 exif_transpose: config.exif_transpose,
             },
         },
-        pool: pipeline::DecodePool::new(budgets.decode_threads),
+        pool: images::DecodePool::new(budgets.decode_threads),
         memory,
         metrics,
         cache,

@@ -428,7 +428,7 @@ async fn models_endpoint_describes_each_model() {
     let points: Vec<(usize, f64)> = profile.iter().map(|&(b, r)| (b as usize, r)).collect();
     assert_eq!(
         Some(preferred as usize),
-        visionserve::pipeline::queue::preferred_batch_size(&points),
+        visionserve::batching::queue::preferred_batch_size(&points),
         "{profile:?}"
     );
     // The default, `--instances auto`: a solo copy with every CPU the process may use, then

@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use visionserve::pipeline::decode::{decode, DecodeOptions};
-use visionserve::pipeline::preprocess::{preprocess, CropMode, PreprocessConfig};
-use visionserve::pipeline::resize::Filter;
+use visionserve::images::decode::{decode, DecodeOptions};
+use visionserve::images::preprocess::{preprocess, CropMode, PreprocessConfig};
+use visionserve::images::resize::Filter;
 
 fn config(value: &serde_json::Value) -> PreprocessConfig {
     let size = value["input_size"].as_array().unwrap();

@@ -8,7 +8,7 @@
 //! old thread ever comes back, it finds its generation retired and exits without answering
 //! anyone twice.
 
-use crate::pipeline::{ImagePrediction, InferenceError};
+use crate::batching::{ImagePrediction, JobError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 /// Where one image's answer goes, and its request's span (for logs that name the request).
 pub struct Reply {
-    pub sender: oneshot::Sender<Result<ImagePrediction, InferenceError>>,
+    pub sender: oneshot::Sender<Result<ImagePrediction, JobError>>,
     pub span: tracing::Span,
 }
 
@@ -134,7 +134,7 @@ mod tests {
         n: usize,
     ) -> (
         Vec<Reply>,
-        Vec<oneshot::Receiver<Result<ImagePrediction, InferenceError>>>,
+        Vec<oneshot::Receiver<Result<ImagePrediction, JobError>>>,
     ) {
         (0..n)
             .map(|_| {

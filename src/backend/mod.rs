@@ -8,13 +8,13 @@ pub mod health;
 mod supervisor;
 pub mod worker;
 
+use crate::batching::batcher::{self, BatcherConfig};
+use crate::batching::queue::{Lane, Lanes};
+use crate::batching::{Batch, BatcherLink, ImageJob};
 use crate::config::{DType, Instances};
 use crate::error::InferError;
+use crate::images::preprocess::PreprocessConfig;
 use crate::metrics::ModelMetrics;
-use crate::pipeline::batcher::{self, BatcherConfig};
-use crate::pipeline::preprocess::PreprocessConfig;
-use crate::pipeline::queue::{Lane, Lanes};
-use crate::pipeline::{Batch, BatcherLink, ImageJob};
 use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -89,7 +89,7 @@ impl BatchPolicy {
             .map(|t| (t.batch_size, t.images_per_second))
             .collect();
         Some(Self {
-            preferred_batch_size: crate::pipeline::queue::preferred_batch_size(&points)?,
+            preferred_batch_size: crate::batching::queue::preferred_batch_size(&points)?,
             rule: Self::RULE,
         })
     }
@@ -729,7 +729,7 @@ mod tests {
 
     #[test]
     fn the_policy_rule_states_the_plateau_tolerance() {
-        let percent = ((1.0 - crate::pipeline::queue::PLATEAU) * 100.0).round();
+        let percent = ((1.0 - crate::batching::queue::PLATEAU) * 100.0).round();
         assert!(BatchPolicy::RULE.contains(&format!("within {percent} %")));
     }
 

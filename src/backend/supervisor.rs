@@ -12,7 +12,7 @@
 use super::health::Backoff;
 use super::worker::{self, answer_all, panic_message, Exit, WorkerContext};
 use super::LoadOutcome;
-use crate::pipeline::InferenceError;
+use crate::batching::JobError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -142,7 +142,7 @@ impl Supervisor {
                 tracing::error!(model = %self.ctx.spec.name, error = %reason, "model wedged: answering 503");
             });
         }
-        answer_all(overdue.replies, InferenceError::ModelRestarting);
+        answer_all(overdue.replies, JobError::ModelRestarting);
         self.ctx.metrics.batch_failed(images, overdue.running_for);
         self.ctx.metrics.restarts_batch_timeout.inc();
         // The batcher counts the batch as running until told otherwise.
@@ -166,7 +166,7 @@ impl Supervisor {
                 // Replies the thread parked but never answered (it panicked outside the model
                 // call; it has told the batcher the batch is over).
                 if let Some(replies) = self.ctx.heartbeat.finish(generation) {
-                    answer_all(replies, InferenceError::Failed);
+                    answer_all(replies, JobError::Failed);
                 }
                 self.ctx.metrics.restarts_panic.inc();
                 Some(reason)

@@ -6,11 +6,12 @@
 use super::device::flush_denormals;
 use super::health::{Heartbeat, Reply};
 use super::{ModelStatus, WarmupTiming};
+use crate::batching::queue::{Abandonable, Lane};
+use crate::batching::{Batch, BatcherLink, ImagePrediction, JobError, Outputs};
+use crate::images::preprocess::PreprocessConfig;
+use crate::images::Pixels;
 use crate::metrics::{BatchPhases, ModelMetrics};
 use crate::models::{self, Classifier};
-use crate::pipeline::preprocess::PreprocessConfig;
-use crate::pipeline::queue::{Abandonable, Lane};
-use crate::pipeline::{Batch, BatcherLink, ImagePrediction, InferenceError, Outputs, Pixels};
 use crate::repository::ModelFiles;
 use anyhow::{bail, Context, Result};
 use std::cell::RefCell;
@@ -556,7 +557,7 @@ fn run_batch(
         });
     }
     if let Err(replies) = ctx.heartbeat.begin(generation, replies) {
-        answer_all(replies, InferenceError::ModelRestarting);
+        answer_all(replies, JobError::ModelRestarting);
         return BatchOutcome::Retired;
     }
     let outputs = inputs
@@ -619,7 +620,7 @@ fn drop_stale(batch: Batch, metrics: &ModelMetrics) -> Batch {
     if !expired.is_empty() {
         metrics.dropped_deadline.inc_by(expired.len() as u64);
         for entry in expired {
-            let _ = entry.item.reply.send(Err(InferenceError::DeadlineExceeded));
+            let _ = entry.item.reply.send(Err(JobError::DeadlineExceeded));
         }
     }
     let (live, abandoned): (Vec<_>, Vec<_>) =
@@ -646,13 +647,13 @@ fn fail_batch(
         reply.span.in_scope(|| {
             tracing::error!(model = %ctx.spec.name, batch_size, error = %reason, "batch failed");
         });
-        let _ = reply.sender.send(Err(InferenceError::Failed));
+        let _ = reply.sender.send(Err(JobError::Failed));
     }
     running.done(batch_size, elapsed);
 }
 
 /// Answer every image of a batch with `error`.
-pub fn answer_all(replies: Vec<Reply>, error: InferenceError) {
+pub fn answer_all(replies: Vec<Reply>, error: JobError) {
     for reply in replies {
         let _ = reply.sender.send(Err(error));
     }

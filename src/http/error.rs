@@ -2,7 +2,7 @@
 //! (body size, timeout, media type, query), rendered as `{"error", "error_type"}`.
 
 use crate::error::InferError;
-use crate::pipeline::decode::DecodeError;
+use crate::images::decode::DecodeError;
 use crate::v2::V2Error;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

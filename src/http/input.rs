@@ -8,9 +8,9 @@
 use super::error::ApiError;
 use super::RequestLimits;
 use crate::error::InferError;
+use crate::images::decode::ACCEPTED_FORMATS;
+use crate::images::DecodePool;
 use crate::infer::InferRequest;
-use crate::pipeline::decode::ACCEPTED_FORMATS;
-use crate::pipeline::DecodePool;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
 use base64::Engine;

@@ -33,7 +33,7 @@ pub async fn fuzz_read_images(
     content_type: &str,
     body: Vec<u8>,
     limits: RequestLimits,
-    pool: &crate::pipeline::DecodePool,
+    pool: &crate::images::DecodePool,
 ) {
     let request = axum::http::Request::builder()
         .header(axum::http::header::CONTENT_TYPE, content_type)

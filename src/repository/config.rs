@@ -1,9 +1,9 @@
 //! timm's `config.json` schema ([`HubConfig`], `pretrained_cfg`) and its resolution into the
 //! [`ModelConfig`] a model is served with (input size, crop, normalisation, labels).
 
+use crate::images::preprocess::{CropMode, PreprocessConfig};
+use crate::images::resize::Filter;
 use crate::labels;
-use crate::pipeline::preprocess::{CropMode, PreprocessConfig};
-use crate::pipeline::resize::Filter;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! Both only call its methods; the batcher alone reads the whole picture.
 
 use super::queue::{BatchQueue, Decision, Lane, Lanes, ModelState};
-use super::{Batch, ImageJob, InferenceError};
+use super::{Batch, ImageJob, JobError};
 use crate::metrics::ModelMetrics;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -144,7 +144,7 @@ pub async fn run(
         if !expired.is_empty() {
             metrics.dropped_deadline.inc_by(expired.len() as u64);
             for job in expired {
-                let _ = job.reply.send(Err(InferenceError::DeadlineExceeded));
+                let _ = job.reply.send(Err(JobError::DeadlineExceeded));
             }
         }
         let dropped = queue.drop_abandoned();
@@ -153,7 +153,7 @@ pub async fn run(
         }
         if link.restarting.load(Ordering::Acquire) {
             for entry in queue.drain() {
-                let _ = entry.item.reply.send(Err(InferenceError::ModelRestarting));
+                let _ = entry.item.reply.send(Err(JobError::ModelRestarting));
             }
         }
         metrics.queue_depth.set(queue.len() as i64);
@@ -210,6 +210,6 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn fail_all(batch: Batch) {
     for entry in batch {
-        let _ = entry.item.reply.send(Err(InferenceError::Stopped));
+        let _ = entry.item.reply.send(Err(JobError::Stopped));
     }
 }
