@@ -109,6 +109,12 @@ impl InferError {
     }
 }
 
+impl From<crate::images::PoolError> for InferError {
+    fn from(_: crate::images::PoolError) -> Self {
+        InferError::Internal
+    }
+}
+
 /// Why loading a model failed at start-up. Reported once, then the process exits.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

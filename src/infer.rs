@@ -653,9 +653,13 @@ impl InferRequest {
             let cfg = self.model.info.preprocess.clone();
             let metric = self.model.metrics.preprocess.clone();
             tasks.spawn(async move {
-                let prepared = pool
+                let prepared = match pool
                     .run(move || images::prepare(&bytes, &decode, &cfg))
-                    .await;
+                    .await
+                {
+                    Ok(prepared) => prepared.map_err(|source| InferError::Image { index, source }),
+                    Err(failed) => Err(InferError::from(failed)),
+                };
                 drop(reservation);
                 if let Ok(p) = &prepared {
                     metric.observe((p.decode + p.preprocess).as_secs_f64());
@@ -668,9 +672,9 @@ impl InferRequest {
             let (index, prepared) = joined.map_err(|_| InferError::Internal)?;
             match prepared {
                 Ok(p) => slots[index] = Some(p),
-                Err(source) => {
+                Err(err) => {
                     if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
-                        first_error = Some((index, InferError::Image { index, source }));
+                        first_error = Some((index, err));
                     }
                 }
             }
@@ -678,10 +682,11 @@ impl InferRequest {
         if let Some((_, err)) = first_error {
             return Err(err);
         }
-        Ok(slots
+        // Every slot is filled: each image was either given or prepared, or failed above.
+        slots
             .into_iter()
-            .map(|s| s.expect("every image prepared"))
-            .collect())
+            .map(|s| s.ok_or(InferError::Internal))
+            .collect()
     }
 }
 

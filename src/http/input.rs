@@ -54,7 +54,9 @@ pub async fn read_images(
             let body =
                 within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
             let max_images = limits.max_images_per_request;
-            pool.run(move || parse_json(&body, max_images)).await
+            pool.run(move || parse_json(&body, max_images))
+                .await
+                .map_err(InferError::from)?
         }
         // curl --data-binary sends form-urlencoded unless told otherwise; the bytes are sniffed
         // like any raw upload, so a wrong label on an image is no reason to refuse it.

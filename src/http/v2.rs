@@ -345,7 +345,8 @@ async fn run_infer(
                 .inference
                 .pool()
                 .run(move || ParsedRequest::parse(body, split))
-                .await?
+                .await
+                .map_err(crate::error::InferError::from)??
         }
     };
     for timeout in [header, parsed.timeout].into_iter().flatten() {

@@ -90,24 +90,46 @@ impl DecodePool {
         }
     }
 
-    pub async fn run<T, F>(&self, work: F) -> T
+    /// Run `work` on a blocking thread once one of the pool's permits is free. A panic in
+    /// `work` fails only this call (logged here), never the task that awaits it.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, PoolError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
+        // The semaphore is never closed: a failure here would be a bug, reported as one.
         let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
-            .expect("pool semaphore is never closed");
+            .map_err(|_| PoolError)?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             work()
         })
         .await
-        .expect("decode work does not panic")
+        .map_err(|e| {
+            if e.is_panic() {
+                tracing::error!(error = %panic_message(e.into_panic()), "work on the decode pool panicked");
+            }
+            PoolError
+        })
     }
+}
+
+/// Work on the decode pool that panicked (or was cancelled as the runtime shut down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("work on the decode pool failed")]
+pub struct PoolError;
+
+/// A panic's message, if it carried one.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".to_owned())
 }
 
 #[cfg(test)]
