@@ -468,32 +468,16 @@ impl InferRequest {
             Ok(prepared) if Instant::now() < self.deadline() => prepared?,
             _ => return Err(self.deadline_exceeded(" (spent decoding)".into())),
         };
-        let mut pending = Vec::with_capacity(prepared.len());
-        let mut submit_error = None;
-        for image in prepared {
-            let (reply, answer) = oneshot::channel();
-            let job = ImageJob {
-                pixels: image.pixels,
-                outputs,
-                reply,
-                span: self.span.clone(),
-                deadline: Some(self.deadline()),
-            };
-            if let Err(e) = model.submit(job) {
-                submit_error = Some(e);
-                break;
-            }
-            pending.push((answer, image.decode, image.preprocess));
-        }
+        let (pending, submit_error) = self.submit_all(prepared, outputs);
         admission.images_queued();
 
         // Wait for every queued image, even once one has failed: dropping the others' receivers
         // would make them look abandoned by the client, and releasing the admission early would
         // under-count the images still in flight.
         let mut answers = Vec::with_capacity(pending.len());
-        for (answer, decode, preprocess) in pending {
-            match tokio::time::timeout_at(deadline, answer).await {
-                Ok(answer) => answers.push((answer, decode, preprocess)),
+        for image in pending {
+            match tokio::time::timeout_at(deadline, image.answer).await {
+                Ok(answer) => answers.push((answer, image.decode, image.preprocess)),
                 // The remaining receivers are dropped with `pending`: the batcher and the
                 // model thread drop those images as expired.
                 Err(_) => return Err(self.deadline_exceeded(String::new())),
@@ -506,17 +490,9 @@ impl InferRequest {
         answers
             .into_iter()
             .map(|(answer, decode, preprocess)| {
-                let prediction =
-                    answer
-                        .map_err(|_| InferError::Internal)?
-                        .map_err(|e| match e {
-                            JobError::Failed => InferError::Internal,
-                            JobError::Stopped => InferError::ShuttingDown,
-                            JobError::ModelRestarting => InferError::NotReady {
-                                model: self.model.name().to_owned(),
-                            },
-                            JobError::DeadlineExceeded => self.deadline_exceeded(String::new()),
-                        })?;
+                let prediction = answer
+                    .map_err(|_| InferError::Internal)?
+                    .map_err(|e| self.job_error(e))?;
                 Ok(ImageOutput {
                     prediction,
                     decode,
@@ -525,6 +501,47 @@ impl InferRequest {
                 })
             })
             .collect()
+    }
+
+    /// Queue one job per prepared image, in order, until the model refuses one (its error is
+    /// returned beside the images already queued, which must still be waited for).
+    fn submit_all(
+        &self,
+        prepared: Vec<images::Prepared>,
+        outputs: Outputs,
+    ) -> (Vec<Pending>, Option<InferError>) {
+        let mut pending = Vec::with_capacity(prepared.len());
+        for image in prepared {
+            let (reply, answer) = oneshot::channel();
+            let job = ImageJob {
+                pixels: image.pixels,
+                outputs,
+                reply,
+                span: self.span.clone(),
+                deadline: Some(self.deadline()),
+            };
+            if let Err(e) = self.model.submit(job) {
+                return (pending, Some(e));
+            }
+            pending.push(Pending {
+                answer,
+                decode: image.decode,
+                preprocess: image.preprocess,
+            });
+        }
+        (pending, None)
+    }
+
+    /// What a job's failure means for its request.
+    fn job_error(&self, error: JobError) -> InferError {
+        match error {
+            JobError::Failed => InferError::Internal,
+            JobError::Stopped => InferError::ShuttingDown,
+            JobError::ModelRestarting => InferError::NotReady {
+                model: self.model.name().to_owned(),
+            },
+            JobError::DeadlineExceeded => self.deadline_exceeded(String::new()),
+        }
     }
 
     /// The request succeeded: count it.
@@ -688,6 +705,13 @@ impl InferRequest {
             .map(|s| s.ok_or(InferError::Internal))
             .collect()
     }
+}
+
+/// A queued image: where its answer will come, and its decode and preprocess times.
+struct Pending {
+    answer: oneshot::Receiver<Result<ImagePrediction, JobError>>,
+    decode: Duration,
+    preprocess: Duration,
 }
 
 /// Counts a request whose future is dropped before it reported its outcome: hyper and tonic
