@@ -1,0 +1,90 @@
+//! The API-key gate in front of every gRPC method but the health checks, which also stamps
+//! when each call arrived (for deadlines).
+
+use crate::auth::ApiKeys;
+use crate::infer::Inference;
+use std::future::Future;
+use std::sync::Arc;
+use tonic::codegen::http;
+use tonic::Status;
+
+/// The gate in front of every gRPC call: it stamps when the call arrived (for deadlines), and
+/// checks API keys on every method but the health checks (`grpc.health.v1` and the protocol's
+/// ServerLive, ServerReady, ModelReady, as `/v2/health/*` over REST). It sees only the call's
+/// path and metadata, so a refused call's message is never decoded: UNAUTHENTICATED comes
+/// straight back.
+#[derive(Clone)]
+pub(super) struct RequireApiKey<S> {
+    pub(super) inner: S,
+    pub(super) keys: Arc<ApiKeys>,
+    pub(super) inference: Arc<Inference>,
+}
+
+/// When a call's headers arrived (stamped by [`RequireApiKey`], which runs first).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Arrival(pub(super) std::time::Instant);
+
+fn is_open_method(path: &str) -> bool {
+    const SERVICE: &str = "/inference.GRPCInferenceService/";
+    path.starts_with("/grpc.health.v1.Health/")
+        || path
+            .strip_prefix(SERVICE)
+            .is_some_and(|method| matches!(method, "ServerLive" | "ServerReady" | "ModelReady"))
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RequireApiKey<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(Arrival(std::time::Instant::now()));
+        if !is_open_method(request.uri().path()) {
+            let headers = request.headers();
+            let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
+            if let Err(err) = self.keys.check(value("authorization"), value("x-api-key")) {
+                self.inference.metrics().unauthorized_request("grpc");
+                let refusal = Status::unauthenticated(err.to_string()).into_http();
+                return Box::pin(std::future::ready(Ok(refusal)));
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_health_methods_are_open() {
+        assert!(is_open_method("/grpc.health.v1.Health/Check"));
+        assert!(is_open_method(
+            "/inference.GRPCInferenceService/ServerReady"
+        ));
+        assert!(is_open_method("/inference.GRPCInferenceService/ModelReady"));
+        assert!(!is_open_method(
+            "/inference.GRPCInferenceService/ModelInfer"
+        ));
+        assert!(!is_open_method(
+            "/inference.GRPCInferenceService/ModelMetadata"
+        ));
+        assert!(!is_open_method("/other.Service/ServerLive"));
+    }
+}

@@ -1,0 +1,225 @@
+//! `inference.GRPCInferenceService`: health and metadata methods, statistics, and ModelInfer,
+//! which the inference service runs.
+
+use super::auth::Arrival;
+use super::convert::{grpc_timeout, inputs, requested_output, statistics, timeout_parameter};
+use super::proto;
+use super::proto::grpc_inference_service_server::GrpcInferenceService;
+use super::status::status;
+use crate::infer::{InferRequest, Inference};
+use crate::v2::{self, RequestedOutput, V2Error};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+pub(super) struct InferenceService {
+    pub(super) inference: Arc<Inference>,
+    pub(super) next_id: AtomicU64,
+}
+
+impl InferenceService {
+    fn model(&self, name: &str, version: &str) -> Result<Arc<crate::backend::ModelHandle>, Status> {
+        self.inference
+            .model_version(name, Some(version))
+            .map_err(|e| status(&e.into()))
+    }
+
+    async fn infer(
+        &self,
+        infer: &mut InferRequest,
+        request: proto::ModelInferRequest,
+    ) -> Result<proto::ModelInferResponse, V2Error> {
+        // tonic has already received and decoded the message: it holds memory until the
+        // request ends.
+        infer
+            .reserve_body(prost::Message::encoded_len(&request) as u64)
+            .await?;
+        let requested: Vec<RequestedOutput> = request
+            .outputs
+            .iter()
+            .map(requested_output)
+            .collect::<Result<_, _>>()?;
+        let inputs = inputs(request.inputs, request.raw_input_contents)?;
+        let model = infer.model().clone();
+        let mut plan = v2::plan(&model, inputs, &requested)?;
+        let images = std::mem::take(&mut plan.images);
+        let results = infer.run(images, plan.outputs).await?;
+        let outputs = v2::render(&model, &plan, &results);
+        Ok(proto::ModelInferResponse {
+            model_name: model.name().to_owned(),
+            model_version: model.version().to_owned(),
+            id: request.id,
+            parameters: Default::default(),
+            raw_output_contents: outputs.iter().map(|o| o.data.to_raw().into()).collect(),
+            outputs: outputs
+                .into_iter()
+                .map(|o| proto::model_infer_response::InferOutputTensor {
+                    name: o.name.to_owned(),
+                    datatype: o.datatype.name().to_owned(),
+                    shape: o.shape,
+                    parameters: Default::default(),
+                    contents: None,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<proto::ServerLiveRequest>,
+    ) -> Result<Response<proto::ServerLiveResponse>, Status> {
+        Ok(Response::new(proto::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<proto::ServerReadyRequest>,
+    ) -> Result<Response<proto::ServerReadyResponse>, Status> {
+        Ok(Response::new(proto::ServerReadyResponse {
+            ready: self.inference.all_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<proto::ModelReadyRequest>,
+    ) -> Result<Response<proto::ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        Ok(Response::new(proto::ModelReadyResponse {
+            ready: model.status.is_ready() && !self.inference.is_shutting_down(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<proto::ServerMetadataRequest>,
+    ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
+        Ok(Response::new(proto::ServerMetadataResponse {
+            name: env!("CARGO_PKG_NAME").to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            // The repository extension is REST-only here: the KServe gRPC service has no
+            // repository methods.
+            extensions: v2::EXTENSIONS
+                .iter()
+                .filter(|e| **e != "model_repository")
+                .map(|e| (*e).to_owned())
+                .collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<proto::ModelMetadataRequest>,
+    ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        let metadata = v2::model_metadata(&model, self.inference.registry().versions(model.name()));
+        let tensors = |tensors: Vec<v2::TensorMetadata>| {
+            tensors
+                .into_iter()
+                .map(|t| proto::model_metadata_response::TensorMetadata {
+                    name: t.name.to_owned(),
+                    datatype: t.datatype.to_owned(),
+                    shape: t.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(proto::ModelMetadataResponse {
+            name: metadata.name,
+            versions: metadata.versions,
+            platform: metadata.platform,
+            inputs: tensors(metadata.inputs),
+            outputs: tensors(metadata.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<proto::ModelInferRequest>,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        // Answer a little before the client's deadline: tonic enforces grpc-timeout itself,
+        // from when the call's headers arrived, and answers CANCELLED "Timeout expired"; ours
+        // says DEADLINE_EXCEEDED and why, and counts the request as such. Both clocks start at
+        // the headers, so receiving and decoding the message count against ours too.
+        let arrived = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(std::time::Instant::now, |a| a.0);
+        let deadline = grpc_timeout(request.metadata())
+            .map(|t| arrived + t.saturating_sub((t / 5).min(std::time::Duration::from_millis(25))));
+        let cache_control = request
+            .metadata()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let request = request.into_inner();
+        let id = match request.id.as_str() {
+            "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+            id => id.to_owned(),
+        };
+        let span =
+            tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
+        let answer = async move {
+            let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
+            let mut infer = self
+                .inference
+                .begin_version(&request.model_name, Some(&request.model_version))
+                .map_err(|e| status(&e.into()))?;
+            infer.use_cache(crate::cache::CacheUse::from_cache_control(
+                cache_control.as_deref(),
+            ));
+            if let Some(deadline) = deadline {
+                infer.limit_time(deadline.saturating_duration_since(infer.started()));
+            }
+            if let Some(timeout) = timeout {
+                infer.limit_time(timeout);
+            }
+            match self.infer(&mut infer, request).await {
+                Ok(response) => {
+                    infer.succeeded();
+                    Ok(Response::new(response))
+                }
+                Err(err) => {
+                    infer.failed(err.error_type(), err.is_server_error(), &err);
+                    Err(status(&err))
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        if answer.as_ref().is_err_and(|status| {
+            matches!(
+                status.code(),
+                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+            )
+        }) {
+            crate::infer::pace_refusal().await;
+        }
+        answer
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<proto::ModelStatisticsRequest>,
+    ) -> Result<Response<proto::ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let model_stats = if request.name.is_empty() {
+            self.inference
+                .models()
+                .iter()
+                .map(|m| statistics(v2::model_stats(m)))
+                .collect()
+        } else {
+            let model = self.model(&request.name, &request.version)?;
+            vec![statistics(v2::model_stats(&model))]
+        };
+        Ok(Response::new(proto::ModelStatisticsResponse {
+            model_stats,
+        }))
+    }
+}
