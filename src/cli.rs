@@ -4,9 +4,8 @@
 //! checkpoints they serve) and `download` (fill the Hugging Face cache ahead of time).
 
 use crate::config::Config;
-use crate::http::handlers::image_result;
-use crate::http::types::ImageResult;
 use crate::infer::{ImageInput, Inference, Outputs};
+use crate::v1::{image_result, ImageResult};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;

@@ -6,7 +6,8 @@
 //! http/, grpc     front ends: /v1 REST, v2 REST (http/v2.rs) and v2 gRPC; they parse, call the
 //!                 inference service, render, and map its errors to their statuses (one table
 //!                 each: http/error.rs, grpc::status)
-//! v2              the Open Inference Protocol's tensors, shared by v2 REST and gRPC
+//! v1, v2          the protocols' own semantics, shared by their front ends: /v1's results and
+//!                 top_k (HTTP and the CLI), v2's tensors (REST and gRPC)
 //! infer           the inference service: admission, decode on the pool, one queue entry per
 //!                 image, the wait for answers, each request counted once
 //! images/         decode + resize/crop on a bounded thread pool (no tch)
@@ -46,6 +47,7 @@ pub mod models;
 pub mod registry;
 pub mod repository;
 pub mod server;
+pub mod v1;
 pub mod v2;
 
 pub use server::{run, serve, start_service, tune_process, Listeners, Service};

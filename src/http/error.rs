@@ -103,7 +103,7 @@ impl ApiError {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
-    #[schema(value_type = super::openapi::ErrorType)]
+    #[schema(value_type = super::schema::ErrorType)]
     pub error_type: &'static str,
 }
 

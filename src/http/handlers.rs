@@ -2,15 +2,16 @@
 //! here; the inference service does the rest, and the answer is rendered as `/v1` JSON.
 
 use super::error::{ApiError, ErrorBody};
+use super::headers::{cache_timing, cache_use, header_timeout};
 use super::input::{discard_body, read_images, reserve_body, RequestImages};
-use super::openapi::{
+use super::schema::{
     ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, UnauthorizedResponse,
 };
-use super::types::{ClassifyResponse, ImageResult, Prediction, Timing};
 use super::AppState;
 use crate::backend::ModelHandle;
 use crate::config::parse_timeout;
-use crate::infer::{ImageInput, ImageOutput, InferRequest, Outputs};
+use crate::infer::{ImageInput, InferRequest, Outputs};
+use crate::v1::{self, DEFAULT_TOP_K};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -19,8 +20,6 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub const DEFAULT_TOP_K: usize = 5;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -120,30 +119,12 @@ fn parse_query(
         .map(parse_timeout)
         .transpose()
         .map_err(ApiError::BadRequest)?;
-    Ok((query_top_k(query.top_k, num_classes)?, timeout))
-}
-
-fn query_top_k(top_k: Option<String>, num_classes: usize) -> Result<Option<usize>, ApiError> {
-    match top_k {
-        Some(text) => {
-            let k = text.parse::<usize>().map_err(|_| {
-                ApiError::BadRequest(format!(
-                    "top_k must be an integer between 1 and {num_classes}, not {text:?}"
-                ))
-            })?;
-            check_top_k(k, num_classes).map(Some)
-        }
-        None => Ok(None),
-    }
-}
-
-fn check_top_k(top_k: usize, num_classes: usize) -> Result<usize, ApiError> {
-    if top_k == 0 || top_k > num_classes {
-        return Err(ApiError::BadRequest(format!(
-            "top_k must be between 1 and {num_classes}, not {top_k}"
-        )));
-    }
-    Ok(top_k)
+    let top_k = query
+        .top_k
+        .map(|text| v1::parse_top_k(&text, num_classes))
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    Ok((top_k, timeout))
 }
 
 async fn classify_images(
@@ -173,118 +154,22 @@ async fn classify_images(
         top_k: body_top_k,
     } = read_images(request, &state.limits, state.inference.pool()).await?;
     let top_k = match from_query.or(body_top_k) {
-        Some(k) => check_top_k(k, num_classes)?,
+        Some(k) => v1::check_top_k(k, num_classes).map_err(ApiError::BadRequest)?,
         None => DEFAULT_TOP_K.min(num_classes),
     };
     let images = images.into_iter().map(ImageInput::Encoded).collect();
     let outputs = infer.run(images, Outputs::top_k(top_k)).await?;
 
-    let labels = &model.info.labels;
-    let mut results = Vec::with_capacity(outputs.len());
-    let mut request_timing = Timing::default();
-    for output in outputs {
-        let result = image_result(labels, output);
-        request_timing = request_timing.max(result.timing_ms);
-        results.push(result);
-    }
-    request_timing.total = millis(infer.started().elapsed());
-    let mut server_timing = request_timing.server_timing();
+    let body = v1::classify_response(&model, outputs, infer.started().elapsed());
+    let mut server_timing = body.timing_ms.server_timing();
     if state.inference.cache().is_some() {
-        server_timing.push_str(&cache_timing(results.iter().map(|r| r.cached)));
+        server_timing.push_str(&cache_timing(body.results.iter().map(|r| r.cached)));
     }
-    let body = ClassifyResponse {
-        model: model.name().to_owned(),
-        version: model.version().to_owned(),
-        results,
-        timing_ms: request_timing,
-    };
     let mut response = Json(body).into_response();
     if let Ok(value) = HeaderValue::from_str(&server_timing) {
         response.headers_mut().insert("server-timing", value);
     }
     Ok(response)
-}
-
-/// How the request may use the response cache, from its `Cache-Control` header.
-pub fn cache_use(headers: &HeaderMap) -> crate::cache::CacheUse {
-    crate::cache::CacheUse::from_cache_control(
-        headers
-            .get(header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok()),
-    )
-}
-
-/// The `Server-Timing` entry saying whether the answers came from the response cache: `hit`
-/// (all of them), `miss` (none) or `partial`.
-pub fn cache_timing(cached: impl Iterator<Item = bool>) -> String {
-    let (mut hits, mut total) = (0, 0);
-    for hit in cached {
-        total += 1;
-        hits += usize::from(hit);
-    }
-    let word = match hits {
-        0 => "miss",
-        h if h == total => "hit",
-        _ => "partial",
-    };
-    format!(", cache;desc={word}")
-}
-
-/// The `Request-Timeout` header (`250ms`, `1.5s`, ...), if the client sent one.
-pub fn header_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
-    let Some(value) = headers.get(REQUEST_TIMEOUT) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("");
-    parse_timeout(text)
-        .map(Some)
-        .map_err(|e| ApiError::BadRequest(format!("Request-Timeout header: {e}")))
-}
-
-/// A client's timeout for one request, as a header.
-pub const REQUEST_TIMEOUT: &str = "request-timeout";
-
-/// Milliseconds, rounded to the microsecond (what a client can use; more digits are noise).
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-pub(crate) fn image_result(labels: &[String], output: ImageOutput) -> ImageResult {
-    let ImageOutput {
-        prediction,
-        decode,
-        preprocess,
-        cached,
-    } = output;
-    let predictions = prediction
-        .top
-        .iter()
-        .map(|&(index, score)| Prediction {
-            index,
-            label: label_of(labels, index),
-            score,
-        })
-        .collect();
-    ImageResult {
-        predictions,
-        cached,
-        batch_size: prediction.batch_size,
-        timing_ms: Timing {
-            decode: millis(decode),
-            preprocess: millis(preprocess),
-            queue: millis(prediction.queue_wait),
-            inference: millis(prediction.inference),
-            total: millis(decode + preprocess + prediction.queue_wait + prediction.inference),
-        },
-    }
-}
-
-/// A class's label, or `class_N` where the model has none for it.
-pub fn label_of(labels: &[String], index: usize) -> String {
-    labels
-        .get(index)
-        .cloned()
-        .unwrap_or_else(|| format!("class_{index}"))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -10,7 +10,7 @@
 //!   `.../unload`.
 
 use super::error::ErrorBody;
-use super::openapi::{UnauthorizedResponse, V2ErrorBody, V2UnauthorizedResponse};
+use super::schema::{UnauthorizedResponse, V2ErrorBody, V2UnauthorizedResponse};
 use super::AppState;
 use crate::config::ModelControl;
 use crate::manage::{LoadRequest, ManageError};

@@ -3,12 +3,13 @@
 
 mod auth;
 pub mod error;
-pub(crate) mod handlers;
+mod handlers;
+mod headers;
 mod input;
 pub(crate) mod linger;
 mod manage;
 pub mod openapi;
-pub mod types;
+mod schema;
 mod v2;
 
 use crate::auth::ApiKeys;

@@ -4,11 +4,11 @@
 //! runs the request.
 
 use super::error::{v2_status, ApiError};
-use super::handlers::header_timeout;
+use super::headers::{cache_timing, cache_use, header_timeout};
 use super::input::{
     body_bytes, decode_base64, discard_body, refuse_oversized, reserve_body, within_body_timeout,
 };
-use super::openapi::{
+use super::schema::{
     InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, V2ErrorBody,
     V2UnauthorizedResponse,
 };
@@ -331,7 +331,7 @@ async fn run_infer(
             return Err(err);
         }
     };
-    infer.use_cache(super::handlers::cache_use(request.headers()));
+    infer.use_cache(cache_use(request.headers()));
     let request = reserve_body(infer, request, limits.max_body_bytes)
         .await
         .map_err(Failure::from)?;
@@ -365,7 +365,7 @@ async fn run_infer(
         &parsed.binary,
     );
     if state.inference.cache().is_some() {
-        let timing = super::handlers::cache_timing(results.iter().map(|r| r.cached));
+        let timing = cache_timing(results.iter().map(|r| r.cached));
         if let Ok(value) = HeaderValue::from_str(timing.trim_start_matches(", ")) {
             response.headers_mut().insert("server-timing", value);
         }
