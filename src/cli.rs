@@ -3,8 +3,11 @@
 //! decoding, preprocessing, batching and models), `models` (the native presets and the released
 //! checkpoints they serve) and `download` (fill the Hugging Face cache ahead of time).
 
+use crate::backend::ModelHandle;
 use crate::config::Config;
-use crate::infer::{ImageInput, Inference, Outputs};
+use crate::infer::{
+    ImageInput, ImageOutput, InferError, Inference, Intake, ModelRef, Outputs, Plan, RequestOptions,
+};
 use crate::v1::{image_result, ImageResult};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -329,7 +332,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         out.write_all(b"file,rank,index,label,score\n")?;
     }
 
-    let mut service = crate::start_service(&config).await?;
+    let mut service = crate::server::start_service(&config).await?;
     service.wait_ready().await?;
     let inference = service.inference.clone();
     let model = inference.default_model().to_owned();
@@ -372,19 +375,44 @@ async fn classify_file(
     model: &str,
     file: &Path,
     top_k: usize,
-) -> Result<crate::infer::ImageOutput, String> {
+) -> Result<ImageOutput, String> {
     let bytes = tokio::fs::read(file).await.map_err(|e| e.to_string())?;
-    let mut infer = inference.begin(model).map_err(|e| e.to_string())?;
-    let images = vec![ImageInput::Encoded(bytes.into())];
-    match infer.run(images, Outputs::top_k(top_k)).await {
-        Ok(mut outputs) => {
-            infer.succeeded();
-            outputs.pop().ok_or_else(|| "no output".to_owned())
-        }
-        Err(e) => {
-            infer.failed(e.error_type(), e.is_server_error(), &e);
-            Err(e.to_string())
-        }
+    let intake = FileIntake {
+        bytes: bytes.into(),
+        top_k,
+    };
+    let answer = inference
+        .infer(ModelRef::parse(model), intake)
+        .await
+        .map_err(|e| e.to_string())?;
+    answer
+        .outputs
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no output".to_owned())
+}
+
+/// One image file, read, for its top `top_k` classes.
+struct FileIntake {
+    bytes: bytes::Bytes,
+    top_k: usize,
+}
+
+impl Intake for FileIntake {
+    type Keep = ();
+    type Error = InferError;
+
+    fn options(&mut self, _model: &ModelHandle) -> Result<RequestOptions, InferError> {
+        Ok(RequestOptions::default())
+    }
+
+    async fn read(self, _model: Arc<ModelHandle>) -> Result<Plan<()>, InferError> {
+        Ok(Plan {
+            images: vec![ImageInput::Encoded(self.bytes)],
+            outputs: Outputs::top_k(self.top_k),
+            timeout: None,
+            keep: (),
+        })
     }
 }
 

@@ -8,6 +8,20 @@
 
 use crate::images::decode::DecodeError;
 
+/// How a failed request is counted and logged, whatever its protocol: every front end's error
+/// type says it, so that the service records an outcome from the error itself.
+pub trait RequestFailure: std::fmt::Display {
+    /// Stable machine-readable kind: the `error_type` clients see and the metric `reason`.
+    fn error_type(&self) -> &'static str;
+
+    /// The server's failure (unavailable or broken), not the client's.
+    fn is_server_error(&self) -> bool;
+
+    /// A server failure that is part of normal operation (loading, draining, a deadline that
+    /// passed): worth counting, not worth an error in the log.
+    fn is_expected(&self) -> bool;
+}
+
 /// Why the inference service refused or failed a request.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -97,6 +111,16 @@ impl InferError {
         )
     }
 
+    /// See [`RequestFailure::is_expected`].
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self,
+            InferError::NotReady { .. }
+                | InferError::ShuttingDown
+                | InferError::DeadlineExceeded { .. }
+        )
+    }
+
     /// Seconds a client should wait before retrying, for refusals that are temporary.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
@@ -106,6 +130,20 @@ impl InferError {
             InferError::NotReady { .. } => Some(5),
             _ => None,
         }
+    }
+}
+
+impl RequestFailure for InferError {
+    fn error_type(&self) -> &'static str {
+        InferError::error_type(self)
+    }
+
+    fn is_server_error(&self) -> bool {
+        InferError::is_server_error(self)
+    }
+
+    fn is_expected(&self) -> bool {
+        InferError::is_expected(self)
     }
 }
 

@@ -1,32 +1,36 @@
-//! The inference service: the one core every front end (`/v1` REST, v2 REST, v2 gRPC) calls.
+//! The inference service: the one core every front end (`/v1` REST, v2 REST, v2 gRPC, the
+//! CLI) calls, through one entry point, [`Inference::infer`].
 //!
-//! A front end parses its protocol into [`ImageInput`]s and [`Outputs`], then:
-//! 1. [`Inference::begin`] makes the checks that need no request body (the model exists and is
-//!    ready with room in its queue, the server is not shutting down and has room for another
-//!    request), so that a refusal never reads the body;
-//! 2. [`InferRequest::run`] admits the images against the model's queue limit, decodes and
-//!    preprocesses them on the decode pool, queues one entry per image and waits for every
-//!    answer;
-//! 3. the front end renders the [`ImageOutput`]s, or maps the [`InferError`] to its protocol's
-//!    status, and reports the outcome with [`InferRequest::succeeded`] or
-//!    [`InferRequest::failed`]; a request dropped before that (its client left) is counted as
-//!    `client_gone`. Every request is counted exactly once, whatever the protocol.
+//! A front end parses what it can without the body (route, query, headers, metadata) into an
+//! [`Intake`], and makes one call. The service then owns the envelope that is the same for
+//! every protocol:
+//! 1. the checks that need no body (the model exists and is ready with room in its queue, the
+//!    server is not shutting down and has room for another request), so that a refusal never
+//!    reads the body: the intake is dropped unread, which discards it;
+//! 2. the client's options ([`RequestOptions`]: its time limit, its cache choice, the memory its
+//!    body needs, reserved before the body is read);
+//! 3. the intake's read step ([`Intake::read`]), which turns the body into images and outputs;
+//! 4. admission against the model's queue limit, decode and preprocess on the decode pool, one
+//!    queue entry per image, and the wait for every answer;
+//! 5. counting the outcome once, from the typed error ([`RequestFailure`]); a request dropped
+//!    before it ends (its client left) is counted as `client_gone`.
 //!
-//! The service never sees an HTTP or gRPC type; its errors are [`InferError`]s.
+//! The front end renders the [`Answer`], or maps its error to its protocol's status. The service
+//! never sees an HTTP or gRPC type; its errors are [`InferError`]s.
 
 use crate::backend::{InFlight, ModelHandle};
 use crate::batching::{ImageJob, JobError};
 pub use crate::batching::{ImagePrediction, Outputs};
 use crate::budget::{MemoryBudget, Reservation, BUDGET_WAIT};
 use crate::cache::{CacheKey, CacheUse, ResponseCache};
-pub use crate::error::InferError;
+pub use crate::error::{InferError, RequestFailure};
 use crate::images::decode::DecodeOptions;
 pub use crate::images::Pixels;
 use crate::images::{self, DecodePool};
 use crate::metrics::Metrics;
 use crate::registry::{split_version, Missing, Registry};
 use bytes::Bytes;
-use std::fmt::Display;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,6 +81,89 @@ pub struct ImageOutput {
     pub preprocess: Duration,
     /// Answered from the response cache: nothing was decoded or run.
     pub cached: bool,
+}
+
+/// A model as a request names it: `name` (its serving version) or a version of it.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelRef<'a> {
+    pub name: &'a str,
+    /// `None` or empty: the serving version.
+    pub version: Option<&'a str>,
+}
+
+impl<'a> ModelRef<'a> {
+    /// `name` or `name@version`, as `/v1` and the CLI write it.
+    pub fn parse(spec: &'a str) -> Self {
+        let (name, version) = split_version(spec);
+        Self { name, version }
+    }
+
+    /// A name and version the protocol carries apart (v2 routes, gRPC).
+    pub fn new(name: &'a str, version: Option<&'a str>) -> Self {
+        Self {
+            name,
+            version: version.filter(|v| !v.is_empty()),
+        }
+    }
+}
+
+/// What a client chose for its request, known before its body is read.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    /// The client's own time limit (the shortest it gave), within `--request-timeout`.
+    pub timeout: Option<Duration>,
+    /// How the request may use the response cache (its `Cache-Control`).
+    pub cache: CacheUse,
+    /// Memory the body takes while the request runs, held before it is read.
+    pub body_bytes: Option<u64>,
+}
+
+impl RequestOptions {
+    /// Shorten the time limit to `timeout` (the shortest of several wins).
+    pub fn limit_time(&mut self, timeout: Duration) {
+        self.timeout = Some(self.timeout.map_or(timeout, |t| t.min(timeout)));
+    }
+}
+
+/// What a front end's read step makes of a body: the images, what to compute for each, and
+/// what the front end keeps to render its answer.
+pub struct Plan<K> {
+    pub images: Vec<ImageInput>,
+    pub outputs: Outputs,
+    /// A time limit the body itself carries (v2's `timeout` parameter).
+    pub timeout: Option<Duration>,
+    pub keep: K,
+}
+
+/// A request as a front end hands it to [`Inference::infer`]: what it parsed without the body,
+/// and how to read the body. Dropping it unread discards the body (a refused request's client
+/// still gets its answer: the HTTP layer drains what it sends).
+pub trait Intake: Send {
+    /// What the front end needs back to render the answer (ids, requested tensors, formats).
+    type Keep: Send;
+    /// The front end's error: every service error converts into it, and it says how the
+    /// request is counted.
+    type Error: From<InferError> + RequestFailure + Send;
+
+    /// The client's options, once the request is admitted for `model` (whose class count
+    /// bounds `top_k`, for instance). An error fails the request before its body is read.
+    fn options(&mut self, model: &ModelHandle) -> Result<RequestOptions, Self::Error>;
+
+    /// Read the body and plan the request: its images and outputs.
+    fn read(
+        self,
+        model: Arc<ModelHandle>,
+    ) -> impl Future<Output = Result<Plan<Self::Keep>, Self::Error>> + Send;
+}
+
+/// A request's answer: one output per image, in request order.
+pub struct Answer<K> {
+    /// The version that answered.
+    pub model: Arc<ModelHandle>,
+    pub outputs: Vec<ImageOutput>,
+    pub keep: K,
+    /// From the request's admission to its last answer (the `total` stage).
+    pub elapsed: Duration,
 }
 
 /// The served models and what every request shares.
@@ -178,20 +265,34 @@ impl Inference {
         !self.is_shutting_down() && self.models().iter().all(|m| m.status.is_ready())
     }
 
-    /// Start a request for `model_spec` (`name` or `name@version`): everything that can be
-    /// decided before its body is read. A refusal is counted in the metrics here.
-    pub fn begin(&self, model_spec: &str) -> Result<InferRequest, InferError> {
-        let (name, version) = split_version(model_spec);
-        self.begin_version(name, version)
+    /// The one entry point of every front end: admit a request for `model`, apply the client's
+    /// options, read and plan it with `intake`, run it, and count its outcome once. A request
+    /// refused before its body is read drops `intake` unread.
+    pub async fn infer<I: Intake>(
+        &self,
+        model: ModelRef<'_>,
+        intake: I,
+    ) -> Result<Answer<I::Keep>, I::Error> {
+        let mut request = self.begin(model)?;
+        let handled = request.handle(intake).await;
+        match &handled {
+            Ok(_) => request.succeeded(),
+            Err(err) => request.failed(err),
+        }
+        let (outputs, keep) = handled?;
+        Ok(Answer {
+            model: request.model.clone(),
+            outputs,
+            keep,
+            elapsed: request.started.elapsed(),
+        })
     }
 
-    /// [`Inference::begin`] with the version apart (v2 routes and gRPC carry it so).
-    pub fn begin_version(
-        &self,
-        name: &str,
-        version: Option<&str>,
-    ) -> Result<InferRequest, InferError> {
+    /// Everything that can be decided about a request before its body is read. A refusal is
+    /// counted in the metrics here.
+    fn begin(&self, model: ModelRef<'_>) -> Result<InferRequest, InferError> {
         let started = Instant::now();
+        let ModelRef { name, version } = model;
         let version = version.filter(|v| !v.is_empty());
         let (model, in_flight) = match self.registry.lease(name, version) {
             Ok(leased) => leased,
@@ -273,7 +374,7 @@ fn not_found(name: &str, version: Option<&str>, missing: Missing) -> InferError 
 }
 
 /// A request admitted by [`Inference::begin`]; holds its concurrency permit until dropped.
-pub struct InferRequest {
+struct InferRequest {
     model: Arc<ModelHandle>,
     started: Instant,
     /// From `started`: `--request-timeout`, or less if the client asked.
@@ -295,33 +396,39 @@ pub struct InferRequest {
 }
 
 impl InferRequest {
-    pub fn model(&self) -> &Arc<ModelHandle> {
-        &self.model
-    }
-
-    /// When the request began (the start of its `total` time).
-    pub fn started(&self) -> Instant {
-        self.started
+    /// Apply the client's options, read and plan the body, and run the plan.
+    async fn handle<I: Intake>(
+        &mut self,
+        mut intake: I,
+    ) -> Result<(Vec<ImageOutput>, I::Keep), I::Error> {
+        let options = intake.options(&self.model)?;
+        if let Some(timeout) = options.timeout {
+            self.limit_time(timeout);
+        }
+        self.cache_use = options.cache;
+        if let Some(bytes) = options.body_bytes {
+            self.reserve_body(bytes).await?;
+        }
+        let plan = intake.read(self.model.clone()).await?;
+        if let Some(timeout) = plan.timeout {
+            self.limit_time(timeout);
+        }
+        let outputs = self.run(plan.images, plan.outputs).await?;
+        Ok((outputs, plan.keep))
     }
 
     /// Shorten the request's deadline to `timeout` after it began (a client's own timeout);
     /// a longer one than the server's `--request-timeout` is capped.
-    pub fn limit_time(&mut self, timeout: Duration) {
+    fn limit_time(&mut self, timeout: Duration) {
         self.timeout = self.timeout.min(timeout);
     }
 
-    /// How this request may use the response cache (the client's `Cache-Control`).
-    pub fn use_cache(&mut self, usage: CacheUse) {
-        self.cache_use = usage;
-    }
-
-    pub fn deadline(&self) -> Instant {
+    fn deadline(&self) -> Instant {
         self.started + self.timeout
     }
 
-    /// Hold memory budget for a body of `bytes` about to be read (the front end knows its
-    /// size from the headers); kept until the request ends.
-    pub async fn reserve_body(&mut self, bytes: u64) -> Result<(), InferError> {
+    /// Hold memory budget for a body of `bytes` about to be read; kept until the request ends.
+    async fn reserve_body(&mut self, bytes: u64) -> Result<(), InferError> {
         let reservation = self
             .memory
             .reserve(bytes, self.budget_wait(), "the request body")
@@ -345,7 +452,7 @@ impl InferRequest {
     /// Classify `images`, computing `outputs` for each; answers in image order. Images the
     /// response cache knows are answered from it; the others are decoded and run. Past the
     /// request's deadline it answers `DeadlineExceeded` and its queued images are dropped.
-    pub async fn run(
+    async fn run(
         &mut self,
         images: Vec<ImageInput>,
         outputs: Outputs,
@@ -545,30 +652,27 @@ impl InferRequest {
     }
 
     /// The request succeeded: count it.
-    pub fn succeeded(mut self) {
+    fn succeeded(&mut self) {
         self.recorded = true;
         self.model
             .metrics
             .request_succeeded(self.images, self.started.elapsed());
     }
 
-    /// The request failed with `error_type` (the front end's or the service's error): count
-    /// and log it. `server_error` marks failures that are the server's, not the client's.
-    pub fn failed(mut self, error_type: &'static str, server_error: bool, message: impl Display) {
+    /// The request failed with `err` (the front end's or the service's error): count and log
+    /// it. Failures of the server that are part of normal operation (loading, draining, a
+    /// deadline) are logged quietly; the others as errors.
+    fn failed(&mut self, err: &impl RequestFailure) {
         self.recorded = true;
-        let expected = matches!(
-            error_type,
-            "not_ready" | "shutting_down" | "deadline_exceeded"
-        );
-        if server_error && !expected {
-            tracing::error!(model = %self.model.name(), error = %message, "request failed");
+        if err.is_server_error() && !err.is_expected() {
+            tracing::error!(model = %self.model.name(), error = %err, "request failed");
         } else {
-            tracing::debug!(model = %self.model.name(), error = %message, "request rejected");
+            tracing::debug!(model = %self.model.name(), error = %err, "request rejected");
         }
         self.model.metrics.request_failed(
-            error_type,
+            err.error_type(),
             self.images,
-            server_error,
+            err.is_server_error(),
             self.started.elapsed(),
         );
     }

@@ -16,7 +16,7 @@
 
 use crate::backend::ModelHandle;
 use crate::error::InferError;
-use crate::infer::{ImageInput, ImageOutput, Outputs, Pixels};
+use crate::infer::{ImageInput, ImageOutput, Outputs, Pixels, Plan};
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
@@ -56,6 +56,20 @@ impl V2Error {
 
     pub fn is_server_error(&self) -> bool {
         matches!(self, V2Error::Infer(err) if err.is_server_error())
+    }
+}
+
+impl crate::error::RequestFailure for V2Error {
+    fn error_type(&self) -> &'static str {
+        V2Error::error_type(self)
+    }
+
+    fn is_server_error(&self) -> bool {
+        V2Error::is_server_error(self)
+    }
+
+    fn is_expected(&self) -> bool {
+        matches!(self, V2Error::Infer(err) if err.is_expected())
     }
 }
 
@@ -238,20 +252,20 @@ pub struct Output {
     pub data: OutputData,
 }
 
-/// What to compute and how to answer: built by [`plan`], used by [`render`].
+/// The tensors to answer with, in the order the request named them, each with its
+/// classification count: built by [`plan`], used by [`render`].
 #[derive(Debug)]
-pub struct Plan {
-    pub images: Vec<ImageInput>,
-    pub outputs: Outputs,
+pub struct Tensors {
     answer: Vec<(&'static str, Option<usize>)>,
 }
 
-/// Check a request against the model's tensors and turn it into images and outputs.
+/// Check a request against the model's tensors and turn it into the service's plan: images,
+/// outputs, and the tensors to answer with.
 pub fn plan(
     model: &ModelHandle,
     inputs: Vec<Input>,
     requested: &[RequestedOutput],
-) -> Result<Plan, V2Error> {
+) -> Result<Plan<Tensors>, V2Error> {
     let images = images_from_inputs(model, inputs)?;
     let has_embeddings = model.status.embedding_size().is_some();
     let mut answer = Vec::new();
@@ -294,7 +308,8 @@ pub fn plan(
     Ok(Plan {
         images,
         outputs,
-        answer,
+        timeout: None,
+        keep: Tensors { answer },
     })
 }
 
@@ -415,9 +430,9 @@ fn chw_to_hwc(chw: &[u8], plane: usize) -> Vec<u8> {
 }
 
 /// The response tensors for `results`, in the order the request named them.
-pub fn render(model: &ModelHandle, plan_answer: &Plan, results: &[ImageOutput]) -> Vec<Output> {
+pub fn render(model: &ModelHandle, tensors: &Tensors, results: &[ImageOutput]) -> Vec<Output> {
     let n = results.len() as i64;
-    plan_answer
+    tensors
         .answer
         .iter()
         .map(|&(name, classification)| match classification {

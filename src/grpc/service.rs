@@ -1,12 +1,14 @@
-//! `inference.GRPCInferenceService`: health and metadata methods, statistics, and ModelInfer,
-//! which the inference service runs.
+//! `inference.GRPCInferenceService`: health and metadata methods, statistics, and ModelInfer
+//! as parse, one call to the inference service, render.
 
 use super::auth::Arrival;
 use super::convert::{grpc_timeout, inputs, requested_output, statistics, timeout_parameter};
 use super::proto;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::status::status;
-use crate::infer::{InferRequest, Inference};
+use crate::backend::ModelHandle;
+use crate::cache::CacheUse;
+use crate::infer::{Answer, Inference, Intake, ModelRef, Plan, RequestOptions};
 use crate::v2::{self, RequestedOutput, V2Error};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,45 +26,91 @@ impl InferenceService {
             .model_version(name, Some(version))
             .map_err(|e| status(&e.into()))
     }
+}
 
-    async fn infer(
-        &self,
-        infer: &mut InferRequest,
-        request: proto::ModelInferRequest,
-    ) -> Result<proto::ModelInferResponse, V2Error> {
-        // tonic has already received and decoded the message: it holds memory until the
-        // request ends.
-        infer
-            .reserve_body(prost::Message::encoded_len(&request) as u64)
-            .await?;
+/// A ModelInfer call: its message (already received and decoded by tonic) and what its
+/// metadata said.
+struct GrpcIntake {
+    request: proto::ModelInferRequest,
+    /// When the client's deadline passes, answered a little early (see `model_infer`).
+    deadline: Option<std::time::Instant>,
+    /// The `timeout` parameter.
+    timeout: Option<std::time::Duration>,
+    cache: CacheUse,
+}
+
+/// What the response needs besides the results.
+struct GrpcKeep {
+    tensors: v2::Tensors,
+    id: String,
+}
+
+impl Intake for GrpcIntake {
+    type Keep = GrpcKeep;
+    type Error = V2Error;
+
+    fn options(&mut self, _model: &ModelHandle) -> Result<RequestOptions, V2Error> {
+        let mut options = RequestOptions {
+            cache: self.cache,
+            // The message is in memory already: it holds memory until the request ends.
+            body_bytes: Some(prost::Message::encoded_len(&self.request) as u64),
+            ..RequestOptions::default()
+        };
+        if let Some(deadline) = self.deadline {
+            options.limit_time(deadline.saturating_duration_since(std::time::Instant::now()));
+        }
+        if let Some(timeout) = self.timeout {
+            options.limit_time(timeout);
+        }
+        Ok(options)
+    }
+
+    async fn read(self, model: Arc<ModelHandle>) -> Result<Plan<GrpcKeep>, V2Error> {
+        let request = self.request;
         let requested: Vec<RequestedOutput> = request
             .outputs
             .iter()
             .map(requested_output)
             .collect::<Result<_, _>>()?;
         let inputs = inputs(request.inputs, request.raw_input_contents)?;
-        let model = infer.model().clone();
-        let mut plan = v2::plan(&model, inputs, &requested)?;
-        let images = std::mem::take(&mut plan.images);
-        let results = infer.run(images, plan.outputs).await?;
-        let outputs = v2::render(&model, &plan, &results);
-        Ok(proto::ModelInferResponse {
-            model_name: model.name().to_owned(),
-            model_version: model.version().to_owned(),
-            id: request.id,
-            parameters: Default::default(),
-            raw_output_contents: outputs.iter().map(|o| o.data.to_raw().into()).collect(),
-            outputs: outputs
-                .into_iter()
-                .map(|o| proto::model_infer_response::InferOutputTensor {
-                    name: o.name.to_owned(),
-                    datatype: o.datatype.name().to_owned(),
-                    shape: o.shape,
-                    parameters: Default::default(),
-                    contents: None,
-                })
-                .collect(),
+        let plan = v2::plan(&model, inputs, &requested)?;
+        Ok(Plan {
+            images: plan.images,
+            outputs: plan.outputs,
+            timeout: None,
+            keep: GrpcKeep {
+                tensors: plan.keep,
+                id: request.id,
+            },
         })
+    }
+}
+
+/// The response message: every output's raw bytes in `raw_output_contents`.
+fn render(answer: Answer<GrpcKeep>) -> proto::ModelInferResponse {
+    let Answer {
+        model,
+        outputs,
+        keep,
+        ..
+    } = answer;
+    let outputs = v2::render(&model, &keep.tensors, &outputs);
+    proto::ModelInferResponse {
+        model_name: model.name().to_owned(),
+        model_version: model.version().to_owned(),
+        id: keep.id,
+        parameters: Default::default(),
+        raw_output_contents: outputs.iter().map(|o| o.data.to_raw().into()).collect(),
+        outputs: outputs
+            .into_iter()
+            .map(|o| proto::model_infer_response::InferOutputTensor {
+                name: o.name.to_owned(),
+                datatype: o.datatype.name().to_owned(),
+                shape: o.shape,
+                parameters: Default::default(),
+                contents: None,
+            })
+            .collect(),
     }
 }
 
@@ -166,29 +214,19 @@ impl GrpcInferenceService for InferenceService {
             tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
         let answer = async move {
             let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
-            let mut infer = self
-                .inference
-                .begin_version(&request.model_name, Some(&request.model_version))
-                .map_err(|e| status(&e.into()))?;
-            infer.use_cache(crate::cache::CacheUse::from_cache_control(
-                cache_control.as_deref(),
-            ));
-            if let Some(deadline) = deadline {
-                infer.limit_time(deadline.saturating_duration_since(infer.started()));
-            }
-            if let Some(timeout) = timeout {
-                infer.limit_time(timeout);
-            }
-            match self.infer(&mut infer, request).await {
-                Ok(response) => {
-                    infer.succeeded();
-                    Ok(Response::new(response))
-                }
-                Err(err) => {
-                    infer.failed(err.error_type(), err.is_server_error(), &err);
-                    Err(status(&err))
-                }
-            }
+            let model_name = request.model_name.clone();
+            let model_version = request.model_version.clone();
+            let intake = GrpcIntake {
+                request,
+                deadline,
+                timeout,
+                cache: CacheUse::from_cache_control(cache_control.as_deref()),
+            };
+            self.inference
+                .infer(ModelRef::new(&model_name, Some(&model_version)), intake)
+                .await
+                .map(|answer| Response::new(render(answer)))
+                .map_err(|err| status(&err))
         }
         .instrument(span)
         .await;

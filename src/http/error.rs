@@ -1,7 +1,7 @@
 //! The HTTP status table of `/v1`: the service's [`InferError`]s plus the errors only HTTP has
 //! (body size, timeout, media type, query), rendered as `{"error", "error_type"}`.
 
-use crate::error::InferError;
+use crate::error::{InferError, RequestFailure};
 use crate::images::decode::DecodeError;
 use crate::v2::V2Error;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -96,6 +96,24 @@ impl ApiError {
 
     pub fn is_server_error(&self) -> bool {
         self.status().is_server_error()
+    }
+
+    pub fn is_expected(&self) -> bool {
+        matches!(self, ApiError::Infer(err) if err.is_expected())
+    }
+}
+
+impl RequestFailure for ApiError {
+    fn error_type(&self) -> &'static str {
+        ApiError::error_type(self)
+    }
+
+    fn is_server_error(&self) -> bool {
+        ApiError::is_server_error(self)
+    }
+
+    fn is_expected(&self) -> bool {
+        ApiError::is_expected(self)
     }
 }
 

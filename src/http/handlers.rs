@@ -1,16 +1,17 @@
-//! The `/v1` API and the operational endpoints. A classify request's body is read into images
-//! here; the inference service does the rest, and the answer is rendered as `/v1` JSON.
+//! The `/v1` API and the operational endpoints. A classify request is parsed here into a
+//! [`V1Intake`], the inference service runs it, and the answer is rendered as `/v1` JSON.
 
 use super::error::{ApiError, ErrorBody};
 use super::headers::{cache_timing, cache_use, header_timeout};
-use super::input::{discard_body, read_images, reserve_body, RequestImages};
+use super::input::{body_reservation, read_images, RequestImages};
 use super::schema::{
     ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, UnauthorizedResponse,
 };
-use super::AppState;
+use super::{AppState, RequestLimits};
 use crate::backend::ModelHandle;
 use crate::config::parse_timeout;
-use crate::infer::{ImageInput, InferRequest, Outputs};
+use crate::images::DecodePool;
+use crate::infer::{Answer, ImageInput, Intake, ModelRef, Outputs, Plan, RequestOptions};
 use crate::v1::{self, DEFAULT_TOP_K};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
@@ -19,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -81,86 +81,95 @@ pub async fn classify_model(
 
 async fn classify(
     state: Arc<AppState>,
-    model_name: String,
+    model: String,
     query: QueryResult,
     request: Request,
 ) -> Response {
-    let mut infer = match state.inference.begin(&model_name) {
-        Ok(infer) => infer,
-        Err(err) => {
-            discard_body(request);
-            return ApiError::from(err).into_response();
-        }
+    let intake = V1Intake {
+        query: Some(query),
+        request,
+        limits: state.limits,
+        pool: state.inference.pool().clone(),
+        top_k: None,
     };
-    match classify_images(&state, &mut infer, query, request).await {
-        Ok(response) => {
-            infer.succeeded();
-            response
-        }
-        Err(err) => {
-            infer.failed(err.error_type(), err.is_server_error(), &err);
-            err.into_response()
-        }
+    match state.inference.infer(ModelRef::parse(&model), intake).await {
+        Ok(answer) => render(&state, answer),
+        Err(err) => err.into_response(),
     }
 }
 
-/// `?top_k=` and `?timeout=`, checked before the body is read: a bad query is refused
-/// without reading it.
-fn parse_query(
-    query: QueryResult,
-    num_classes: usize,
-) -> Result<(Option<usize>, Option<Duration>), ApiError> {
-    let query = query
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
-        .0;
-    let timeout = query
-        .timeout
-        .as_deref()
-        .map(parse_timeout)
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
-    let top_k = query
-        .top_k
-        .map(|text| v1::parse_top_k(&text, num_classes))
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
-    Ok((top_k, timeout))
-}
-
-async fn classify_images(
-    state: &AppState,
-    infer: &mut InferRequest,
-    query: QueryResult,
+/// A `/v1` classify request: its query and headers, checked before the body is read (a bad
+/// query is refused without reading it), then its body of images.
+struct V1Intake {
+    /// Taken when the options are parsed.
+    query: Option<QueryResult>,
     request: Request,
-) -> Result<Response, ApiError> {
-    let model = infer.model().clone();
-    let num_classes = model.info.num_classes;
-    let checked = parse_query(query, num_classes)
-        .and_then(|(top_k, timeout)| Ok((top_k, timeout, header_timeout(request.headers())?)));
-    let (from_query, query_timeout, header_timeout) = match checked {
-        Ok(checked) => checked,
-        Err(err) => {
-            discard_body(request);
-            return Err(err);
-        }
-    };
-    for timeout in [query_timeout, header_timeout].into_iter().flatten() {
-        infer.limit_time(timeout);
-    }
-    infer.use_cache(cache_use(request.headers()));
-    let request = reserve_body(infer, request, state.limits.max_body_bytes).await?;
-    let RequestImages {
-        images,
-        top_k: body_top_k,
-    } = read_images(request, &state.limits, state.inference.pool()).await?;
-    let top_k = match from_query.or(body_top_k) {
-        Some(k) => v1::check_top_k(k, num_classes).map_err(ApiError::BadRequest)?,
-        None => DEFAULT_TOP_K.min(num_classes),
-    };
-    let images = images.into_iter().map(ImageInput::Encoded).collect();
-    let outputs = infer.run(images, Outputs::top_k(top_k)).await?;
+    limits: RequestLimits,
+    pool: DecodePool,
+    /// `?top_k=`, which overrides a `top_k` in a JSON body.
+    top_k: Option<usize>,
+}
 
-    let body = v1::classify_response(&model, outputs, infer.started().elapsed());
+impl Intake for V1Intake {
+    type Keep = ();
+    type Error = ApiError;
+
+    fn options(&mut self, model: &ModelHandle) -> Result<RequestOptions, ApiError> {
+        let num_classes = model.info.num_classes;
+        let query = self
+            .query
+            .take()
+            .expect("options are parsed once")
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
+            .0;
+        let query_timeout = query
+            .timeout
+            .as_deref()
+            .map(parse_timeout)
+            .transpose()
+            .map_err(ApiError::BadRequest)?;
+        self.top_k = query
+            .top_k
+            .map(|text| v1::parse_top_k(&text, num_classes))
+            .transpose()
+            .map_err(ApiError::BadRequest)?;
+        let headers = self.request.headers();
+        let mut options = RequestOptions {
+            cache: cache_use(headers),
+            ..RequestOptions::default()
+        };
+        for timeout in [query_timeout, header_timeout(headers)?]
+            .into_iter()
+            .flatten()
+        {
+            options.limit_time(timeout);
+        }
+        options.body_bytes = Some(body_reservation(&self.request, self.limits.max_body_bytes)?);
+        Ok(options)
+    }
+
+    async fn read(self, model: Arc<ModelHandle>) -> Result<Plan<()>, ApiError> {
+        let num_classes = model.info.num_classes;
+        let RequestImages {
+            images,
+            top_k: body_top_k,
+        } = read_images(self.request, &self.limits, &self.pool).await?;
+        let top_k = match self.top_k.or(body_top_k) {
+            Some(k) => v1::check_top_k(k, num_classes).map_err(ApiError::BadRequest)?,
+            None => DEFAULT_TOP_K.min(num_classes),
+        };
+        Ok(Plan {
+            images: images.into_iter().map(ImageInput::Encoded).collect(),
+            outputs: Outputs::top_k(top_k),
+            timeout: None,
+            keep: (),
+        })
+    }
+}
+
+/// The `/v1` JSON answer, with the stages in `Server-Timing`.
+fn render(state: &AppState, answer: Answer<()>) -> Response {
+    let body = v1::classify_response(&answer.model, answer.outputs, answer.elapsed);
     let mut server_timing = body.timing_ms.server_timing();
     if state.inference.cache().is_some() {
         server_timing.push_str(&cache_timing(body.results.iter().map(|r| r.cached)));
@@ -169,7 +178,7 @@ async fn classify_images(
     if let Ok(value) = HeaderValue::from_str(&server_timing) {
         response.headers_mut().insert("server-timing", value);
     }
-    Ok(response)
+    response
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

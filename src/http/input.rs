@@ -10,7 +10,6 @@ use super::RequestLimits;
 use crate::error::InferError;
 use crate::images::decode::ACCEPTED_FORMATS;
 use crate::images::DecodePool;
-use crate::infer::InferRequest;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
 use base64::Engine;
@@ -109,17 +108,17 @@ fn declared_length(request: &Request) -> Option<u64> {
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
-/// Refuse a body over the limit from its headers, then hold memory budget for it before it is
-/// read: its declared `Content-Length` (the body limit when it declares none), twice that
-/// unless the body is the raw image itself (JSON and multipart bodies are copied once while
-/// parsed). Refused requests are drained.
-pub(crate) async fn reserve_body(
-    infer: &mut InferRequest,
-    request: Request,
-    max_body_bytes: usize,
-) -> Result<Request, ApiError> {
-    let request = refuse_oversized(request, max_body_bytes)?;
-    let declared = declared_length(&request).unwrap_or(max_body_bytes as u64);
+/// The memory a body holds while its request runs, from its headers alone: its declared
+/// `Content-Length` (the body limit when it declares none), twice that unless the body is the
+/// raw image itself (JSON and multipart bodies are copied once while parsed). A declared length
+/// over the limit is refused here, before the body is read.
+pub(super) fn body_reservation(request: &Request, max_body_bytes: usize) -> Result<u64, ApiError> {
+    let declared = declared_length(request);
+    if declared.is_some_and(|length| length > max_body_bytes as u64) {
+        return Err(ApiError::BodyTooLarge {
+            limit: max_body_bytes,
+        });
+    }
     let media_type = request
         .headers()
         .get(CONTENT_TYPE)
@@ -130,13 +129,7 @@ pub(crate) async fn reserve_body(
         || media_type.starts_with("image/")
         || media_type.starts_with("application/octet-stream");
     let copies = if raw { 1 } else { 2 };
-    match infer.reserve_body(declared * copies).await {
-        Ok(()) => Ok(request),
-        Err(err) => {
-            discard_body(request);
-            Err(err.into())
-        }
-    }
+    Ok(declared.unwrap_or(max_body_bytes as u64) * copies)
 }
 
 /// Drop a request refused before its body was read: [`super::linger::LingeringBody`] drains

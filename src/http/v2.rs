@@ -5,15 +5,16 @@
 
 use super::error::{v2_status, ApiError};
 use super::headers::{cache_timing, cache_use, header_timeout};
-use super::input::{
-    body_bytes, decode_base64, discard_body, refuse_oversized, reserve_body, within_body_timeout,
-};
+use super::input::{body_bytes, body_reservation, decode_base64, within_body_timeout};
 use super::schema::{
     InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, V2ErrorBody,
     V2UnauthorizedResponse,
 };
-use super::AppState;
-use crate::infer::{InferRequest, Inference};
+use super::{AppState, RequestLimits};
+use crate::backend::ModelHandle;
+use crate::error::{InferError, RequestFailure};
+use crate::images::DecodePool;
+use crate::infer::{Answer, Inference, Intake, ModelRef, Plan, RequestOptions};
 use crate::v2::{self, Data, Datatype, Input, Output, OutputData, RequestedOutput, V2Error};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -86,7 +87,16 @@ impl From<crate::error::InferError> for Failure {
     }
 }
 
-impl Failure {
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Http(err) => err.fmt(f),
+            Failure::V2(err) => err.fmt(f),
+        }
+    }
+}
+
+impl RequestFailure for Failure {
     fn error_type(&self) -> &'static str {
         match self {
             Failure::Http(err) => err.error_type(),
@@ -101,10 +111,10 @@ impl Failure {
         }
     }
 
-    fn message(&self) -> String {
+    fn is_expected(&self) -> bool {
         match self {
-            Failure::Http(err) => err.to_string(),
-            Failure::V2(err) => err.to_string(),
+            Failure::Http(err) => err.is_expected(),
+            Failure::V2(err) => err.is_expected(),
         }
     }
 }
@@ -118,7 +128,7 @@ impl IntoResponse for Failure {
         let mut response = (
             status,
             Json(V2ErrorBody {
-                error: self.message(),
+                error: self.to_string(),
             }),
         )
             .into_response();
@@ -292,77 +302,99 @@ pub(super) async fn infer(
     Path(path): Path<ModelPath>,
     request: Request,
 ) -> Response {
-    let begun = state
-        .inference
-        .begin_version(&path.model, path.version.as_deref())
-        .map_err(Failure::from);
-    let mut infer = match begun {
-        Ok(infer) => infer,
-        Err(err) => {
-            discard_body(request);
-            return err.into_response();
-        }
+    let intake = RestIntake {
+        request,
+        limits: state.limits,
+        pool: state.inference.pool().clone(),
+        header_length: None,
     };
-    match run_infer(&state, &mut infer, request).await {
-        Ok(response) => {
-            infer.succeeded();
-            response
-        }
-        Err(err) => {
-            infer.failed(err.error_type(), err.is_server_error(), err.message());
-            err.into_response()
-        }
+    let model = ModelRef::new(&path.model, path.version.as_deref());
+    match state.inference.infer(model, intake).await {
+        Ok(answer) => render(&state, answer),
+        Err(err) => err.into_response(),
     }
 }
 
-async fn run_infer(
-    state: &AppState,
-    infer: &mut InferRequest,
+/// A v2 REST infer request: its headers, checked before the body is read, then its body of
+/// JSON tensors, binary tensors or one raw image.
+struct RestIntake {
     request: Request,
-) -> Result<Response, Failure> {
-    let limits = &state.limits;
-    let request = refuse_oversized(request, limits.max_body_bytes)?;
-    let from_headers = header_length(request.headers())
-        .and_then(|length| Ok((length, header_timeout(request.headers())?)));
-    let (header_length, header) = match from_headers {
-        Ok(values) => values,
-        Err(err) => {
-            discard_body(request);
-            return Err(err);
+    limits: RequestLimits,
+    pool: DecodePool,
+    /// `Inference-Header-Content-Length`: where the JSON ends (0: the body is one image).
+    header_length: Option<usize>,
+}
+
+/// What the response needs besides the results.
+struct RestKeep {
+    tensors: v2::Tensors,
+    id: Option<String>,
+    binary: BinaryOutputs,
+}
+
+impl Intake for RestIntake {
+    type Keep = RestKeep;
+    type Error = Failure;
+
+    fn options(&mut self, _model: &ModelHandle) -> Result<RequestOptions, Failure> {
+        let body_bytes = body_reservation(&self.request, self.limits.max_body_bytes)?;
+        let headers = self.request.headers();
+        self.header_length = header_length(headers)?;
+        let mut options = RequestOptions {
+            cache: cache_use(headers),
+            body_bytes: Some(body_bytes),
+            ..RequestOptions::default()
+        };
+        if let Some(timeout) = header_timeout(headers)? {
+            options.limit_time(timeout);
         }
-    };
-    infer.use_cache(cache_use(request.headers()));
-    let request = reserve_body(infer, request, limits.max_body_bytes)
-        .await
-        .map_err(Failure::from)?;
-    let body = within_body_timeout(limits, body_bytes(request, limits.max_body_bytes)).await?;
-    let parsed = match header_length {
-        // Raw binary request: the body is one encoded image.
-        Some(0) => ParsedRequest::raw_image(body),
-        _ => {
-            let split = header_length.unwrap_or(body.len());
-            state
-                .inference
-                .pool()
-                .run(move || ParsedRequest::parse(body, split))
-                .await
-                .map_err(crate::error::InferError::from)??
-        }
-    };
-    for timeout in [header, parsed.timeout].into_iter().flatten() {
-        infer.limit_time(timeout);
+        Ok(options)
     }
-    let model = infer.model().clone();
-    let mut plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
-    let images = std::mem::take(&mut plan.images);
-    let results = infer.run(images, plan.outputs).await?;
-    let outputs = v2::render(&model, &plan, &results);
+
+    async fn read(self, model: Arc<ModelHandle>) -> Result<Plan<RestKeep>, Failure> {
+        let limits = &self.limits;
+        let body =
+            within_body_timeout(limits, body_bytes(self.request, limits.max_body_bytes)).await?;
+        let parsed = match self.header_length {
+            // Raw binary request: the body is one encoded image.
+            Some(0) => ParsedRequest::raw_image(body),
+            header_length => {
+                let split = header_length.unwrap_or(body.len());
+                self.pool
+                    .run(move || ParsedRequest::parse(body, split))
+                    .await
+                    .map_err(InferError::from)??
+            }
+        };
+        let plan = v2::plan(&model, parsed.inputs, &parsed.outputs)?;
+        Ok(Plan {
+            images: plan.images,
+            outputs: plan.outputs,
+            timeout: parsed.timeout,
+            keep: RestKeep {
+                tensors: plan.keep,
+                id: parsed.id,
+                binary: parsed.binary,
+            },
+        })
+    }
+}
+
+/// The response's tensors, with whether the answers came from the cache in `Server-Timing`.
+fn render(state: &AppState, answer: Answer<RestKeep>) -> Response {
+    let Answer {
+        model,
+        outputs: results,
+        keep,
+        ..
+    } = answer;
+    let outputs = v2::render(&model, &keep.tensors, &results);
     let mut response = render_response(
         model.name(),
         model.version(),
-        parsed.id,
+        keep.id,
         outputs,
-        &parsed.binary,
+        &keep.binary,
     );
     if state.inference.cache().is_some() {
         let timing = cache_timing(results.iter().map(|r| r.cached));
@@ -370,7 +402,7 @@ async fn run_infer(
             response.headers_mut().insert("server-timing", value);
         }
     }
-    Ok(response)
+    response
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Failure> {
@@ -782,7 +814,7 @@ mod tests {
     fn message(result: Result<ParsedRequest, Failure>) -> String {
         match result {
             Ok(_) => panic!("expected an error"),
-            Err(err) => err.message(),
+            Err(err) => err.to_string(),
         }
     }
 
@@ -791,7 +823,7 @@ mod tests {
         let json = r#"{"inputs": [{"name": "pixels", "shape": [1, 2], "datatype": "UINT8", "parameters": {"binary_data_size": 2}}],
                        "outputs": [{"name": "probabilities", "parameters": {"classification": 3, "binary_data": true}}],
                        "parameters": {"binary_data_output": false}, "id": "r1"}"#;
-        let parsed = parse(json, &[7, 9]).unwrap_or_else(|e| panic!("{}", e.message()));
+        let parsed = parse(json, &[7, 9]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.id.as_deref(), Some("r1"));
         let Data::Uint8(values) = &parsed.inputs[0].data else {
             panic!("UINT8 data")
@@ -812,7 +844,7 @@ mod tests {
     #[test]
     fn json_bytes_elements_are_base64() {
         let json = r#"{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGVsbG8=", "aGk"]}]}"#;
-        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{}", e.message()));
+        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{e}"));
         let Data::Bytes(files) = &parsed.inputs[0].data else {
             panic!("BYTES data")
         };
@@ -824,7 +856,7 @@ mod tests {
     #[test]
     fn nested_json_data_is_flattened_and_checked() {
         let json = r#"{"inputs": [{"name": "pixels", "shape": [2, 2], "datatype": "UINT8", "data": [[1, 2], [3, 255]]}]}"#;
-        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{}", e.message()));
+        let parsed = parse(json, &[]).unwrap_or_else(|e| panic!("{e}"));
         let Data::Uint8(values) = &parsed.inputs[0].data else {
             panic!("UINT8 data")
         };
