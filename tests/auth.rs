@@ -23,10 +23,7 @@ async fn classify(
     server: &ChildServer,
     key: Option<&str>,
 ) -> reqwest::Response {
-    let mut request = client
-        .post(server.url("/v1/classify"))
-        .header("content-type", "image/png")
-        .body(read("photos/astronaut.png"));
+    let mut request = post_photo(client, &server.url("/v1/classify"), "astronaut.png");
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -35,8 +32,7 @@ async fn classify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_keys_guard_every_protocol_and_rotate_on_sighup() {
-    let dir = std::env::temp_dir().join(format!("visionserve-auth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("auth");
     let keys_file = dir.join("keys");
     std::fs::write(&keys_file, format!("# rotated by SIGHUP\n{FILE_KEY}\n")).unwrap();
     let args: Vec<String> = [

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{config_for, lite0_dir, test_data, TestServer};
+use common::{config_for, lite0_dir, temp_dir, test_data, TestServer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,8 +15,7 @@ fn visionserve() -> Command {
 
 /// A folder with a few test photos (in a subfolder too) and one file that is not an image.
 fn photo_folder(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("visionserve-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = temp_dir(&format!("cli-{name}"));
     std::fs::create_dir_all(dir.join("more")).unwrap();
     let photos = test_data().join("photos");
     for photo in ["chelsea.jpg", "coffee.png", "rocket.jpg"] {
@@ -173,7 +172,7 @@ fn models_lists_presets_and_checkpoints() {
 
 #[test]
 fn download_fails_clearly_offline() {
-    let cache = std::env::temp_dir().join(format!("visionserve-hf-{}", std::process::id()));
+    let cache = temp_dir("hf");
     let output = visionserve()
         .args(["download", "hf-hub:timm/tf_efficientnetv2_b0.in1k"])
         .env("HF_HUB_CACHE", &cache)

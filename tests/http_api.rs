@@ -480,33 +480,6 @@ async fn health_endpoints() {
     assert_eq!(body["models"]["lite0_ts"], "ready");
 }
 
-/// `name{labels} value` lines of the text format, keyed by name+labels.
-fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
-    let mut samples = std::collections::HashMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            assert!(
-                line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "),
-                "{line:?}"
-            );
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("malformed sample {line:?}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        // Ours, and the standard process metrics every Prometheus client exports.
-        assert!(
-            series.starts_with("visionserve_") || series.starts_with("process_"),
-            "{line:?}"
-        );
-        samples.insert(series.to_owned(), value);
-    }
-    samples
-}
-
 async fn scrape() -> (String, std::collections::HashMap<String, f64>) {
     let response = client().get(server().url("/metrics")).send().await.unwrap();
     assert!(response.headers()["content-type"]

@@ -74,8 +74,7 @@ async fn full_queue_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn a_model_that_does_not_load_fails_start_up() {
-    let dir = std::env::temp_dir().join(format!("visionserve-broken-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("broken");
     std::fs::copy(lite0_dir().join("config.json"), dir.join("config.json")).unwrap();
     std::fs::write(dir.join("model.pt"), b"not a torchscript archive").unwrap();
     let config = config_for(&[format!("broken={}", dir.display())]);

@@ -13,11 +13,8 @@ async fn classify(
     server: &ChildServer,
     request_id: &str,
 ) -> (u16, serde_json::Value) {
-    let response = client
-        .post(server.url("/v1/classify"))
-        .header("content-type", "image/png")
+    let response = post_photo(client, &server.url("/v1/classify"), "astronaut.png")
         .header("x-request-id", request_id)
-        .body(read("photos/astronaut.png"))
         .send()
         .await
         .unwrap();
@@ -49,8 +46,7 @@ async fn wait_until_ready(client: &reqwest::Client, server: &ChildServer) -> Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wedged_or_panicking_model_is_answered_for_and_restarted() {
-    let dir = std::env::temp_dir().join(format!("visionserve-fault-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("fault");
     let fault = dir.join("fault");
     let args: Vec<String> = [
         "--model",

@@ -191,7 +191,7 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
         missing.json::<Value>().await.unwrap()["error_type"],
         "bad_request"
     );
-    let broken = tempdir("broken");
+    let broken = temp_dir("broken");
     std::fs::copy(lite0_dir().join("config.json"), broken.join("config.json")).unwrap();
     std::fs::write(broken.join("model.safetensors"), b"these are not weights").unwrap();
     let failed = load_model(&client, &base, &json!({"name": "m", "source": broken})).await;
@@ -314,31 +314,10 @@ async fn a_rollout_and_an_unload_under_traffic_lose_no_request() {
     server.terminate();
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// `rocket.jpg` classified by `model` (`name` or `name@version`).
 async fn post_rocket(client: &reqwest::Client, base: &str, model: &str) -> reqwest::Response {
-    client
-        .post(format!("{base}/v1/models/{model}/classify"))
-        .header("content-type", "image/jpeg")
-        .body(read("photos/rocket.jpg"))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn classify(client: &reqwest::Client, base: &str, model: &str) -> Value {
-    let response = post_rocket(client, base, model).await;
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    let url = format!("{base}/v1/models/{model}/classify");
+    post_photo(client, &url, "rocket.jpg").send().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +326,7 @@ async fn an_unloaded_model_gives_its_memory_back() {
     let base = server.base.clone();
     let client = reqwest::Client::new();
     for _ in 0..4 {
-        classify(&client, &base, "m").await;
+        classify(&client, &base, "m", "rocket.jpg").await;
     }
     let before = rss_bytes(server.child.id());
     let loaded = load_model(
@@ -362,7 +341,7 @@ async fn an_unloaded_model_gives_its_memory_back() {
     .await;
     assert_eq!(loaded.status(), 201, "{}", loaded.text().await.unwrap());
     for _ in 0..4 {
-        classify(&client, &base, "big").await;
+        classify(&client, &base, "big", "rocket.jpg").await;
     }
     let loaded_rss = rss_bytes(server.child.id());
     // The test means something only if the model took memory worth giving back.
@@ -389,20 +368,8 @@ async fn an_unloaded_model_gives_its_memory_back() {
         after >> 20,
         before >> 20
     );
-    classify(&client, &base, "m").await;
+    classify(&client, &base, "m", "rocket.jpg").await;
     server.terminate();
-}
-
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("visionserve-{tag}-{}-{nanos}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A model folder made of links to another's files (the poller sees their sizes and times).
@@ -416,7 +383,7 @@ fn link_model(from: &std::path::Path, to: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_poller_loads_rolls_out_and_unloads_repository_folders() {
-    let root = tempdir("repository");
+    let root = temp_dir("repository");
     link_model(&lite0_dir(), &root.join("a"));
     let args: Vec<String> = [
         "--model-repository",
@@ -440,7 +407,7 @@ async fn the_poller_loads_rolls_out_and_unloads_repository_folders() {
     server.wait_ready();
     let base = server.base.clone();
     let client = reqwest::Client::new();
-    let first = classify(&client, &base, "a").await;
+    let first = classify(&client, &base, "a", "rocket.jpg").await;
 
     // Explicit loads are refused: the folder decides.
     let refused = load_model(&client, &base, &json!({"name": "x", "source": lite0()})).await;
@@ -475,11 +442,11 @@ async fn the_poller_loads_rolls_out_and_unloads_repository_folders() {
     // Added.
     link_model(&parity_lite0, &root.join("b"));
     wait_for("b", &[("1", "ready", true)]).await;
-    classify(&client, &base, "b").await;
+    classify(&client, &base, "b", "rocket.jpg").await;
     // Changed: a rollout to version 2, with the other checkpoint's answers.
     link_model(&parity_lite0, &root.join("a"));
     wait_for("a", &[("2", "ready", true)]).await;
-    let second = classify(&client, &base, "a").await;
+    let second = classify(&client, &base, "a", "rocket.jpg").await;
     assert_eq!(second["version"], "2");
     assert_ne!(
         first["results"][0]["predictions"][0]["score"],

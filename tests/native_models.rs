@@ -7,13 +7,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("visionserve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Lay out `files` as `huggingface_hub` caches a repo: blobs, a snapshot of symlinks, a ref.
 fn fill_hub_cache(hf_home: &Path, repo: &str, files: &[&Path]) {
     let repo_dir = hf_home
@@ -34,18 +27,6 @@ fn fill_hub_cache(hf_home: &Path, repo: &str, files: &[&Path]) {
         .unwrap();
     }
     std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
-}
-
-async fn classify(base: &str, model: &str, photo: &str) -> serde_json::Value {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/models/{model}/classify"))
-        .header("content-type", "image/png")
-        .body(read(&format!("photos/{photo}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -75,8 +56,20 @@ async fn hf_hub_models_load_from_a_prefilled_cache_offline() {
     })
     .await
     .unwrap();
-    let from_hub = classify(&server.base, "tf_efficientnetv2_b0", "chelsea.png").await;
-    let from_folder = classify(&server.base, "folder", "chelsea.png").await;
+    let from_hub = classify(
+        &reqwest::Client::new(),
+        &server.base,
+        "tf_efficientnetv2_b0",
+        "chelsea.png",
+    )
+    .await;
+    let from_folder = classify(
+        &reqwest::Client::new(),
+        &server.base,
+        "folder",
+        "chelsea.png",
+    )
+    .await;
     assert_eq!(
         from_hub["results"][0]["predictions"],
         from_folder["results"][0]["predictions"]

@@ -1,4 +1,5 @@
-//! Shared test helpers: locating the test data, and servers on port 0.
+//! Shared test helpers: the test data, servers on port 0, requests, metrics, process memory
+//! and scratch folders.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -356,4 +357,86 @@ pub fn grpc_image_request(
         }],
         ..Default::default()
     }
+}
+
+/// `name{labels} value` lines of the text format, keyed by name+labels.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("malformed sample {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        // Ours, and the standard process metrics every Prometheus client exports.
+        assert!(
+            series.starts_with("visionserve_") || series.starts_with("process_"),
+            "{line:?}"
+        );
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+/// (VmRSS, VmHWM) of `pid`, in bytes.
+pub fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resident memory (VmRSS) of `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    memory_of(pid).0
+}
+
+/// A fresh, empty folder for one test, unique to the process, `tag` and call.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("visionserve-{tag}-{}-{call}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `photos/{photo}` of the test data posted to `url` with its content type.
+pub fn post_photo(client: &reqwest::Client, url: &str, photo: &str) -> reqwest::RequestBuilder {
+    let content_type = if photo.ends_with(".png") {
+        "image/png"
+    } else {
+        "image/jpeg"
+    };
+    client
+        .post(url)
+        .header("content-type", content_type)
+        .body(read(&format!("photos/{photo}")))
+}
+
+/// Classify `photo` with `model` on the server at `base`: the answer, which must be 200.
+pub async fn classify(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    photo: &str,
+) -> serde_json::Value {
+    let url = format!("{base}/v1/models/{model}/classify");
+    let response = post_photo(client, &url, photo).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
 }
