@@ -111,6 +111,7 @@ build: deps venv
 
 lint: deps venv
 	cargo fmt --all -- --check
+	python3 docs/import_graph.py --check
 	cargo clippy --release --all-targets -- -D warnings
 
 # System packages: cmake + nasm build libjpeg-turbo (the decoder Pillow uses); promtool lints

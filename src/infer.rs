@@ -38,11 +38,11 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// How long a refusal for overload or unavailability (429 / RESOURCE_EXHAUSTED, 503 /
-/// UNAVAILABLE) is held before it is sent.
-/// Clients that ignore `Retry-After` and retry at once would otherwise turn an overloaded
-/// server into a rejection loop: at 96 such clients on 2 cores, 6,000 refusals a second (each
-/// body still sent and drained) left the model a quarter of its CPU. Held refusals cost a
-/// timer, not CPU, and well-behaved clients wait longer than this anyway.
+/// UNAVAILABLE) is held before it is sent. Clients that ignore `Retry-After` and retry at once
+/// would otherwise turn an overloaded server into a rejection loop that spends its CPU on
+/// refusals (each body still sent and drained) instead of the model; held refusals cost a
+/// timer, not CPU, and well-behaved clients wait longer than this anyway. RELIABILITY.md has
+/// the storm this was measured under.
 pub const REFUSAL_PACE: Duration = Duration::from_millis(200);
 
 /// Hold a refusal for [`REFUSAL_PACE`] before it is answered.

@@ -1,29 +1,38 @@
 //! visionserve: an image-classification inference server on libtorch.
 //!
-//! One image's path through the code, in folder order:
+//! One image's path through the code, in folder order; imports point down this list, never up
+//! (`docs/import_graph.py --check` keeps it so):
 //!
 //! ```text
-//! http/, grpc     front ends: /v1 REST, v2 REST (http/v2.rs) and v2 gRPC; they parse, call the
-//!                 inference service, render, and map its errors to their statuses (one table
-//!                 each: http/error.rs, grpc::status)
-//! v1, v2          the protocols' own semantics, shared by their front ends: /v1's results and
-//!                 top_k (HTTP and the CLI), v2's tensors (REST and gRPC)
-//! infer           the inference service: admission, decode on the pool, one queue entry per
-//!                 image, the wait for answers, each request counted once
-//! images/         decode + resize/crop on a bounded thread pool (no tch)
-//! batching/       one job per image, the queue's policy and the batcher task, which forms
-//!                 batches and hands them over through a one-slot channel
-//! backend/        the model thread: owns the model, normalises the batch on the device, runs
-//!                 forward, computes what the batch's images asked for (top-k, probabilities,
-//!                 logits, embeddings), answers each image on its own oneshot
+//! server          wiring: config to models, service and listeners; budgets; drain on shutdown
+//! cli             `visionserve classify|models|download`: a front end in the same process
+//! http/, grpc/    front ends: /v1 REST, v2 REST (http/v2.rs) and v2 gRPC; each parses its
+//!                 protocol into an `infer::Intake`, makes one call, renders the answer, and
+//!                 maps errors to its statuses in one table (http/error.rs, grpc/status.rs)
+//! v1, v2          the protocols' own semantics, shared by their front ends: v1's results and
+//!                 top_k; v2's tensors, plan and render (REST and gRPC)
+//! infer           the inference service, `Inference::infer`, the one entry point: admission,
+//!                 deadline, cache policy, body reservation, decode on the pool, one queue
+//!                 entry per image, the wait for answers, each request counted once
+//! manage,         models at run time: `registry` holds them by name and version (what
+//! registry, cache requests resolve), `manage` loads, rolls out, drains and polls them, `cache`
+//!                 keeps answers by image content
+//! images/         bytes to model-ready pixels: decode, resize (Pillow's), crop, on a bounded
+//!                 pool of blocking threads (no tch)
+//! batching/       one job per image, the queue's policy (pure) and the batcher task that hands
+//!                 batches to the model threads through one-slot channels
+//! backend/        the model threads: own the model, normalise the batch on the device, run
+//!                 forward, compute what the batch's images asked for (top-k, probabilities,
+//!                 logits, embeddings), answer each image on its own oneshot
 //! models/         the networks: TorchScript, and native architectures keyed like their checkpoints
+//! repository      `--model` specs to files and configs (timm's `pretrained_cfg`)
 //! ```
 //!
-//! `registry` holds the served models by name and version (what requests resolve), `manage`
-//! loads, rolls out, drains and polls them at run time, `cache` keeps answers by image content;
-//! `repository` turns `--model` specs into files and configs, `metrics` holds every Prometheus
-//! name, `error` the service's and loading's errors. `server` wires it all together; [`run`]
-//! takes its listener and shutdown signal from the caller, so tests run servers on port 0.
+//! Leaves below all of these: `config` (flags, their defaults and the values people write in
+//! them), `error` (the service's and loading's errors, and how a failure is counted), `metrics`
+//! (every Prometheus name), `budget` (what the container gives, the in-flight memory budget),
+//! `auth`, `labels`, `hub`. [`run`] takes its listener and shutdown signal from the caller, so
+//! tests run servers on port 0.
 
 pub mod auth;
 pub mod backend;

@@ -1,8 +1,8 @@
 //! The released timm checkpoints the native architectures serve, with the preprocessing each
 //! was evaluated with (`pretrained_cfg`), for `visionserve models`. The served preprocessing
 //! always comes from the checkpoint's own config.json; this table only tells users what to
-//! expect. Sources: timm `efficientnet.py` / `maxxvit.py` default cfgs and the Hub's
-//! config.json files (`../shared/docs/reference/models.md`, sections 1.8 and 3.7).
+//! expect. Sources: timm's default cfgs (`timm/models/efficientnet.py`, `maxxvit.py`) and the
+//! `config.json` of each `timm/<architecture>.<tag>` repository on the Hugging Face Hub.
 
 /// One released checkpoint: `timm/<repo>` on the Hugging Face Hub.
 #[derive(Debug, Clone, Copy, PartialEq)]

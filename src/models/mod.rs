@@ -2,8 +2,10 @@
 //!
 //! A served model is a [`Classifier`]: normalised NCHW images in, logits out. TorchScript
 //! exports run through [`torchscript`]; the native families are implemented one file each
-//! ([`efficientnet`]), with module paths equal to the checkpoint keys and presets named after
-//! the checkpoints, sharing the inference-only layers in [`layers`].
+//! ([`efficientnet`] for EfficientNet V1, Lite and V2; [`coatnet`] for CoAtNet and CoAtNeXt),
+//! with module paths equal to the checkpoint keys and presets named after the checkpoints,
+//! sharing the inference-only layers in [`layers`]. [`weights`] reads checkpoints by key, and
+//! [`catalog`] lists the released checkpoints for `visionserve models`.
 
 pub mod catalog;
 pub mod coatnet;
