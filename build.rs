@@ -1,6 +1,7 @@
-//! Two jobs: compile the v2 gRPC protocol (`proto/grpc_service.proto`) with the pure-Rust
-//! `protox` compiler, so that no system `protoc` is needed; and link our binaries against
-//! libtorch so that they start without LD_LIBRARY_PATH and see CUDA.
+//! Two jobs: compile the v2 gRPC protocol (`proto/grpc_service.proto`) and ONNX's messages
+//! (`proto/onnx.proto`) with the pure-Rust `protox` compiler, so that no system `protoc` is
+//! needed; and link our binaries against libtorch so that they start without LD_LIBRARY_PATH
+//! and see CUDA.
 //!
 //! tch's own link arguments do not reach a dependent crate's binaries, so without this file
 //! (measured) the binary has no rpath and fails to find `libtorch_cpu.so`, and the linker's
@@ -11,6 +12,7 @@ use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     compile_protocol()?;
+    compile_onnx()?;
     link_libtorch();
     Ok(())
 }
@@ -25,6 +27,18 @@ fn compile_protocol() -> Result<(), Box<dyn std::error::Error>> {
         // Raw tensors as `Bytes`: slices of the received buffer, not copies.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
+
+/// ONNX's own `onnx.proto` (ONNX 1.23, Apache-2.0, copied unchanged): the messages of the graphs
+/// `models::onnx` writes.
+fn compile_onnx() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/onnx.proto");
+    let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
         .compile_fds(descriptors)?;
     Ok(())
 }

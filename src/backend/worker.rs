@@ -64,7 +64,7 @@ impl Runner {
     }
 
     pub fn backend(&self) -> &'static str {
-        self.model.backend()
+        self.model.implementation()
     }
 
     pub fn new(model: Box<dyn Classifier>, spec: &WorkerSpec) -> Result<Self> {

@@ -15,30 +15,15 @@
 //! Attention runs through libtorch's fused scaled-dot-product attention with the bias as mask,
 //! as timm does by default.
 
+pub use super::layers::Pool;
 use super::layers::{
     make_divisible, Act, BatchNorm2d, Conv2d, ConvSpec, LayerNorm2d, Linear, Padding, SqueezeExcite,
 };
-use super::weights::Scope;
-use super::{Classifier, Forward};
+use super::ops::Ops;
+use super::weights::{Param, Scope};
+use super::NetworkOutput;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pool {
-    /// AvgPool2d(2, 2).
-    Avg2,
-    /// MaxPool2d(3, 2, padding 1).
-    Max,
-}
-
-impl Pool {
-    fn apply(self, x: &Tensor) -> Tensor {
-        match self {
-            Pool::Avg2 => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>),
-            Pool::Max => x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormKind {
@@ -420,10 +405,10 @@ impl Norm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         match self {
-            Norm::Batch(bn) => bn.forward(x),
-            Norm::Layer(ln) => ln.forward(x),
+            Norm::Batch(bn) => bn.forward(o, x),
+            Norm::Layer(ln) => ln.forward(o, x),
         }
     }
 }
@@ -443,10 +428,10 @@ impl Downsample {
         Ok(Self { pool, expand })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let x = self.pool.apply(x);
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let x = o.pool(x, self.pool);
         match &self.expand {
-            Some(expand) => expand.forward(&x),
+            Some(expand) => expand.forward(o, &x),
             None => x,
         }
     }
@@ -457,9 +442,9 @@ fn pointwise(i: i64, o: i64) -> ConvSpec {
 }
 
 /// LayerScale (`gamma` per channel) of the module `w`.
-fn layer_scale(w: Scope, channels: i64) -> Result<Tensor> {
+fn layer_scale(w: Scope, channels: i64) -> Result<Param> {
     let gamma = w.get("gamma", &[channels])?.f_view([1, channels, 1, 1])?;
-    w.place(gamma)
+    w.param("gamma", gamma)
 }
 
 /// A ConvMlp: 1x1 conv, activation, 1x1 conv.
@@ -479,8 +464,10 @@ impl ConvMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.act.apply(self.fc1.forward(x)))
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let hidden = self.fc1.forward(o, x);
+        let hidden = self.act.apply(o, hidden);
+        self.fc2.forward(o, &hidden)
     }
 }
 
@@ -556,26 +543,31 @@ impl MbConv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         let shortcut = match &self.shortcut {
-            Some(s) => s.forward(x),
-            None => x.shallow_clone(),
+            Some(s) => s.forward(o, x),
+            None => o.share(x),
         };
-        let mut y = self.pre_act.apply(self.pre_norm.forward(x));
+        let normed = self.pre_norm.forward(o, x);
+        let mut y = self.pre_act.apply(o, normed);
         if let Some(pool) = self.down {
-            y = pool.apply(&y);
+            y = o.pool(&y, pool);
         }
-        y = self.act.apply(self.conv1.forward(&y));
-        y = self.conv2.forward(&y);
+        let expanded = self.conv1.forward(o, &y);
+        y = self.act.apply(o, expanded);
+        y = self.conv2.forward(o, &y);
         if let Some((se, norm2)) = &self.se_early {
-            y = self.act.apply(norm2.forward(&se.forward(&y)));
+            let excited = se.forward(o, &y);
+            let normed = norm2.forward(o, &excited);
+            y = self.act.apply(o, normed);
         } else {
-            y = self.act.apply(y);
+            y = self.act.apply(o, y);
         }
         if let Some(se) = &self.se {
-            y = se.forward(&y);
+            y = se.forward(o, &y);
         }
-        self.conv3.forward(&y) + shortcut
+        let projected = self.conv3.forward(o, &y);
+        o.add(&projected, &shortcut)
     }
 }
 
@@ -586,7 +578,7 @@ struct ConvNeXt {
     conv_dw: Conv2d,
     norm: LayerNorm2d,
     mlp: ConvMlp,
-    gamma: Option<Tensor>,
+    gamma: Option<Param>,
 }
 
 #[derive(Debug)]
@@ -644,19 +636,19 @@ impl ConvNeXt {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         let shortcut = match &self.shortcut {
-            ConvNeXtShortcut::Identity => x.shallow_clone(),
-            ConvNeXtShortcut::Down(d) => d.forward(x),
-            ConvNeXtShortcut::Project(c) => c.forward(x),
+            ConvNeXtShortcut::Identity => o.share(x),
+            ConvNeXtShortcut::Down(d) => d.forward(o, x),
+            ConvNeXtShortcut::Project(c) => c.forward(o, x),
         };
-        let mut y = self
-            .mlp
-            .forward(&self.norm.forward(&self.conv_dw.forward(x)));
+        let y = self.conv_dw.forward(o, x);
+        let y = self.norm.forward(o, &y);
+        let mut y = self.mlp.forward(o, &y);
         if let Some(gamma) = &self.gamma {
-            y *= gamma;
+            y = o.scale(y, gamma);
         }
-        y + shortcut
+        o.add(&y, &shortcut)
     }
 }
 
@@ -696,7 +688,7 @@ fn relative_position_bias(
     rel_pos: RelPos,
     heads: i64,
     window: (i64, i64),
-) -> Result<Tensor> {
+) -> Result<Param> {
     let (h, wd) = window;
     let n = h * wd;
     let distances = (2 * h - 1) * (2 * wd - 1);
@@ -728,7 +720,7 @@ fn relative_position_bias(
         .f_permute([2, 0, 1])?
         .f_unsqueeze(0)?
         .f_contiguous()?;
-    w.place(bias)
+    w.param("bias", bias)
 }
 
 /// timm `Attention2d` (head-first q/k/v layout) with a precomputed relative position bias.
@@ -736,32 +728,28 @@ fn relative_position_bias(
 struct Attention {
     qkv: Conv2d,
     proj: Conv2d,
-    bias: Tensor,
+    bias: Param,
     heads: i64,
     dim_head: i64,
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let [b, _, h, w] = x.size()[..] else {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let [_, _, h, w] = o.shape(x)[..] else {
             unreachable!("NCHW input")
         };
         let (heads, dh) = (self.heads, self.dim_head);
-        let qkv = self.qkv.forward(x).reshape([b, heads, 3 * dh, h * w]);
-        let part = |i: i64| qkv.narrow(2, i * dh, dh).transpose(-1, -2).contiguous();
+        let qkv = self.qkv.forward(o, x);
+        let qkv = o.reshape(&qkv, &[-1, heads, 3 * dh, h * w]);
+        let mut part = |i: i64| {
+            let part = o.narrow(&qkv, 2, i * dh, dh);
+            o.transpose_last(&part)
+        };
         let (q, k, v) = (part(0), part(1), part(2));
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(&self.bias),
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.proj
-            .forward(&out.transpose(-1, -2).reshape([b, heads * dh, h, w]))
+        let out = o.attention(&q, &k, &v, &self.bias);
+        let out = o.transpose_last(&out);
+        let out = o.reshape(&out, &[-1, heads * dh, h, w]);
+        self.proj.forward(o, &out)
     }
 }
 
@@ -772,10 +760,10 @@ struct TransformerBlock {
     norm1: Norm,
     norm1_down: Option<Pool>,
     attn: Attention,
-    ls1: Option<Tensor>,
+    ls1: Option<Param>,
     norm2: Norm,
     mlp: ConvMlp,
-    ls2: Option<Tensor>,
+    ls2: Option<Param>,
 }
 
 impl TransformerBlock {
@@ -809,7 +797,7 @@ impl TransformerBlock {
             heads,
             dim_head: cfg.dim_head,
         };
-        let ls = |name: &str| -> Result<Option<Tensor>> {
+        let ls = |name: &str| -> Result<Option<Param>> {
             cfg.layer_scale
                 .then(|| layer_scale(w.pp(name), dim_out))
                 .transpose()
@@ -832,25 +820,26 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         let shortcut = match &self.shortcut {
-            Some(s) => s.forward(x),
-            None => x.shallow_clone(),
+            Some(s) => s.forward(o, x),
+            None => o.share(x),
         };
-        let mut y = self.norm1.forward(x);
+        let mut y = self.norm1.forward(o, x);
         if let Some(pool) = self.norm1_down {
-            y = pool.apply(&y);
+            y = o.pool(&y, pool);
         }
-        let mut y = self.attn.forward(&y);
+        let mut y = self.attn.forward(o, &y);
         if let Some(gamma) = &self.ls1 {
-            y *= gamma;
+            y = o.scale(y, gamma);
         }
-        let x = shortcut + y;
-        let mut y = self.mlp.forward(&self.norm2.forward(&x));
+        let x = o.add(&shortcut, &y);
+        let y = self.norm2.forward(o, &x);
+        let mut y = self.mlp.forward(o, &y);
         if let Some(gamma) = &self.ls2 {
-            y *= gamma;
+            y = o.scale(y, gamma);
         }
-        x + y
+        o.add(&x, &y)
     }
 }
 
@@ -862,11 +851,11 @@ enum Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         match self {
-            Block::MbConv(b) => b.forward(x),
-            Block::ConvNeXt(b) => b.forward(x),
-            Block::Transformer(b) => b.forward(x),
+            Block::MbConv(b) => b.forward(o, x),
+            Block::ConvNeXt(b) => b.forward(o, x),
+            Block::Transformer(b) => b.forward(o, x),
         }
     }
 }
@@ -1016,45 +1005,44 @@ fn load_head(cfg: &Config, w: Scope) -> Result<Head> {
     })
 }
 
-impl Classifier for CoAtNet {
-    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward> {
-        let x = self.stem_conv1.forward(input);
+impl CoAtNet {
+    pub fn forward<O: Ops>(&self, o: &mut O, input: &O::Value) -> NetworkOutput<O::Value> {
+        let x = self.stem_conv1.forward(o, input);
         let x = match &self.stem_norm {
-            StemNorm::Folded(act) => act.apply(x),
-            StemNorm::Layer(norm, act) => act.apply(norm.forward(&x)),
+            StemNorm::Folded(act) => act.apply(o, x),
+            StemNorm::Layer(norm, act) => {
+                let normed = norm.forward(o, &x);
+                act.apply(o, normed)
+            }
         };
-        let mut x = self.stem_conv2.forward(&x);
+        let mut x = self.stem_conv2.forward(o, &x);
         for block in &self.blocks {
-            x = block.forward(&x);
+            x = block.forward(o, &x);
         }
         // timm's `forward_head(x, pre_logits=True)` stops before the last `fc`: after the
         // pooling for the rw/coatnext head, after `pre_logits` (fc + tanh) for the paper head.
         let (embeddings, fc) = match &self.head {
-            Head::Classifier { norm, fc } => (
-                norm.forward(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1),
-                fc,
-            ),
+            Head::Classifier { norm, fc } => {
+                let normed = norm.forward(o, &x);
+                let pooled = o.global_average_pool(&normed);
+                (o.flatten(&pooled), fc)
+            }
             Head::NormMlp {
                 norm,
                 pre_logits,
                 fc,
             } => {
-                let pooled = norm.forward(&x.adaptive_avg_pool2d([1, 1])).flatten(1, -1);
-                (pre_logits.forward(&pooled).tanh(), fc)
+                let pooled = o.global_average_pool(&x);
+                let normed = norm.forward(o, &pooled);
+                let flat = o.flatten(&normed);
+                let hidden = pre_logits.forward(o, &flat);
+                (o.tanh(&hidden), fc)
             }
         };
-        Ok(Forward {
-            logits: fc.forward(&embeddings),
-            embeddings: Some(embeddings),
-        })
-    }
-
-    fn backend(&self) -> &'static str {
-        "native"
-    }
-
-    fn wants_channels_last(&self) -> bool {
-        true
+        NetworkOutput {
+            logits: fc.forward(o, &embeddings),
+            embeddings,
+        }
     }
 }
 

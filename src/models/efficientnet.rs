@@ -16,10 +16,10 @@ use super::layers::{
     make_divisible, timm_padding, Act, Conv2d, ConvSpec, GlobalContext, Linear, Padding,
     SqueezeExcite,
 };
+use super::ops::Ops;
 use super::weights::{KeyPath, Scope, Weights};
-use super::{Classifier, Forward};
+use super::NetworkOutput;
 use anyhow::{bail, Context, Result};
-use tch::Tensor;
 
 /// How each stage's channel attention is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,10 +495,10 @@ impl ChannelAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
         match self {
-            Self::Se(se) => se.forward(x),
-            Self::Gc(gc) => gc.forward(x),
+            Self::Se(se) => se.forward(o, x),
+            Self::Gc(gc) => gc.forward(o, x),
         }
     }
 }
@@ -516,19 +516,21 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mut y = x.shallow_clone();
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let mut y = o.share(x);
         for conv in &self.convs {
-            y = self.act.apply(conv.forward(&y));
+            let convolved = conv.forward(o, &y);
+            y = self.act.apply(o, convolved);
         }
         if let Some(attention) = &self.attention {
-            y = attention.forward(&y);
+            y = attention.forward(o, &y);
         }
         if let Some(project) = &self.project {
-            y = project.forward(&y);
+            y = project.forward(o, &y);
         }
         if self.skip {
-            y += x;
+            // `y` is this block's own output (every block has a convolution).
+            y = o.add_into(y, x);
         }
         y
     }
@@ -734,28 +736,23 @@ impl EfficientNet {
     }
 }
 
-impl Classifier for EfficientNet {
+impl EfficientNet {
     /// timm's `forward_features`, then `forward_head`: the embeddings are the pooled features
     /// (`pre_logits=True`), the logits the classifier applied to them.
-    fn forward_with_embeddings(&self, input: &Tensor) -> Result<Forward> {
-        let mut x = self.act.apply(self.conv_stem.forward(input));
+    pub fn forward<O: Ops>(&self, o: &mut O, input: &O::Value) -> NetworkOutput<O::Value> {
+        let x = self.conv_stem.forward(o, input);
+        let mut x = self.act.apply(o, x);
         for block in &self.blocks {
-            x = block.forward(&x);
+            x = block.forward(o, &x);
         }
-        let x = self.act.apply(self.conv_head.forward(&x));
-        let pooled = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        Ok(Forward {
-            logits: self.classifier.forward(&pooled),
-            embeddings: Some(pooled),
-        })
-    }
-
-    fn backend(&self) -> &'static str {
-        "native"
-    }
-
-    fn wants_channels_last(&self) -> bool {
-        true
+        let x = self.conv_head.forward(o, &x);
+        let x = self.act.apply(o, x);
+        let pooled = o.global_average_pool(&x);
+        let pooled = o.flatten(&pooled);
+        NetworkOutput {
+            logits: self.classifier.forward(o, &pooled),
+            embeddings: pooled,
+        }
     }
 }
 
@@ -943,7 +940,7 @@ mod tests {
             "classifier.1.bias",
             "unrelated.weight",
         ];
-        let zero = || Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let zero = || tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
         let tensors = keys.iter().map(|k| (k.to_string(), zero())).collect();
         let mut w = Weights::from_tensors(tensors, tch::Device::Cpu, tch::Kind::Float);
         let layout = Config::efficientnet_v2_s().layout().unwrap();

@@ -1,33 +1,12 @@
 //! Building blocks shared by the native architectures, in inference form: BatchNorm is folded
-//! into the convolution before it at load time, and every layer only has a forward pass.
+//! into the convolution before it at load time, and every layer only has a forward pass,
+//! written against [`Ops`] so that it runs eagerly on libtorch or is recorded as a graph.
 
-use super::weights::Scope;
+pub use super::ops::{Act, ConvSpec, Padding, Pool};
+use super::ops::{BatchNormWeights, Ops};
+use super::weights::{Param, Scope};
 use anyhow::Result;
 use tch::{Kind, Tensor};
-
-/// Activation functions, applied in place on freshly computed tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    Identity,
-    Relu,
-    Relu6,
-    Silu,
-    /// Exact (erf) GELU, as `nn.GELU()`.
-    Gelu,
-}
-
-impl Act {
-    pub fn apply(self, mut x: Tensor) -> Tensor {
-        match self {
-            Act::Identity => x,
-            Act::Relu => x.relu_(),
-            // nn.ReLU6 is hardtanh(0, 6): the same min/max as clamp.
-            Act::Relu6 => x.clamp_(0.0, 6.0),
-            Act::Silu => x.silu_(),
-            Act::Gelu => x.gelu("none"),
-        }
-    }
-}
 
 /// The same values with NHWC strides ("channels last"). oneDNN's CPU convolutions and cuDNN's
 /// tensor-core kernels are fastest on this layout: batch-8 EfficientNet-Lite0 ran 35 % faster
@@ -50,16 +29,6 @@ pub fn make_divisible(value: f64, divisor: i64, round_limit: f64) -> i64 {
     }
 }
 
-/// How a convolution pads its input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Padding {
-    /// PyTorch padding, the same on both sides.
-    Symmetric(i64),
-    /// TensorFlow "SAME" for strided convolutions: computed from the input size, with the odd
-    /// pixel on the right/bottom (timm's `Conv2dSame`).
-    TfSame,
-}
-
 /// timm's padding choice: `''` pads symmetrically; `'same'` is static (symmetric) when the
 /// stride is 1 and dynamic TF padding otherwise.
 pub fn timm_padding(tf_same: bool, kernel: i64, stride: i64, dilation: i64) -> Padding {
@@ -70,74 +39,11 @@ pub fn timm_padding(tf_same: bool, kernel: i64, stride: i64, dilation: i64) -> P
     }
 }
 
-/// TF "SAME" padding for one spatial size: (before, after).
-fn same_pad(size: i64, kernel: i64, stride: i64, dilation: i64) -> (i64, i64) {
-    let out = (size + stride - 1) / stride;
-    let pad = ((out - 1) * stride + (kernel - 1) * dilation + 1 - size).max(0);
-    (pad / 2, pad - pad / 2)
-}
-
-/// Shape of a convolution to load.
-#[derive(Debug, Clone, Copy)]
-pub struct ConvSpec {
-    pub in_channels: i64,
-    pub out_channels: i64,
-    pub kernel: i64,
-    pub stride: i64,
-    pub groups: i64,
-    pub padding: Padding,
-}
-
-impl ConvSpec {
-    pub fn new(
-        in_channels: i64,
-        out_channels: i64,
-        kernel: i64,
-        stride: i64,
-        padding: Padding,
-    ) -> Self {
-        Self {
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            groups: 1,
-            padding,
-        }
-    }
-
-    pub fn depthwise(channels: i64, kernel: i64, stride: i64, padding: Padding) -> Self {
-        Self {
-            in_channels: channels,
-            out_channels: channels,
-            kernel,
-            stride,
-            groups: channels,
-            padding,
-        }
-    }
-
-    /// `groups` = `in_channels / group_size` (timm's `num_groups`).
-    pub fn grouped(mut self, groups: i64) -> Self {
-        self.groups = groups;
-        self
-    }
-
-    fn weight_shape(&self) -> [i64; 4] {
-        [
-            self.out_channels,
-            self.in_channels / self.groups,
-            self.kernel,
-            self.kernel,
-        ]
-    }
-}
-
 /// A 2-D convolution with an optional bias (where BatchNorm was folded in, the bias holds it).
 #[derive(Debug)]
 pub struct Conv2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    weight: Param,
+    bias: Option<Param>,
     spec: ConvSpec,
 }
 
@@ -173,8 +79,8 @@ impl Conv2d {
             .then(|| w.get("bias", &[spec.out_channels]))
             .transpose()?;
         Ok(Self {
-            weight: channels_last(w.place(weight)?)?,
-            bias: bias.map(|b| w.place(b)).transpose()?,
+            weight: w.param("weight", weight)?.map(channels_last)?,
+            bias: bias.map(|b| w.param("bias", b)).transpose()?,
             spec,
         })
     }
@@ -182,7 +88,8 @@ impl Conv2d {
     /// A bias-free convolution followed by an eval-mode BatchNorm, folded into one convolution:
     /// `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`, in f64.
     /// This removes a full pass over every activation map; results differ from the unfolded
-    /// layers by rounding only. `conv` and `bn` are the two modules' scopes (usually siblings).
+    /// layers by rounding only. `conv` and `bn` are the two modules' scopes (usually siblings);
+    /// the folded weights keep the convolution's keys.
     pub fn load_with_batch_norm(conv: Scope, bn: Scope, spec: ConvSpec, eps: f64) -> Result<Self> {
         let weight = conv
             .get("weight", &spec.weight_shape())?
@@ -193,46 +100,22 @@ impl Conv2d {
             .f_to_kind(Kind::Float)?;
         let bias = bn.shift.f_to_kind(Kind::Float)?;
         Ok(Self {
-            weight: channels_last(conv.place(weight)?)?,
-            bias: Some(conv.place(bias)?),
+            weight: conv.param("weight", weight)?.map(channels_last)?,
+            bias: Some(conv.param("bias", bias)?),
             spec,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let s = &self.spec;
-        match s.padding {
-            Padding::Symmetric(p) => x.conv2d(
-                &self.weight,
-                self.bias.as_ref(),
-                [s.stride],
-                [p],
-                [1],
-                s.groups,
-            ),
-            Padding::TfSame => {
-                let (h, w) = (x.size()[2], x.size()[3]);
-                let (top, bottom) = same_pad(h, s.kernel, s.stride, 1);
-                let (left, right) = same_pad(w, s.kernel, s.stride, 1);
-                let padded = x.constant_pad_nd([left, right, top, bottom]);
-                padded.conv2d(
-                    &self.weight,
-                    self.bias.as_ref(),
-                    [s.stride],
-                    [0],
-                    [1],
-                    s.groups,
-                )
-            }
-        }
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        o.conv2d(x, &self.weight, self.bias.as_ref(), &self.spec)
     }
 }
 
 /// `nn.Linear`, accepting `[o, i]` or `[o, i, 1, 1]` checkpoints.
 #[derive(Debug)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl Linear {
@@ -240,8 +123,8 @@ impl Linear {
         let weight = w.get("weight", &[out_features, in_features])?;
         let bias = bias.then(|| w.get("bias", &[out_features])).transpose()?;
         Ok(Self {
-            weight: w.place(weight)?,
-            bias: bias.map(|b| w.place(b)).transpose()?,
+            weight: w.param("weight", weight)?,
+            bias: bias.map(|b| w.param("bias", b)).transpose()?,
         })
     }
 
@@ -250,23 +133,22 @@ impl Linear {
         let weight = w.get("weight", &[out_features, in_features, 1, 1])?;
         let bias = w.get("bias", &[out_features])?;
         Ok(Self {
-            weight: w.place(weight.f_reshape([out_features, in_features])?)?,
-            bias: Some(w.place(bias)?),
+            weight: w.param("weight", weight.f_reshape([out_features, in_features])?)?,
+            bias: Some(w.param("bias", bias)?),
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        o.linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
 /// LayerNorm over the channels of an NCHW map (timm's `LayerNorm2d`).
 #[derive(Debug)]
 pub struct LayerNorm2d {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Param,
+    bias: Param,
     eps: f64,
-    channels: i64,
 }
 
 impl LayerNorm2d {
@@ -274,65 +156,40 @@ impl LayerNorm2d {
         let weight = w.get("weight", &[channels])?;
         let bias = w.get("bias", &[channels])?;
         Ok(Self {
-            weight: w.place(weight)?,
-            bias: w.place(bias)?,
+            weight: w.param("weight", weight)?,
+            bias: w.param("bias", bias)?,
             eps,
-            channels,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.permute([0, 2, 3, 1])
-            .layer_norm(
-                [self.channels],
-                Some(&self.weight),
-                Some(&self.bias),
-                self.eps,
-                false,
-            )
-            .permute([0, 3, 1, 2])
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        o.layer_norm_channels(x, &self.weight, &self.bias, self.eps)
     }
 }
 
 /// An eval-mode BatchNorm that cannot be folded into a neighbouring convolution.
 #[derive(Debug)]
 pub struct BatchNorm2d {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
+    weights: BatchNormWeights,
     eps: f64,
 }
 
 impl BatchNorm2d {
     pub fn load(w: Scope, channels: i64, eps: f64) -> Result<Self> {
-        let get = |name: &str| -> Result<Tensor> { w.get(name, &[channels]) };
-        let (weight, bias, mean, var) = (
-            get("weight")?,
-            get("bias")?,
-            get("running_mean")?,
-            get("running_var")?,
-        );
+        let param = |name: &str| -> Result<Param> { w.param(name, w.get(name, &[channels])?) };
         Ok(Self {
-            weight: w.place(weight)?,
-            bias: w.place(bias)?,
-            running_mean: w.place(mean)?,
-            running_var: w.place(var)?,
+            weights: BatchNormWeights {
+                weight: param("weight")?,
+                bias: param("bias")?,
+                running_mean: param("running_mean")?,
+                running_var: param("running_var")?,
+            },
             eps,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            false,
-            0.1,
-            self.eps,
-            true,
-        )
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        o.batch_norm(x, &self.weights, self.eps)
     }
 }
 
@@ -343,6 +200,7 @@ pub struct SqueezeExcite {
     reduce: Linear,
     expand: Linear,
     act: Act,
+    channels: i64,
 }
 
 impl SqueezeExcite {
@@ -359,17 +217,18 @@ impl SqueezeExcite {
             reduce: Linear::load_pointwise_conv(w.pp(names.0), channels, reduced)?,
             expand: Linear::load_pointwise_conv(w.pp(names.1), reduced, channels)?,
             act,
+            channels,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let pooled = x.mean_dim([2i64, 3].as_slice(), false, x.kind());
-        let gate = self
-            .expand
-            .forward(&self.act.apply(self.reduce.forward(&pooled)))
-            .sigmoid();
-        let (b, c) = (gate.size()[0], gate.size()[1]);
-        x * gate.view([b, c, 1, 1])
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let pooled = o.mean_spatial(x);
+        let reduced = self.reduce.forward(o, &pooled);
+        let reduced = self.act.apply(o, reduced);
+        let gate = self.expand.forward(o, &reduced);
+        let gate = o.sigmoid(&gate);
+        let gate = o.reshape(&gate, &[-1, self.channels, 1, 1]);
+        o.mul(x, &gate)
     }
 }
 
@@ -397,41 +256,30 @@ impl GlobalContext {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let [b, c, h, w] = x.size()[..] else {
+    pub fn forward<O: Ops>(&self, o: &mut O, x: &O::Value) -> O::Value {
+        let [_, c, h, w] = o.shape(x)[..] else {
             unreachable!("NCHW input")
         };
-        let attn = self
-            .conv_attn
-            .forward(x)
-            .reshape([b, 1, h * w])
-            .softmax(-1, x.kind())
-            .unsqueeze(3);
-        let context = x
-            .reshape([b, c, h * w])
-            .unsqueeze(1)
-            .matmul(&attn)
-            .view([b, c, 1, 1]);
-        let mlp = self.fc2.forward(
-            &self
-                .act
-                .apply(self.norm.forward(&self.fc1.forward(&context))),
-        );
-        x * mlp.sigmoid()
+        let attn = self.conv_attn.forward(o, x);
+        let attn = o.reshape(&attn, &[-1, 1, h * w]);
+        let attn = o.softmax(&attn, -1);
+        let attn = o.unsqueeze(&attn, 3);
+        let flat = o.reshape(x, &[-1, c, h * w]);
+        let flat = o.unsqueeze(&flat, 1);
+        let context = o.matmul(&flat, &attn);
+        let context = o.reshape(&context, &[-1, c, 1, 1]);
+        let mlp = self.fc1.forward(o, &context);
+        let mlp = self.norm.forward(o, &mlp);
+        let mlp = self.act.apply(o, mlp);
+        let mlp = self.fc2.forward(o, &mlp);
+        let gate = o.sigmoid(&mlp);
+        o.mul(x, &gate)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tf_same_padding_puts_the_extra_pixel_last() {
-        assert_eq!(same_pad(224, 3, 2, 1), (0, 1));
-        assert_eq!(same_pad(225, 3, 2, 1), (1, 1));
-        assert_eq!(same_pad(300, 5, 2, 1), (1, 2));
-        assert_eq!(same_pad(7, 3, 1, 1), (1, 1));
-    }
 
     #[test]
     fn timm_padding_is_static_for_stride_one() {

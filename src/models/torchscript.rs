@@ -32,7 +32,7 @@ impl Classifier for TorchScriptModel {
         })
     }
 
-    fn backend(&self) -> &'static str {
+    fn implementation(&self) -> &'static str {
         "torchscript"
     }
 }

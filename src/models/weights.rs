@@ -220,8 +220,44 @@ impl<'a> Scope<'a> {
         self.weights.place(tensor)
     }
 
+    /// A finished parameter named `{path}.{leaf}`, on the model's device and in its precision.
+    pub fn param(&self, leaf: &str, tensor: Tensor) -> Result<Param> {
+        Ok(Param {
+            key: self.path.pp(leaf).into(),
+            tensor: self.place(tensor)?,
+        })
+    }
+
     pub fn device(&self) -> Device {
         self.weights.device()
+    }
+}
+
+/// One weight of a built network: its tensor (on the model's device, in its precision and
+/// layout) and the checkpoint key it came from, which also names it in an exported graph.
+/// Weights computed at load time (a BatchNorm folded into its convolution, an attention
+/// bias) keep the key of the module they belong to.
+#[derive(Debug)]
+pub struct Param {
+    key: String,
+    tensor: Tensor,
+}
+
+impl Param {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// The same weight with its tensor changed (its layout, say).
+    pub fn map(self, f: impl FnOnce(Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            key: self.key,
+            tensor: f(self.tensor)?,
+        })
     }
 }
 
