@@ -77,13 +77,14 @@ test: deps test-deps venv client-venv weights test-data parity-data
 	$(MAKE) --no-print-directory test-ops
 
 # The KServe v2 endpoints driven by the real client libraries (tritonclient, the kserve SDK),
-# against the release binary that `cargo test --release` built.
+# against the release binary that `cargo test --release` built; and `visionserve export`'s
+# graphs checked by ONNX's checker and ONNX Runtime against every parity fixture.
 # `cargo test --no-run` builds the binary with the features `cargo test` resolves (a plain
 # `cargo build` would rebuild half the dependencies with other features); after `cargo test`
 # it does nothing.
-test-clients: deps venv client-venv weights test-data
+test-clients: deps venv client-venv weights test-data parity-data
 	cargo test --release --no-run
-	VISIONSERVE_BIN=$(BIN) $(CLIENT_PYTHON) -m pytest -q tests/clients
+	VISIONSERVE_BIN=$(BIN) VISIONSERVE_PARITY_DATA=$(PARITY_FAST) $(CLIENT_PYTHON) -m pytest -q tests/clients
 
 # OpenAPI (validator + schemathesis), the web page in headless Chromium, the observability stack
 # against a real Prometheus (promtool too), and the Kubernetes/KServe manifests against their

@@ -1,7 +1,8 @@
 //! The one binary's subcommands: `serve` (the default: flags alone run the server),
 //! `classify` (a batch job over files and folders, in process, through the server's own
 //! decoding, preprocessing, batching and models), `models` (the native presets and the released
-//! checkpoints they serve) and `download` (fill the Hugging Face cache ahead of time).
+//! checkpoints they serve), `download` (fill the Hugging Face cache ahead of time) and `export`
+//! (a native model as an ONNX graph, for other runtimes).
 
 use crate::backend::ModelHandle;
 use crate::config::Config;
@@ -43,6 +44,9 @@ pub enum Command {
     Models,
     /// Download `hf-hub:ORG/REPO[@REVISION]` checkpoints into the Hugging Face cache.
     Download(DownloadArgs),
+    /// Write a native model as an ONNX graph (opset 17, weights included) for ONNX Runtime,
+    /// TensorRT, OpenVINO Model Server or any other ONNX runtime.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +83,26 @@ pub struct ClassifyArgs {
     /// Image files, and folders searched recursively for .jpg, .jpeg, .png, .webp, .gif, .bmp.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
+}
+
+/// What `visionserve export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX, opset 17: input `input` [batch, 3, H, W] (normalised as the checkpoint's
+    /// preprocessing says: `metadata_props` carry it), outputs `logits` and `embeddings`.
+    Onnx,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model: a folder in the Hub layout, a weights file, or `hf-hub:ORG/REPO`, with
+    /// `?options` as for `serve --model` (`input_size` sets the graph's input size).
+    pub source: String,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+    pub format: ExportFormat,
+    /// The file to write; a graph over 2 GiB keeps its weights in `<file>.data` beside it.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -486,6 +510,85 @@ pub fn download(args: DownloadArgs) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `visionserve export`: build the native model from its checkpoint, record it as an ONNX
+/// graph and write it; prints what was written.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let ExportFormat::Onnx = args.format;
+    let spec = crate::repository::ModelSpec::parse(&args.source).map_err(|e| anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let files = runtime
+        .block_on(crate::manage::locate(
+            &spec.source,
+            spec.options.arch.as_deref(),
+        ))
+        .map_err(|e| anyhow!(e))?;
+    if files.format == crate::repository::WeightsFormat::TorchScript {
+        bail!(
+            "{} is a TorchScript export: only native architectures can be exported (their graph \
+             comes from this crate's own description of them); `visionserve models` lists them",
+            files.weights.display()
+        );
+    }
+    let config = files
+        .config
+        .resolve(&spec.options)
+        .map_err(|e| anyhow!(e))?;
+    let input_size = config.preprocess.input_size;
+    let network = {
+        let _no_grad = tch::no_grad_guard();
+        crate::models::Network::load(
+            &files,
+            config.num_classes,
+            input_size,
+            tch::Device::Cpu,
+            tch::Kind::Float,
+        )?
+    };
+    let model = network.to_onnx(&config.architecture, input_size, &export_metadata(&config));
+    drop(network);
+    let written = model.write(&args.output)?;
+    let (h, w) = input_size;
+    println!(
+        "{}: {} opset {}, input {} [batch, 3, {h}, {w}], outputs {} [batch, {}] and {}, {} MiB of weights",
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        config.architecture,
+        crate::models::onnx::OPSET,
+        crate::models::onnx::INPUT,
+        crate::models::onnx::LOGITS,
+        config.num_classes,
+        crate::models::onnx::EMBEDDINGS,
+        model.weight_bytes() >> 20,
+    );
+    Ok(())
+}
+
+/// What a user of the exported graph needs to feed it and read it: the preprocessing timm
+/// evaluated the checkpoint with, and the labels.
+fn export_metadata(config: &crate::repository::ModelConfig) -> Vec<(&'static str, String)> {
+    let p = &config.preprocess;
+    let json = |value: serde_json::Value| value.to_string();
+    vec![
+        ("architecture", config.architecture.clone()),
+        ("num_classes", config.num_classes.to_string()),
+        (
+            "input_size",
+            json(serde_json::json!([3, p.input_size.0, p.input_size.1])),
+        ),
+        ("interpolation", json(serde_json::json!(p.interpolation))),
+        ("crop_pct", p.crop_pct.to_string()),
+        ("crop_mode", json(serde_json::json!(p.crop_mode))),
+        ("mean", json(serde_json::json!(p.mean))),
+        ("std", json(serde_json::json!(p.std))),
+        ("labels", json(serde_json::json!(config.labels))),
+    ]
 }
 
 #[cfg(test)]

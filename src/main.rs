@@ -1,5 +1,5 @@
 //! The `visionserve` binary: parse the subcommand (`serve` by default), set up logging, then
-//! serve until SIGTERM/SIGINT, or run `classify`, `models` or `download`.
+//! serve until SIGTERM/SIGINT, or run `classify`, `models`, `download` or `export`.
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         Some(Command::Download(args)) => {
             init_logging_with("warn", LogFormat::Text);
             finish(visionserve::cli::download(args))
+        }
+        Some(Command::Export(args)) => {
+            init_logging_with("warn", LogFormat::Text);
+            finish(visionserve::cli::export(args))
         }
     }
 }
