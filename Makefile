@@ -26,7 +26,9 @@ CACHE_DIR     ?= $(HOME)/.cache/visionserve
 VENV          ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON        := $(VENV)/bin/python
 REQUIREMENTS  := weights/requirements.txt
-REQ_HASH      := $(shell cat $(REQUIREMENTS) | sha1sum | cut -c1-12)
+# The OpenVINO runtime (the openvino backend), in the same venv.
+RUNTIMES      := weights/runtimes.txt
+REQ_HASH      := $(shell cat $(REQUIREMENTS) $(RUNTIMES) | sha1sum | cut -c1-12)
 VENV_STAMP    := $(VENV)/.installed-$(REQ_HASH)
 
 # tch's build finds libtorch through the venv's python.
@@ -145,10 +147,10 @@ $(CLIENT_VENV)/.installed:
 	$(CLIENT_PYTHON) -m pip install --quiet -r $(CLIENT_REQUIREMENTS)
 	@touch $@
 
-$(VENV_STAMP): $(REQUIREMENTS)
+$(VENV_STAMP): $(REQUIREMENTS) $(RUNTIMES)
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION) -r $(REQUIREMENTS)
+	$(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION) -r $(REQUIREMENTS) -r $(RUNTIMES)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

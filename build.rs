@@ -51,6 +51,7 @@ fn link_libtorch() {
         return;
     };
     export_libtorch_version(Some(Path::new(&lib_dir)));
+    export_openvino_library(Path::new(&lib_dir));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
@@ -58,6 +59,40 @@ fn link_libtorch() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
     }
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}
+
+/// Where the OpenVINO runtime of the PyPI wheel `openvino` is, when it sits in the same
+/// site-packages as torch (`make` installs both into one venv): the `openvino` backend loads it
+/// from there unless `VISIONSERVE_OPENVINO_LIB` says otherwise.
+fn export_openvino_library(torch_lib: &Path) {
+    let Some(site_packages) = torch_lib.parent().and_then(Path::parent) else {
+        return;
+    };
+    let libs = site_packages.join("openvino").join("libs");
+    println!("cargo:rerun-if-changed={}", libs.display());
+    let Ok(entries) = std::fs::read_dir(&libs) else {
+        println!(
+            "cargo:warning=no OpenVINO wheel next to torch ({}): the openvino backend will need VISIONSERVE_OPENVINO_LIB",
+            libs.display()
+        );
+        return;
+    };
+    let mut found: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libopenvino_c.so"))
+        })
+        .collect();
+    found.sort();
+    if let Some(library) = found.last() {
+        println!(
+            "cargo:rustc-env=VISIONSERVE_OPENVINO_LIB_BUILT={}",
+            library.display()
+        );
+    }
 }
 
 /// `visionserve_build_info` names the libtorch and CUDA versions built against. The PyPI wheel

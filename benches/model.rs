@@ -4,15 +4,17 @@
 //!     cargo bench --bench model -- --model weights/tf_efficientnet_lite0 --batch-sizes 1,8
 //!
 //! `--model` takes the same sources as the server (a folder serves its preferred weights; point
-//! at `model.pt` for the TorchScript export). Prints one markdown row per batch size.
+//! at `model.pt` for the TorchScript export), `--backend` the same backends (torch, openvino).
+//! Prints one markdown row per batch size.
 
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use visionserve::backend::device;
-use visionserve::backend::worker::{Runner, WorkerSpec};
+use visionserve::backend::runner::Runner;
+use visionserve::backend::spec::WorkerSpec;
 use visionserve::batching::Outputs;
-use visionserve::config::{DType, DeviceChoice};
+use visionserve::config::{Backend, DType, DeviceChoice};
 use visionserve::images::Pixels;
 use visionserve::repository::{ModelFiles, ModelOptions};
 
@@ -50,6 +52,10 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What runs the model: torch (libtorch) or openvino (native models, CPU), or auto as
+    /// the server decides.
+    #[arg(long, value_enum, default_value_t = Backend::Torch)]
+    backend: Backend,
     /// Independent copies of the model, each run by its own thread (as the server's
     /// `--instances`); images/s is their sum.
     #[arg(long, default_value_t = 1)]
@@ -74,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     let files = ModelFiles::locate(&args.model).map_err(anyhow::Error::msg)?;
     let options = ModelOptions {
         input_size: args.input_size,
-        arch: None,
+        ..ModelOptions::default()
     };
     let config = files.config.resolve(&options).map_err(anyhow::Error::msg)?;
     let spec = WorkerSpec {
@@ -85,7 +91,9 @@ fn main() -> anyhow::Result<()> {
         kind,
         max_batch_size: 1,
         files,
+        backend: args.backend,
     };
+    let openvino = visionserve::backend::openvino::OpenVinoPrep::default();
     let (h, w) = config.preprocess.input_size;
     let threads = args.threads.or_else(|| {
         (args.instances > 1).then(|| {
@@ -99,7 +107,9 @@ fn main() -> anyhow::Result<()> {
         let ready = std::sync::Barrier::new(args.instances.max(1));
         let per_instance = std::thread::scope(|scope| {
             let runs: Vec<_> = (0..args.instances)
-                .map(|_| scope.spawn(|| time_batches(&spec, &args, threads, *batch, &ready)))
+                .map(|_| {
+                    scope.spawn(|| time_batches(&spec, &openvino, &args, threads, *batch, &ready))
+                })
                 .collect();
             runs.into_iter()
                 .map(|run| run.join().expect("bench thread panicked"))
@@ -143,20 +153,21 @@ struct Timed {
 /// run it for `--seconds`.
 fn time_batches(
     spec: &WorkerSpec,
+    openvino: &visionserve::backend::openvino::OpenVinoPrep,
     args: &Args,
     threads: Option<i32>,
     batch: usize,
     ready: &std::sync::Barrier,
 ) -> anyhow::Result<Timed> {
     device::flush_denormals();
-    if let Some(threads) = threads {
-        tch::set_num_threads(threads);
-    }
+    let _ = tch::get_num_threads();
+    let threads = threads.unwrap_or_else(tch::get_num_threads);
+    tch::set_num_threads(threads);
     let _no_grad = tch::no_grad_guard();
     let (h, w) = spec.preprocess.input_size;
     let image = Pixels::Rgb8((0..h * w * 3).map(|i| (i * 31 % 251) as u8).collect());
     let images = vec![&image; batch];
-    let warmed = Runner::load(spec).and_then(|runner| {
+    let warmed = Runner::load(spec, threads as usize, openvino).and_then(|runner| {
         for _ in 0..3 {
             runner.run(&images, Outputs::top_k(5))?;
         }
@@ -179,8 +190,8 @@ fn time_batches(
     }
     let per_batch = busy.as_secs_f64() / f64::from(runs);
     Ok(Timed {
-        backend: runner.backend(),
-        threads: tch::get_num_threads(),
+        backend: runner.execution().backend,
+        threads,
         images_per_s: batch as f64 / per_batch,
         per_batch_ms: per_batch * 1e3,
     })

@@ -84,6 +84,15 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_DEVICE", default_value = "auto")]
     pub device: String,
 
+    /// What runs the models: `openvino` compiles a native model (this crate's own description
+    /// of it, as an ONNX graph) with OpenVINO for the CPU, several times faster than libtorch
+    /// there; `torch` runs it on libtorch, the reference, and the only backend for GPUs and
+    /// TorchScript exports. `auto` (the default) is openvino for native models on the CPU and
+    /// torch otherwise; where OpenVINO is missing or cannot compile a model it falls back to
+    /// torch and logs why. A model's own `backend` option overrides this.
+    #[arg(long, env = "VISIONSERVE_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+
     /// Weight and activation precision: f32 (the default, faithful to the checkpoint), f16
     /// (CUDA only) or bf16 (CUDA, or CPUs with bf16 instructions; elsewhere oneDNN emulates it
     /// and it is slower than f32). BENCHMARKS.md gives its speed and agreement with f32.
@@ -227,6 +236,26 @@ pub enum DType {
     F32,
     F16,
     Bf16,
+}
+
+/// `--backend`: what runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// OpenVINO for native models on the CPU, libtorch otherwise.
+    Auto,
+    /// libtorch: CPU and GPU, native models and TorchScript.
+    Torch,
+    /// OpenVINO on the CPU, native models.
+    Openvino,
+}
+
+impl Backend {
+    /// `auto`, `torch` or `openvino`, as a model option writes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        <Self as ValueEnum>::from_str(text, true)
+            .map_err(|_| format!("backend must be auto, torch or openvino, not {text:?}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -695,9 +695,9 @@ impl InferRequest {
         }
         if outputs.embeddings && self.model.status.embedding_size().is_none() {
             return Err(InferError::InvalidInput(format!(
-                "model {:?} ({} backend) does not expose embeddings; native models do",
+                "model {:?} ({}) does not expose embeddings; native models do",
                 self.model.name(),
-                self.model.status.backend()
+                self.model.status.implementation()
             )));
         }
         for (index, image) in images.iter().enumerate() {

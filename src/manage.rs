@@ -194,7 +194,9 @@ impl Manager {
             .config
             .resolve(&request.options)
             .map_err(|e| ManageError::Invalid(format!("source {source:?}: {e}")))?;
-        let (settings, estimate) = self.settings_for(name, &files, &config.preprocess.input_size);
+        let (mut settings, estimate) =
+            self.settings_for(name, &files, &config.preprocess.input_size);
+        settings.backend = request.options.backend.unwrap_or(settings.backend);
         let version =
             self.registry
                 .begin_load(name, request.version.as_deref(), source, estimate, budget)?;

@@ -329,6 +329,7 @@ fn spawn_options(config: &Config, device: tch::Device, budgets: &Budgets) -> Spa
     SpawnOptions {
         device,
         dtype: config.dtype,
+        backend: config.backend,
         max_batch_size: config
             .max_batch_size
             .unwrap_or(if device.is_cuda() { 32 } else { 8 }),

@@ -538,7 +538,7 @@ pub fn model_metadata(model: &ModelHandle, versions: Vec<String>) -> ModelMetada
     ModelMetadata {
         name: model.name().to_owned(),
         versions,
-        platform: format!("{PLATFORM}_{}", model.status.backend()),
+        platform: format!("{PLATFORM}_{}", model.status.implementation()),
         inputs: vec![
             TensorMetadata {
                 name: INPUT_IMAGE,

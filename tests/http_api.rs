@@ -382,7 +382,16 @@ async fn models_endpoint_describes_each_model() {
     };
     let model = by_name("lite0");
     assert_eq!(model["architecture"], "tf_efficientnet_lite0");
-    assert_eq!(model["backend"], "native");
+    // --backend auto: a native model on the CPU runs on OpenVINO.
+    assert_eq!(model["implementation"], "native");
+    assert_eq!(model["backend"], "openvino");
+    assert!(
+        model["runtime"]
+            .as_str()
+            .unwrap()
+            .starts_with("OpenVINO 2026."),
+        "{model}"
+    );
     assert_eq!(model["weights_format"], "safe_tensors");
     assert_eq!(model["device"], "cpu");
     assert_eq!(model["dtype"], "f32");
@@ -447,7 +456,12 @@ async fn models_endpoint_describes_each_model() {
         serde_json::json!(expected),
         "{model}"
     );
-    assert_eq!(by_name("lite0_ts")["backend"], "torchscript");
+    assert_eq!(by_name("lite0_ts")["implementation"], "torchscript");
+    assert_eq!(by_name("lite0_ts")["backend"], "torch");
+    assert!(by_name("lite0_ts")["runtime"]
+        .as_str()
+        .unwrap()
+        .starts_with("libtorch 2.11"));
     assert_eq!(by_name("lite0_ts")["default"], false);
     assert_eq!(by_name("lite0_pth")["weights_format"], "pickle");
     let one: serde_json::Value = client()

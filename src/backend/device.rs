@@ -40,34 +40,35 @@ pub fn kind(dtype: DType, device: Device) -> Result<Kind> {
         (DType::F16, Device::Cpu) => {
             bail!("--dtype f16 needs CUDA (CPUs have no fast f16 convolutions); on CPU use --dtype bf16 or f32")
         }
-        (DType::Bf16, Device::Cpu) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            if !cpu_has_bf16() {
-                WARNED.call_once(|| {
-                    tracing::warn!(
-                    "--dtype bf16 on a CPU without bf16 instructions (avx512_bf16 or amx_bf16): \
-                     oneDNN emulates it, and it ran about 30x slower than f32 on such a CPU \
-                     (BENCHMARKS.md); use f32 here"
-                    )
-                });
-            }
-            Ok(Kind::BFloat16)
-        }
         (DType::F16, _) => Ok(Kind::Half),
         (DType::Bf16, _) => Ok(Kind::BFloat16),
     }
 }
 
+/// Say once that libtorch runs bf16 slowly on this CPU, when it does.
+pub fn warn_if_torch_emulates_bf16(kind: Kind, device: Device) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if kind == Kind::BFloat16 && device == Device::Cpu && !cpu_has_bf16() {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "--dtype bf16 on libtorch on a CPU without bf16 instructions (avx512_bf16 or \
+                 amx_bf16): oneDNN emulates it, and it ran about 30x slower than f32 on such a \
+                 CPU (BENCHMARKS.md); use f32 here"
+            )
+        });
+    }
+}
+
 /// Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from the kernel's
-/// x86 CPU flags; without it libtorch's bf16 convolutions are emulated, far slower than f32.
-/// Other architectures are not judged (true: no warning).
+/// x86 CPU flags; without it libtorch's bf16 convolutions are emulated, far slower than f32,
+/// and OpenVINO runs f32 instead. Other architectures are not judged (true: no warning).
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_bf16() -> bool {
+pub fn cpu_has_bf16() -> bool {
     true
 }
 
 #[cfg(target_arch = "x86_64")]
-fn cpu_has_bf16() -> bool {
+pub fn cpu_has_bf16() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
         info.lines()
             .find(|line| line.starts_with("flags"))

@@ -1,17 +1,22 @@
 //! Models at run time: each served model is a handle (what request handlers talk to), a
-//! batcher task and a model thread. Only `worker` and `device` touch libtorch.
+//! batcher task and a model thread per copy. `runner` picks what runs a copy: libtorch
+//! (`torch`, with `device`) or OpenVINO (`openvino`); nothing else here touches either.
 
 pub mod device;
 #[cfg(feature = "fault-injection")]
 mod fault;
 pub mod health;
+pub mod openvino;
+pub mod runner;
+pub mod spec;
 mod supervisor;
+pub mod torch;
 pub mod worker;
 
 use crate::batching::batcher::{self, BatcherConfig};
 use crate::batching::queue::{Lane, Lanes};
 use crate::batching::{Batch, BatcherLink, ImageJob};
-use crate::config::{DType, Instances};
+use crate::config::{Backend, DType, Instances};
 use crate::error::InferError;
 use crate::images::preprocess::PreprocessConfig;
 use crate::metrics::ModelMetrics;
@@ -107,7 +112,7 @@ const WARMING: u8 = 4;
 #[derive(Debug, Default)]
 pub struct ModelStatus {
     state: AtomicU8,
-    backend: OnceLock<&'static str>,
+    execution: OnceLock<runner::Execution>,
     /// Why the model failed to load or is restarting (cleared once ready again).
     failure: Mutex<Option<String>>,
     restarts: std::sync::atomic::AtomicU64,
@@ -132,8 +137,19 @@ impl ModelStatus {
         }
     }
 
+    /// `torch` or `openvino`, once loaded.
     pub fn backend(&self) -> &'static str {
-        self.backend.get().copied().unwrap_or("")
+        self.execution.get().map_or("", |e| e.backend)
+    }
+
+    /// `native` or `torchscript`, once loaded.
+    pub fn implementation(&self) -> &'static str {
+        self.execution.get().map_or("", |e| e.implementation)
+    }
+
+    /// The runtime and its version (`libtorch 2.11.0`, `OpenVINO 2026.4.1`), once loaded.
+    pub fn runtime(&self) -> &str {
+        self.execution.get().map_or("", |e| e.runtime.as_str())
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -217,8 +233,9 @@ impl ModelStatus {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn set_backend(&self, backend: &'static str) {
-        let _ = self.backend.set(backend);
+    /// The first copy to load decides (the copies of a version run on the same backend).
+    fn set_execution(&self, execution: runner::Execution) {
+        let _ = self.execution.set(execution);
     }
 
     /// Keep the first profile measured (instances warm up one after another, alike); returns
@@ -298,11 +315,14 @@ impl Drop for Admission {
     }
 }
 
-/// How a model version is spawned: the server-wide settings every version gets.
+/// How a model version is spawned: the server-wide settings every version gets (a version's
+/// own options may change them).
 #[derive(Debug, Clone, Copy)]
 pub struct SpawnOptions {
     pub device: tch::Device,
     pub dtype: DType,
+    /// What runs it.
+    pub backend: Backend,
     pub max_batch_size: usize,
     pub max_batch_delay: std::time::Duration,
     pub max_queue_images: usize,
@@ -426,9 +446,11 @@ impl ModelHandle {
             device: options.device,
             kind,
             max_batch_size: options.max_batch_size,
+            backend: options.backend,
         });
         let shared = CopyShared {
             spec: worker_spec,
+            openvino: Arc::default(),
             handoffs,
             warmup_gate: Arc::default(),
             link: link.clone(),
@@ -642,6 +664,7 @@ fn spawn_batcher(
 /// What every copy of a version shares.
 struct CopyShared {
     spec: Arc<worker::WorkerSpec>,
+    openvino: Arc<openvino::OpenVinoPrep>,
     handoffs: Handoffs,
     /// Held while a copy warms up: each warms up alone, so that its timings are not skewed by
     /// another warming up at the same time.
@@ -671,6 +694,7 @@ fn spawn_copies(
         let supervisor = supervisor::Supervisor {
             ctx: Arc::new(worker::WorkerContext {
                 spec: shared.spec.clone(),
+                openvino: shared.openvino.clone(),
                 instance,
                 lane,
                 intra_op_threads,

@@ -1,337 +1,31 @@
-//! The model thread: owns one model, warms it up, then runs the batches the batcher sends.
+//! The model thread: owns one copy of a model (on the backend that runs it, `runner.rs`), warms
+//! it up, then runs the batches the batcher sends.
 //!
-//! Everything libtorch-related for serving happens here, on one OS thread per model, because
-//! grad mode and the float control register are thread-local and tensors are not `Sync`.
+//! Running a model happens here, on one OS thread per copy, because libtorch's grad mode and
+//! the float control register are thread-local, and neither tensors nor OpenVINO's requests
+//! may be shared between threads.
 
 use super::device::flush_denormals;
 use super::health::{Heartbeat, Reply};
-use super::{ModelStatus, WarmupTiming};
+use super::openvino::OpenVinoPrep;
+use super::runner::Runner;
+pub use super::spec::WorkerSpec;
+use super::ModelStatus;
 use crate::batching::queue::{Abandonable, Lane};
 use crate::batching::{Batch, BatcherLink, ImagePrediction, JobError, Outputs};
-use crate::images::preprocess::PreprocessConfig;
 use crate::images::Pixels;
-use crate::metrics::{BatchPhases, ModelMetrics};
-use crate::models::{self, Classifier};
-use crate::repository::ModelFiles;
-use anyhow::{bail, Context, Result};
-use std::cell::RefCell;
+use crate::metrics::ModelMetrics;
+use anyhow::Result;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
-
-pub struct WorkerSpec {
-    pub name: String,
-    pub files: ModelFiles,
-    pub preprocess: PreprocessConfig,
-    pub num_classes: usize,
-    pub device: Device,
-    pub kind: Kind,
-    pub max_batch_size: usize,
-}
-
-/// Turns preprocessed u8 images into probabilities: the part of inference that is the same for
-/// every architecture.
-pub struct Runner {
-    model: Box<dyn Classifier>,
-    device: Device,
-    kind: Kind,
-    height: i64,
-    width: i64,
-    mean: Tensor,
-    std: Tensor,
-    num_classes: usize,
-    channels_last: bool,
-    /// Where a batch's u8 pixels are gathered: `[capacity, H, W, 3]`, allocated once for the
-    /// largest batch seen and reused, so that a batch costs one copy per image and no
-    /// allocation. On CUDA it is pinned (page-locked) memory, so the upload is a DMA that
-    /// runs without blocking this thread.
-    staging: RefCell<Option<Tensor>>,
-}
-
-impl Runner {
-    /// Load the model `spec` describes and wrap it.
-    pub fn load(spec: &WorkerSpec) -> Result<Self> {
-        let model = models::load(
-            &spec.files,
-            spec.num_classes,
-            spec.preprocess.input_size,
-            spec.device,
-            spec.kind,
-        )?;
-        Self::new(model, spec)
-    }
-
-    pub fn backend(&self) -> &'static str {
-        self.model.implementation()
-    }
-
-    pub fn new(model: Box<dyn Classifier>, spec: &WorkerSpec) -> Result<Self> {
-        let (height, width) = spec.preprocess.input_size;
-        let channel_tensor = |v: [f32; 3]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(&v)
-                .f_view([1, 3, 1, 1])?
-                .f_to_device(spec.device)?)
-        };
-        Ok(Self {
-            channels_last: model.wants_channels_last(),
-            model,
-            device: spec.device,
-            kind: spec.kind,
-            height: height as i64,
-            width: width as i64,
-            mean: channel_tensor(spec.preprocess.mean)?,
-            std: channel_tensor(spec.preprocess.std)?,
-            num_classes: spec.num_classes,
-            staging: RefCell::new(None),
-        })
-    }
-
-    /// Normalise exactly as torchvision's `ToTensor` + `Normalize` do on a PIL image (u8 to
-    /// f32, `/ 255`, `- mean`, `/ std`, each a separate f32 operation), on the model's device so
-    /// that only u8 pixels cross to a GPU.
-    fn input(&self, images: &[&Pixels]) -> Result<Tensor> {
-        let rgb8: Option<Vec<&[u8]>> = images
-            .iter()
-            .map(|p| match p {
-                Pixels::Rgb8(pixels) => Some(pixels.as_slice()),
-                Pixels::Normalized(_) => None,
-            })
-            .collect();
-        let x = match rgb8 {
-            // The common case: one upload and one normalisation for the whole batch.
-            Some(rgb8) => self.normalize(&rgb8)?,
-            // A client sent normalised pixels: build the batch image by image.
-            None => {
-                let parts = images
-                    .iter()
-                    .map(|p| match p {
-                        Pixels::Rgb8(pixels) => self.normalize(&[pixels.as_slice()]),
-                        Pixels::Normalized(values) => self.normalized_nchw(values),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::f_cat(&parts, 0)?
-            }
-        };
-        Ok(if self.kind == Kind::Float {
-            x
-        } else {
-            x.f_to_kind(self.kind)?
-        })
-    }
-
-    /// `u8` HWC images to normalised `f32` NCHW.
-    fn normalize(&self, images: &[&[u8]]) -> Result<Tensor> {
-        let batch = self.stage(images)?;
-        // The u8 buffer is NHWC; permuting gives an NCHW view with channels-last strides,
-        // which native models keep, and TorchScript exports get as a contiguous copy. On a GPU
-        // the upload is asynchronous: it is ordered before the kernels that read it.
-        let on_device = if self.device == Device::Cpu {
-            batch
-        } else {
-            batch.f_to_device_(self.device, Kind::Uint8, true, false)?
-        };
-        let nchw = on_device.f_permute([0, 3, 1, 2])?;
-        let nchw = if self.channels_last {
-            nchw
-        } else {
-            nchw.f_contiguous()?
-        };
-        Ok(nchw
-            .f_to_kind(Kind::Float)?
-            .f_div_scalar(255)?
-            .f_sub(&self.mean)?
-            .f_div(&self.std)?)
-    }
-
-    /// Copy `images` into the staging buffer; returns the `[n, H, W, 3]` part they fill.
-    fn stage(&self, images: &[&[u8]]) -> Result<Tensor> {
-        let n = images.len() as i64;
-        let image_bytes = (self.height * self.width * 3) as usize;
-        if let Some(bad) = images.iter().find(|image| image.len() != image_bytes) {
-            bail!(
-                "an image of {} bytes does not match the model input ({image_bytes} bytes)",
-                bad.len()
-            );
-        }
-        let mut staging = self.staging.borrow_mut();
-        let capacity = staging.as_ref().map_or(0, |t| t.size()[0]);
-        if capacity < n {
-            let buffer =
-                Tensor::f_empty([n, self.height, self.width, 3], (Kind::Uint8, Device::Cpu))?;
-            *staging = Some(if self.device.is_cuda() {
-                buffer.f_pin_memory(self.device)?
-            } else {
-                buffer
-            });
-        }
-        let batch = staging
-            .as_ref()
-            .expect("allocated above")
-            .f_narrow(0, 0, n)?;
-        let base = batch.data_ptr() as *mut u8;
-        for (i, image) in images.iter().enumerate() {
-            // SAFETY: `batch` is a contiguous u8 tensor of n * image_bytes bytes that this
-            // thread alone uses (the previous batch's reads of it finished: its outputs were
-            // copied off, which waits for the device), and each image has exactly
-            // image_bytes bytes (checked above), so the copies stay inside it and do not
-            // overlap their sources.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    image.as_ptr(),
-                    base.add(i * image_bytes),
-                    image_bytes,
-                );
-            }
-        }
-        Ok(batch)
-    }
-
-    /// One CHW image a client normalised itself, as `[1, 3, H, W]` with the strides the model
-    /// wants.
-    fn normalized_nchw(&self, values: &[f32]) -> Result<Tensor> {
-        let nchw = Tensor::from_slice(values)
-            .f_view([1, 3, self.height, self.width])?
-            .f_to_device(self.device)?;
-        Ok(if self.channels_last {
-            nchw.f_permute([0, 2, 3, 1])?
-                .f_contiguous()?
-                .f_permute([0, 3, 1, 2])?
-        } else {
-            nchw
-        })
-    }
-
-    /// Run a batch and copy off the device what `outputs` asks for, per image.
-    pub fn run(&self, images: &[&Pixels], outputs: Outputs) -> Result<Vec<ImagePrediction>> {
-        Ok(self.run_timed(images, outputs)?.0)
-    }
-
-    /// [`Runner::run`], and how long its three phases took. On a GPU, where kernels run
-    /// asynchronously, the forward pass is only waited for when outputs are copied off, so its
-    /// time shows up in `output`.
-    pub fn run_timed(
-        &self,
-        images: &[&Pixels],
-        outputs: Outputs,
-    ) -> Result<(Vec<ImagePrediction>, BatchPhases)> {
-        let n = images.len();
-        let start = Instant::now();
-        let input = self.input(images)?;
-        let input_done = Instant::now();
-        let forward = self.model.forward_with_embeddings(&input)?;
-        let forward_done = Instant::now();
-        let expected = [n as i64, self.num_classes as i64];
-        if forward.logits.size() != expected {
-            bail!(
-                "the model returned logits of shape {:?}, but its config.json says num_classes = {}",
-                forward.logits.size(),
-                self.num_classes
-            );
-        }
-        let logits = forward.logits.f_to_kind(Kind::Float)?;
-        let probs = logits.f_softmax(-1, Kind::Float)?;
-        let mut predictions = vec![ImagePrediction::default(); n];
-        let k = outputs.top_k.min(self.num_classes);
-        if k > 0 {
-            let (values, indices) = probs.f_topk(k as i64, -1, true, true)?;
-            let values = to_rows(&values, n)?;
-            let indices =
-                Vec::<i64>::try_from(indices.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-            for ((prediction, v), i) in predictions.iter_mut().zip(values).zip(indices.chunks(k)) {
-                prediction.top = i.iter().map(|&i| i as usize).zip(v).collect();
-            }
-        }
-        if outputs.probabilities {
-            for (prediction, row) in predictions.iter_mut().zip(to_rows(&probs, n)?) {
-                prediction.probabilities = Some(row);
-            }
-        }
-        if outputs.logits {
-            for (prediction, row) in predictions.iter_mut().zip(to_rows(&logits, n)?) {
-                prediction.logits = Some(row);
-            }
-        }
-        if outputs.embeddings {
-            let embeddings = forward
-                .embeddings
-                .ok_or_else(|| anyhow::anyhow!("this model does not expose embeddings"))?
-                .f_to_kind(Kind::Float)?;
-            for (prediction, row) in predictions.iter_mut().zip(to_rows(&embeddings, n)?) {
-                prediction.embeddings = Some(row);
-            }
-        }
-        let copied_off = k > 0 || outputs.probabilities || outputs.logits || outputs.embeddings;
-        if let (Device::Cuda(index), false) = (self.device, copied_off) {
-            // Nothing was copied off, which would have waited for the device: wait here, so
-            // that the next batch does not overwrite the staging buffer while it uploads.
-            tch::Cuda::synchronize(index as i64);
-        }
-        let phases = BatchPhases {
-            input: input_done - start,
-            infer: forward_done - input_done,
-            output: forward_done.elapsed(),
-        };
-        Ok((predictions, phases))
-    }
-
-    /// The length of the embeddings this model gives (`None`: it gives none).
-    pub fn embedding_size(&self) -> Result<Option<usize>> {
-        let image = Tensor::f_zeros([1, 3, self.height, self.width], (self.kind, self.device))?;
-        let forward = self.model.forward_with_embeddings(&image)?;
-        Ok(forward
-            .embeddings
-            .map(|e| e.size().last().copied().unwrap_or(0) as usize))
-    }
-
-    /// Run every batch size so that no client pays for first-call costs (graph optimisation,
-    /// allocator growth, cuDNN autotuning), then time them: up to `TIMED_PASSES` passes over
-    /// every size in turn (fewer once `TIMED_TIME` is spent, at least one), keeping each
-    /// size's fastest run. Passes interleave the sizes so that a slow spell of the host hits
-    /// them alike instead of making the later, larger sizes look slow, and the fastest run is
-    /// the one other processes disturbed least. The profile decides where batches stop
-    /// growing (`BatchPolicy`). Without `timed`, only the first pass runs (a copy whose
-    /// profile nobody reads), and the result is empty.
-    fn warm_up(&self, max_batch_size: usize, timed: bool) -> Result<Vec<WarmupTiming>> {
-        const TIMED_PASSES: usize = 3;
-        const TIMED_TIME: Duration = Duration::from_secs(3);
-        let image = Pixels::Rgb8(vec![0u8; (self.height * self.width * 3) as usize]);
-        let run = |batch: usize| -> Result<Duration> {
-            let images = vec![&image; batch];
-            let start = Instant::now();
-            self.run(&images, Outputs::top_k(1))
-                .with_context(|| format!("warm-up at batch size {batch}"))?;
-            Ok(start.elapsed())
-        };
-        for batch in 1..=max_batch_size {
-            run(batch)?;
-        }
-        if !timed {
-            return Ok(Vec::new());
-        }
-        let (mut fastest, mut spent) = (vec![Duration::MAX; max_batch_size], Duration::ZERO);
-        for _ in 0..TIMED_PASSES {
-            for (i, fastest) in fastest.iter_mut().enumerate() {
-                let took = run(i + 1)?;
-                *fastest = (*fastest).min(took);
-                spent += took;
-            }
-            if spent >= TIMED_TIME {
-                break;
-            }
-        }
-        Ok(fastest
-            .iter()
-            .enumerate()
-            .map(|(i, took)| WarmupTiming::new(i + 1, took.as_secs_f64() * 1e3))
-            .collect())
-    }
-}
 
 /// What every generation of a model's thread shares with the others and with the supervisor.
 pub struct WorkerContext {
     pub spec: Arc<WorkerSpec>,
+    /// What the version's copies share to start on OpenVINO.
+    pub openvino: Arc<OpenVinoPrep>,
     /// Which copy of the model this is (`--instances`), for logs, thread names and metrics.
     pub instance: usize,
     /// The batches it takes, and libtorch's intra-op threads for them.
@@ -450,8 +144,8 @@ pub fn run(
 fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     let status = &ctx.status;
     let start = Instant::now();
-    let runner = Runner::load(spec)?;
-    status.set_backend(runner.backend());
+    let runner = Runner::load(spec, ctx.intra_op_threads, &ctx.openvino)?;
+    status.set_execution(runner.execution());
     status.set_warming();
     let loaded_in = start.elapsed();
     let timings = {
@@ -468,7 +162,7 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
         model = %spec.name,
         instance = ctx.instance,
         lane = ?ctx.lane,
-        intra_op_threads = tch::get_num_threads(),
+        intra_op_threads = ctx.intra_op_threads,
         backend = status.backend(),
         load_ms = loaded_in.as_millis() as u64,
         warmup = %timings.iter().map(|t| format!("{}:{:.1}ms", t.batch_size, t.millis)).collect::<Vec<_>>().join(" "),
@@ -684,11 +378,4 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_else(|| "panic".to_owned())
-}
-
-/// A `[n, m]` tensor as `n` rows of `f32` on the CPU.
-fn to_rows(tensor: &Tensor, n: usize) -> Result<Vec<Vec<f32>>> {
-    let flat = Vec::<f32>::try_from(tensor.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-    let width = flat.len() / n.max(1);
-    Ok(flat.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
 }

@@ -187,9 +187,16 @@ pub struct ModelDescription {
     info: crate::backend::ModelInfo,
     /// Channels, height, width.
     input_size: [usize; 3],
-    /// `native` (Rust implementation) or `torchscript`.
-    #[schema(value_type = String, example = "native")]
+    /// What runs it: `torch` (libtorch) or `openvino` (native models on the CPU); empty while
+    /// loading.
+    #[schema(value_type = String, example = "openvino")]
     backend: &'static str,
+    /// `native` (this crate's definition of the architecture) or `torchscript`.
+    #[schema(value_type = String, example = "native")]
+    implementation: &'static str,
+    /// The backend's runtime and its version.
+    #[schema(value_type = String, example = "OpenVINO 2026.4.1")]
+    runtime: String,
     #[schema(value_type = ModelStateSchema)]
     state: &'static str,
     ready: bool,
@@ -213,6 +220,8 @@ fn describe(state: &AppState, model: &ModelHandle) -> ModelDescription {
         info: model.info.clone(),
         input_size: [3, h, w],
         backend: model.status.backend(),
+        implementation: model.status.implementation(),
+        runtime: model.status.runtime().to_owned(),
         state: model.status.state_name(),
         ready: model.status.is_ready(),
         default: model.name() == state.inference.default_model(),

@@ -16,6 +16,8 @@ pub struct ModelOptions {
     pub input_size: Option<usize>,
     /// The architecture, for weight files that come without a config.json.
     pub arch: Option<String>,
+    /// What runs it, instead of `--backend`.
+    pub backend: Option<crate::config::Backend>,
 }
 
 /// `config.json` as timm writes it (`timm.models._hub.save_for_hf`).
@@ -218,7 +220,7 @@ mod tests {
         assert_eq!(resolved.labels[282], "tiger cat");
         let opts = ModelOptions {
             input_size: Some(300),
-            arch: None,
+            ..ModelOptions::default()
         };
         assert_eq!(
             cfg.resolve(&opts).unwrap().preprocess.input_size,
@@ -242,7 +244,7 @@ mod tests {
         );
         let opts = ModelOptions {
             input_size: Some(300),
-            arch: None,
+            ..ModelOptions::default()
         };
         assert_eq!(cfg.resolve(&opts).unwrap().preprocess.crop_pct, 0.9);
     }
@@ -260,7 +262,7 @@ mod tests {
         );
         let opts = ModelOptions {
             input_size: Some(224),
-            arch: None,
+            ..ModelOptions::default()
         };
         assert!(cfg.resolve(&opts).unwrap_err().contains("fixed_input_size"));
     }

@@ -62,9 +62,10 @@ pub fn parse_options(query: &str) -> Result<ModelOptions, String> {
                 options.input_size = Some(size);
             }
             "arch" => options.arch = Some(value.to_owned()),
+            "backend" => options.backend = Some(crate::config::Backend::parse(value)?),
             _ => {
                 return Err(format!(
-                    "unknown model option {key:?} (known: input_size, arch)"
+                    "unknown model option {key:?} (known: input_size, arch, backend)"
                 ))
             }
         }
