@@ -198,14 +198,19 @@ bench-classify: deps venv weights test-data
 # The peer kit (../shared/bench-peers, see its README.md), copied to target/bench-peers and set up
 # there on first use (apt wrk/hey, a ~5 GB venv, models: about 10 minutes): ROUNDS (3) interleaved
 # passes of PEERS (below: visionserve at its defaults, --instances auto, as ours/ours2, and with
-# one copy, --instances 1, as ours_one/ours_one2), DURATION (10) s per run at 1, 8 and 32 clients, then each
-# configuration / best peer per concurrency. MODEL=tf_efficientnetv2_b0 or
+# one copy, --instances 1, as ours_one/ours_one2; FastAPI + timm, TorchServe, and the two OpenVINO f32
+# peers), DURATION (10) s per run at 1, 8 and 32 clients, then each configuration / best peer per
+# concurrency. The OpenVINO peers can be named in PEERS: the kit's plain fastapi_ov_2w (f32) and
+# fastapi_ovbf_2w (OpenVINO's default precision, bf16 where the CPU has it), 2 uvicorn workers serving
+# one request at a time each; and benches/peers/ov_tuned, a stand-in for OpenVINO Model Server (one
+# process, THROUGHPUT hint, AsyncInferQueue, preprocessing in a thread pool) as ovtuned (f32) and
+# ovtunedbf (default precision). MODEL=tf_efficientnetv2_b0 or
 # coatnet_nano_rw_224 (random weights) serves that model everywhere; OURS_ARGS go to the server
 # (OURS_ARGS_<label> to one label: benches/peers.sh). After each round the model alone at batch 8
 # (MODEL_BENCH: one copy with every thread, and two with half each) is timed: the medians then
 # say how far ahead of the peers the model alone ran, and each configuration's share of it.
-# About 25 minutes at the defaults (about 8 a round), more while the kit waits for a quiet machine.
-PEERS ?= fastapi_2w ours torchserve_2w ours_one ours2 ours_one2
+# About 33 minutes at the defaults (about 11 a round), more while the kit waits for a quiet machine.
+PEERS ?= fastapi_2w fastapi_ov_2w ovtuned ours torchserve_2w ours_one ours2 ours_one2
 bench-peers: deps venv weights
 	cargo test --release --no-run
 	cargo bench --no-run

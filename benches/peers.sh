@@ -7,8 +7,14 @@
 # Environment (all optional except VISIONSERVE_BIN):
 #   ROUNDS=3  DURATION=10 (s per measured run)  WARMUP=5  CONCURRENCY=1,8,32  MAX_WAIT_QUIET=600 (s, the kit's quiet.py)
 #   PEERS="torchserve_2w ours fastapi_2w ours2"  (labels ours* are visionserve; the kit's variants: fastapi
-#     fastapi_2w torchserve torchserve_b1 torchserve_2w). Each round starts one further along this list.
+#     fastapi_2w torchserve torchserve_b1 torchserve_2w, and its plain OpenVINO peers fastapi_ov_2w (f32) and
+#     fastapi_ovbf_2w (OpenVINO's default precision), 2 uvicorn workers serving one request at a time each).
+#     Each round starts one further along this list.
 #     Labels that differ only in trailing digits (ours, ours2) are one configuration, pooled in the medians.
+#     ovtuned (ovtuned2, ...): the tuned OpenVINO peer, a stand-in for OpenVINO Model Server
+#     (benches/peers/ov_tuned: one process, THROUGHPUT hint, AsyncInferQueue, preprocessing in a thread pool,
+#     on 127.0.0.1:8001), f32; ovtunedbf (ovtunedbf2, ...): the same with OpenVINO's default precision (bf16
+#     on CPUs that have it). Trailing digits are the copy number here too: the medians pool a peer's copies.
 #   MODEL=tf_efficientnet_lite0 | tf_efficientnetv2_b0 | coatnet_nano_rw_224 (the kit's models; the last two
 #     have random weights). Every server serves the same model: visionserve the kit's Hub folder (Lite0: the
 #     project's weights/tf_efficientnet_lite0, as the kit's ours/start.sh does), FastAPI the same folder,
@@ -64,7 +70,9 @@ if [[ ! -f $kit/run_all.sh ]] || [[ -n $(cd "$src" && find . -type f | while rea
   cp -rn "$src/." "$kit/"
   chmod -R u+w "$kit"
 fi
-if [[ ! -x $kit/.venv/bin/python || ! -f $kit/models/manifest.json ]] || ! command -v wrk >/dev/null; then
+# rt/site: the OpenVINO runtime of the fastapi_ov*/ovtuned* peers, missing from copies set up before it existed.
+if [[ ! -x $kit/.venv/bin/python || ! -f $kit/models/manifest.json || ! -d $kit/rt/site/openvino ]] ||
+  ! command -v wrk >/dev/null; then
   echo "setting up the peer kit in $kit (apt wrk/hey, a ~5 GB venv from PyPI, models): about 10 minutes"
   (unset VIRTUAL_ENV; "$kit/setup.sh")
 fi
@@ -101,6 +109,14 @@ for p in "${peers[@]}"; do
   if [[ $p == ours* ]]; then
     export "URL_$p=http://127.0.0.1:3000/v1/classify" "START_$p=$repo/benches/peers/ours-start.sh" "STOP_$p=ours/stop.sh"
   fi
+  # The tuned OpenVINO peer: ovtuned* f32, ovtunedbf* OpenVINO's default precision (digits: copy number).
+  case ${p%"${p##*[!0-9]}"} in
+    ovtuned) precision=f32 ;;
+    ovtunedbf) precision=default ;;
+    *) continue ;;
+  esac
+  export "URL_$p=http://127.0.0.1:${OV_TUNED_PORT:-8001}/predict" "PEER_PRECISION_$p=$precision" \
+    "START_$p=$repo/benches/peers/ov_tuned/start.sh" "STOP_$p=$repo/benches/peers/ov_tuned/stop.sh"
 done
 
 echo "peers: ${peers[*]}; model $model (visionserve: $VISIONSERVE_MODEL${OURS_ARGS:+, $OURS_ARGS}); $ROUNDS round(s) x" \

@@ -3,7 +3,7 @@
 
 Every label starting with 'ours' is visionserve; labels that differ only in trailing digits (ours, ours2)
 are one configuration, their runs pooled ('ours_one' shows as visionserve_one). Every other label is a
-peer. Per concurrency: median req/s and p99 of each server over all its runs, the best peer (highest
+peer, its copies pooled the same way (ovtuned, ovtuned2). Per concurrency: median req/s and p99 of each server over all its runs, the best peer (highest
 median), each configuration / best peer, and the median of the per-round ratios (each round's
 configuration median / that round's best peer), which is less exposed to the host's slow spells than a
 ratio of medians over the whole pass.
@@ -51,15 +51,11 @@ for rnd in rounds:
         if 'runs' not in j:
             continue
         ours = j['label'].startswith('ours')
-        server = configuration(j['label']) if ours else j['label']
+        server = configuration(j['label']) if ours else j['label'].rstrip('0123456789')
         for r in j['runs']:
             c = r['concurrency']
             runs.setdefault((server, c), []).append((r['rps'], r['p99_ms'] or 0.0, r.get('disturbed', False)))
-            slot = per_round.setdefault((rnd, c), {})
-            if ours:
-                slot.setdefault(server, []).append(r['rps'])
-            else:
-                slot[server] = r['rps']
+            per_round.setdefault((rnd, c), {}).setdefault(server, []).append(r['rps'])
 if not runs:
     sys.exit(f'no results under {out}/round-*')
 
@@ -84,7 +80,8 @@ for s in servers:
 
 
 def best_peer(slot):
-    peers = [v for k, v in slot.items() if not k.startswith('visionserve')]
+    """The round's best peer: the highest median over each peer's runs (its copies pooled)."""
+    peers = [statistics.median(v) for k, v in slot.items() if not k.startswith('visionserve')]
     return max(peers) if peers else None
 
 
