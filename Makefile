@@ -65,7 +65,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -274,6 +274,27 @@ bench-ceiling: deps venv weights test-data parity-data
 	@for model in $(CEILING_MODELS); do echo "== $$model"; \
 	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
 	    --config default= --config one='--instances 1' || exit 1; \
+	done
+
+# The model alone on each runtime, interleaved (benches/model_runtimes.py): the openvino backend,
+# OpenVINO's own Python API on the graph the backend compiles (`visionserve export`), and the torch
+# backend, at batch 1 and 8, for Lite0, EfficientNetV2-B0 and CoAtNet-nano at their test size and
+# EfficientNetV2-S at 384 (random weights from the parity fixtures); medians and ratios.
+RUNTIME_MODELS := $(CURDIR)/$(DEFAULT_MODEL) $(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0 \
+  $(PARITY_FAST)/coatnet/coatnet_nano_rw_224 $(PARITY_FAST)/efficientnet/tf_efficientnetv2_s?input_size=384
+bench-runtimes: deps venv weights parity-data
+	cargo build --release
+	cargo bench --bench model --no-run
+	$(PYTHON) benches/model_runtimes.py --bin $(BIN) --rounds $(ROUNDS) $(foreach m,$(RUNTIME_MODELS),--model '$(m)')
+
+# The server end to end on each backend (benches/levers.py: --backend torch and --backend openvino,
+# interleaved, against the openvino backend's model alone), for the three models of bench-ceiling.
+bench-backends: deps venv weights test-data parity-data
+	cargo test --release --no-run
+	cargo bench --no-run
+	@for model in $(CEILING_MODELS); do echo "== $$model"; \
+	  $(PYTHON) benches/levers.py --model $$model --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS) \
+	    --alone-backend openvino --config torch='--backend torch' --config openvino='--backend openvino' || exit 1; \
 	done
 
 # Each CPU lever against the defaults, interleaved (BENCHMARKS.md, "CPU levers").

@@ -17,6 +17,9 @@ a different order each round so that none is always the one nearest the model-al
     python3 benches/levers.py --model weights/tf_efficientnet_lite0 --image target/test-data/photos/rocket.jpg \\
         --config default= --config spin=OMP_WAIT_POLICY=ACTIVE --config x2='--instances 2' --rounds 3
 
+`--alone-backend openvino` takes the ceiling from the openvino backend's model alone instead of
+libtorch's.
+
 A configuration is NAME=[ENV=VALUE ...] [--server-flag ...]: environment variables for the
 server process first, then extra server flags.
 """
@@ -44,8 +47,9 @@ def cells(line):
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def model_alone(model, seconds, dtype):
-    rows = cargo_bench("model", ["--model", model, "--batch-sizes", "1,8", "--seconds", str(seconds), "--dtype", dtype])
+def model_alone(model, seconds, dtype, backend="torch"):
+    rows = cargo_bench("model", ["--model", model, "--batch-sizes", "1,8", "--seconds", str(seconds), "--dtype", dtype,
+                                 "--backend", backend])
     # | arch | backend | input | threads | batch | images/s | ms/batch |
     alone = {int(cells(r)[4]): float(cells(r)[5]) for r in rows}
     # The batch-1 time to two decimals (images/s is printed to one, too coarse for slow models).
@@ -107,13 +111,15 @@ def main():
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--model-seconds", type=float, default=4)
     parser.add_argument("--dtype", default="f32")
+    parser.add_argument("--alone-backend", default="torch", choices=["torch", "openvino"],
+                        help="the backend of the model-alone ceiling")
     args = parser.parse_args()
     configs = [parse_config(c) for c in (args.config or ["default="])]
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
     ceiling, results = [], {name: [] for name, _, _ in configs}
     for round_ in range(1, args.rounds + 1):
-        alone = model_alone(args.model, args.model_seconds, args.dtype)
+        alone = model_alone(args.model, args.model_seconds, args.dtype, args.alone_backend)
         alone["prep"] = preprocess_ms(args.model, args.image)
         ceiling.append(alone)
         print(f"round {round_}: model alone  b1 {alone[1]:.1f}  b8 {alone[8]:.1f} images/s;"
@@ -134,7 +140,7 @@ def main():
     b8 = median(a[8] for a in ceiling)
     prep = median(a["prep"] for a in ceiling)
     print()
-    print(f"model alone (median of {args.rounds}): batch 1 {b1:.1f} images/s ({1e3 / b1:.2f} ms), batch 8 {b8:.1f} images/s;"
+    print(f"model alone ({args.alone_backend}, median of {args.rounds}): batch 1 {b1:.1f} images/s ({1e3 / b1:.2f} ms), batch 8 {b8:.1f} images/s;"
           f" decode+resize {prep:.2f} ms")
     print()
     header = " | ".join(f"{c} clients: images/s (x ceiling) p50/p99 ms" for c in concurrency)
