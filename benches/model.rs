@@ -60,6 +60,10 @@ struct Args {
     /// `--instances`); images/s is their sum.
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Also print the mean time of each phase of a batch (ms): preparing the input, the forward
+    /// pass, and the outputs (softmax, top-k, copies), as three more columns.
+    #[arg(long)]
+    phases: bool,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -118,8 +122,14 @@ fn main() -> anyhow::Result<()> {
         let images_per_s: f64 = per_instance.iter().map(|t| t.images_per_s).sum();
         let per_batch_ms =
             per_instance.iter().map(|t| t.per_batch_ms).sum::<f64>() / per_instance.len() as f64;
+        let phases = if args.phases {
+            let [input, forward, output] = per_instance[0].phases_ms;
+            format!(" {input:.2} | {forward:.2} | {output:.2} |")
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {h}x{w} | {} | {batch} | {:.1} | {:.2} |{}{}",
+            "| {} | {} | {h}x{w} | {} | {batch} | {:.1} | {:.2} |{phases}{}{}",
             config.architecture,
             per_instance[0].backend,
             per_instance[0].threads,
@@ -147,6 +157,8 @@ struct Timed {
     threads: i32,
     images_per_s: f64,
     per_batch_ms: f64,
+    /// Mean input, forward and output milliseconds per batch.
+    phases_ms: [f64; 3],
 }
 
 /// Load the model on this thread, warm it up at `batch`, wait for the other instances, then
@@ -178,11 +190,18 @@ fn time_batches(
     ready.wait();
     let runner = warmed?;
     let (mut runs, mut busy, start) = (0u32, Duration::ZERO, Instant::now());
+    let mut phases = [Duration::ZERO; 3];
     let gap = Duration::from_secs_f64(args.gap_ms / 1e3);
     while start.elapsed() < Duration::from_secs_f64(args.seconds) {
         let batch_started = Instant::now();
-        runner.run(&images, Outputs::top_k(5))?;
+        let (_, timed) = runner.run_timed(&images, Outputs::top_k(5))?;
         busy += batch_started.elapsed();
+        for (sum, phase) in phases
+            .iter_mut()
+            .zip([timed.input, timed.infer, timed.output])
+        {
+            *sum += phase;
+        }
         runs += 1;
         if !gap.is_zero() {
             std::thread::sleep(gap);
@@ -194,5 +213,6 @@ fn time_batches(
         threads,
         images_per_s: batch as f64 / per_batch,
         per_batch_ms: per_batch * 1e3,
+        phases_ms: phases.map(|p| p.as_secs_f64() * 1e3 / f64::from(runs)),
     })
 }
