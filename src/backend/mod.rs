@@ -450,7 +450,7 @@ impl ModelHandle {
         });
         let shared = CopyShared {
             spec: worker_spec,
-            openvino: Arc::default(),
+            openvino: Arc::new(openvino::OpenVinoPrep::for_copies(info.instances)),
             handoffs,
             warmup_gate: Arc::default(),
             link: link.clone(),

@@ -23,7 +23,7 @@ use openvino::{
 };
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// The environment variable naming `libopenvino_c.so` (or its versioned file).
@@ -72,8 +72,9 @@ fn version() -> String {
 }
 
 /// What a version's copies share to start on OpenVINO: the ONNX graph, built once from the
-/// checkpoint while copies are compiling it and dropped after, and, once a copy has found
-/// that OpenVINO cannot run the model, why (so that the others do not try again).
+/// checkpoint and dropped once every copy has compiled it (a copy started later, to replace
+/// one, builds it again), and, once a copy has found that OpenVINO cannot run the model, why
+/// (so that the others do not try again).
 #[derive(Default)]
 pub struct OpenVinoPrep {
     state: Mutex<PrepState>,
@@ -81,7 +82,9 @@ pub struct OpenVinoPrep {
 
 #[derive(Default)]
 struct PrepState {
-    graph: Weak<Graph>,
+    graph: Option<Graph>,
+    /// Copies that have not compiled yet: the graph is kept for them.
+    pending: usize,
     unavailable: Option<String>,
 }
 
@@ -108,6 +111,16 @@ pub struct Unavailable {
 }
 
 impl OpenVinoPrep {
+    /// For a version of `copies` copies, which share one graph.
+    pub fn for_copies(copies: usize) -> Self {
+        Self {
+            state: Mutex::new(PrepState {
+                pending: copies,
+                ..PrepState::default()
+            }),
+        }
+    }
+
     /// Compile one copy of the model of `spec` with `threads` inference threads. Copies
     /// compile one at a time, so that the first failure is found once.
     pub fn compile(
@@ -122,17 +135,19 @@ impl OpenVinoPrep {
                 first: false,
             });
         }
-        let compiled = runtime()
-            .map_err(|e| anyhow!(e))
-            .and_then(|_| match state.graph.upgrade() {
-                Some(graph) => Ok(graph),
-                None => {
-                    let graph = Arc::new(build_graph(spec)?);
-                    state.graph = Arc::downgrade(&graph);
-                    Ok(graph)
-                }
-            })
-            .and_then(|graph| OpenVinoRunner::compile(spec, threads, &graph));
+        let compiled = runtime().map_err(|e| anyhow!(e)).and_then(|_| {
+            let graph = match state.graph.take() {
+                Some(graph) => graph,
+                None => build_graph(spec)?,
+            };
+            let compiled = OpenVinoRunner::compile(spec, threads, &graph);
+            state.graph = Some(graph);
+            compiled
+        });
+        state.pending = state.pending.saturating_sub(1);
+        if state.pending == 0 {
+            state.graph = None;
+        }
         compiled.map_err(|e| {
             let reason = format!("{e:#}");
             state.unavailable = Some(reason.clone());
@@ -146,6 +161,18 @@ impl OpenVinoPrep {
 
 /// The model's ONNX graph: its checkpoint loaded on the CPU in f32, recorded, serialised.
 fn build_graph(spec: &WorkerSpec) -> Result<Graph> {
+    let started = Instant::now();
+    let graph = record_graph(spec)?;
+    tracing::info!(
+        model = %spec.name,
+        ms = started.elapsed().as_millis() as u64,
+        on_disk = matches!(graph, Graph::OnDisk { .. }),
+        "recorded the model as an ONNX graph for OpenVINO"
+    );
+    Ok(graph)
+}
+
+fn record_graph(spec: &WorkerSpec) -> Result<Graph> {
     let _no_grad = tch::no_grad_guard();
     let input_size = spec.preprocess.input_size;
     let network = Network::load(
