@@ -103,6 +103,10 @@ pub struct ExportArgs {
     /// The file to write; a graph over 2 GiB keeps its weights in `<file>.data` beside it.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
+    /// Keep the weights in `<file>.data` beside the graph whatever its size (ONNX external
+    /// data).
+    #[arg(long)]
+    pub external_data: bool,
 }
 
 #[derive(Debug, Args)]
@@ -550,7 +554,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
     };
     let model = network.to_onnx(&config.architecture, input_size, &export_metadata(&config));
     drop(network);
-    let written = model.write(&args.output)?;
+    let written = if args.external_data {
+        model.write_external(&args.output)?
+    } else {
+        model.write(&args.output)?
+    };
     let (h, w) = input_size;
     println!(
         "{}: {} opset {}, input {} [batch, 3, {h}, {w}], outputs {} [batch, {}] and {}, {} MiB of weights",

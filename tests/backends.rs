@@ -121,3 +121,52 @@ async fn openvino_refuses_what_it_cannot_run_with_the_reason() {
     let error = unknown.expect_err("an unknown backend is refused");
     assert!(error.contains("auto, torch or openvino"), "{error}");
 }
+
+#[test]
+fn openvino_reads_a_graph_with_external_data_as_the_same_model() {
+    // What the backend does for graphs over 2 GiB (coatnet_5_224): the weights beside the
+    // graph in a file, read by path instead of from memory.
+    use openvino::{Core, DeviceType, ElementType, Shape, Tensor};
+    visionserve::backend::openvino::runtime().expect("OpenVINO is installed by make");
+    let files = visionserve::repository::ModelFiles::locate(&lite0_dir()).unwrap();
+    let network = visionserve::models::Network::load(
+        &files,
+        1000,
+        (224, 224),
+        tch::Device::Cpu,
+        tch::Kind::Float,
+    )
+    .unwrap();
+    let model = network.to_onnx("lite0", (224, 224), &[]);
+    let dir = temp_dir("external-data");
+    let path = dir.join("lite0.onnx");
+    let written = model.write_external(&path).unwrap();
+    assert_eq!(written.len(), 2, "{written:?}");
+    let input: Vec<f32> = (0..2 * 3 * 224 * 224)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let run = |read: &dyn Fn(&mut Core) -> openvino::Model| -> Vec<f32> {
+        let mut core = Core::new().unwrap();
+        let model = read(&mut core);
+        let mut compiled = core.compile_model(&model, DeviceType::CPU).unwrap();
+        let mut request = compiled.create_infer_request().unwrap();
+        let mut tensor =
+            Tensor::new(ElementType::F32, &Shape::new(&[2, 3, 224, 224]).unwrap()).unwrap();
+        tensor
+            .get_data_mut::<f32>()
+            .unwrap()
+            .copy_from_slice(&input);
+        request.set_input_tensor(&tensor).unwrap();
+        request.infer().unwrap();
+        let logits = request.get_tensor("logits").unwrap();
+        logits.get_data::<f32>().unwrap().to_vec()
+    };
+    let bytes = model.to_bytes().unwrap();
+    let in_memory = run(&|core| core.read_model_from_buffer(&bytes, None).unwrap());
+    let from_file = run(&|core| {
+        core.read_model_from_file(path.to_str().unwrap(), "")
+            .unwrap()
+    });
+    assert_eq!(in_memory.len(), 2000);
+    assert_eq!(in_memory, from_file);
+}

@@ -616,6 +616,12 @@ impl OnnxModel {
                 .with_context(|| format!("writing {}", path.display()))?;
             return Ok(vec![path.to_path_buf()]);
         }
+        self.write_external(path)
+    }
+
+    /// Write the model to `path` with its weights in `<path>.data` beside it, whatever its
+    /// size (tools that map weights from disk prefer it so).
+    pub fn write_external(&self, path: &Path) -> Result<Vec<std::path::PathBuf>> {
         let data_path = path.with_file_name(format!(
             "{}.data",
             path.file_name()

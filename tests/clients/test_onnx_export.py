@@ -74,6 +74,27 @@ def test_exported_graph_is_valid_and_matches_the_reference(unit, tmp_path):
         assert rel <= TOLERANCE, f"embeddings: {rel:.2e}"
 
 
+def test_external_data_holds_the_same_graph(tmp_path):
+    """`--external-data` (what a graph over 2 GiB gets without asking: coatnet_5_224) keeps the
+    weights beside the graph, page-aligned; runtimes read it as the same model."""
+    model = Path(os.environ.get("VISIONSERVE_TEST_MODEL", REPO / "weights" / "tf_efficientnet_lite0"))
+    binary = os.environ.get("VISIONSERVE_BIN", str(REPO / "target" / "release" / "visionserve"))
+    paths = {}
+    for name, extra in [("inline", []), ("external", ["--external-data"])]:
+        paths[name] = tmp_path / name / "lite0.onnx"
+        paths[name].parent.mkdir()
+        done = subprocess.run([binary, "export", str(model), "-o", str(paths[name])] + extra,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    data = paths["external"].with_name("lite0.onnx.data")
+    assert data.stat().st_size > 10 << 20 and paths["external"].stat().st_size < 1 << 20
+    onnx.checker.check_model(str(paths["external"]), full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    outputs = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+               for name, path in paths.items()}
+    assert np.array_equal(outputs["inline"], outputs["external"])
+
+
 def test_torchscript_exports_are_refused_with_the_reason(tmp_path):
     """Only native architectures have a description to record; a TorchScript file is opaque."""
     model = Path(os.environ.get("VISIONSERVE_TEST_MODEL", REPO / "weights" / "tf_efficientnet_lite0"))
