@@ -52,9 +52,9 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// What runs the model: torch (libtorch) or openvino (native models, CPU), or auto as
-    /// the server decides.
-    #[arg(long, value_enum, default_value_t = Backend::Torch)]
+    /// What runs the model: torch (libtorch) or openvino (native models, CPU); auto (the
+    /// default) decides as the server does.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
     /// Independent copies of the model, each run by its own thread (as the server's
     /// `--instances`); images/s is their sum.
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         files,
         backend: args.backend,
     };
-    let openvino = visionserve::backend::openvino::OpenVinoPrep::default();
+    let openvino = visionserve::backend::openvino::OpenVinoPrep::for_copies(args.instances);
     let (h, w) = config.preprocess.input_size;
     let threads = args.threads.or_else(|| {
         (args.instances > 1).then(|| {
