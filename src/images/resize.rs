@@ -4,7 +4,9 @@
 //! Pillow's `ImagingResample` (src/libImaging/Resample.c): a separable filter whose support
 //! grows with the downscale ratio, coefficients normalised in f64 and then quantised to 22
 //! fractional bits, a horizontal pass over only the rows the vertical pass reads, rounding and
-//! clamping to u8 between the passes, then the vertical pass. This is a re-implementation of
+//! clamping to u8 between the passes, then the vertical pass; or, since Pillow 13, the vertical
+//! pass first when the height shrinks by more than twice what the width does (portrait photos
+//! to a square size, for one). This is a re-implementation of
 //! that algorithm (Pillow is under the MIT-CMU / HPND licence; the algorithm is credited to
 //! Alex Clark and contributors, and to Uploadcare's Pillow-SIMD work on it).
 //!
@@ -227,6 +229,9 @@ fn resample(
     );
     let need_horizontal = width != src.width;
     let need_vertical = height != src.height;
+    if need_horizontal && need_vertical && vertical_first(src, width, height) {
+        return resample_vertical_first(src, width, height, columns, rows, filter, kernels);
+    }
     // Source rows the window reads: all of `rows` when there is no vertical pass.
     let vertical = need_vertical.then(|| Taps::new(src.height, height, rows.clone(), filter));
     let (first_row, last_row) = match &vertical {
@@ -241,9 +246,41 @@ fn resample(
         copy_window(src, columns, first_row..last_row)
     };
     match &vertical {
-        Some(taps) => resample_vertical(&temp, out_width, taps, rows, first_row, kernels),
+        Some(taps) => {
+            let temp = RgbImage::new(out_width, last_row - first_row, temp);
+            resample_vertical(&temp, 0..out_width, taps, rows, first_row, kernels)
+        }
         None => RgbImage::new(out_width, last_row - first_row, temp),
     }
+}
+
+/// Pillow 13's pass order (`ImagingResampleInner`): the vertical pass runs first when the height
+/// shrinks, and by more than twice as many pixels as the width does. The order changes the
+/// result, since each pass rounds to u8.
+fn vertical_first(src: &RgbImage, width: usize, height: usize) -> bool {
+    let shrink_h = src.height as i64 - height as i64;
+    let shrink_w = src.width as i64 - width as i64;
+    shrink_h > 0 && shrink_h > 2 * shrink_w
+}
+
+/// The window, vertical pass first: the output `rows` over just the source columns the
+/// horizontal taps of `columns` read, then the horizontal pass over those rows.
+fn resample_vertical_first(
+    src: &RgbImage,
+    width: usize,
+    height: usize,
+    columns: Range<usize>,
+    rows: Range<usize>,
+    filter: Filter,
+    kernels: Kernels,
+) -> RgbImage {
+    let vertical = Taps::new(src.height, height, rows.clone(), filter);
+    let mut horizontal = Taps::new(src.width, width, columns, filter);
+    let (first_column, last_column) = horizontal.span(horizontal.output_range());
+    let temp = resample_vertical(src, first_column..last_column, &vertical, rows, 0, kernels);
+    horizontal.shift_inputs(first_column);
+    let out = resample_horizontal(&temp, &horizontal, 0..temp.height, kernels);
+    RgbImage::new(horizontal.outputs(), temp.height, out)
 }
 
 fn copy_window(src: &RgbImage, columns: Range<usize>, rows: Range<usize>) -> Vec<u8> {
@@ -267,6 +304,18 @@ impl Taps {
     /// The number of outputs these taps are for.
     fn outputs(&self) -> usize {
         self.bounds.len()
+    }
+
+    /// The outputs these taps are for.
+    fn output_range(&self) -> Range<usize> {
+        self.first_output..self.first_output + self.outputs()
+    }
+
+    /// Count input indices from `first` (for an input that starts there).
+    fn shift_inputs(&mut self, first: usize) {
+        for (start, _) in &mut self.bounds {
+            *start -= first;
+        }
     }
 
     /// Every output's (first input index, weights), in order.
@@ -325,29 +374,43 @@ fn horizontal(src: &RgbImage, taps: &Taps, rows: Range<usize>, out: &mut [u8]) {
     }
 }
 
-/// Vertical pass producing output `rows` from `src`, `width` pixels wide, whose row 0 is
-/// source row `row_offset` (the horizontal pass only produced the rows the taps need).
+/// Vertical pass producing output `rows` from the `columns` of `src`, whose row 0 is source row
+/// `row_offset` (after a horizontal pass, only the rows the taps need exist).
 fn resample_vertical(
-    src: &[u8],
-    width: usize,
+    src: &RgbImage,
+    columns: Range<usize>,
     taps: &Taps,
     rows: Range<usize>,
     row_offset: usize,
     kernels: Kernels,
 ) -> RgbImage {
-    let stride = width * 3;
-    let mut out = vec![0u8; stride * rows.len()];
-    if stride > 0 {
+    let window = Window {
+        stride: src.width * 3,
+        offset: columns.start * 3,
+        len: columns.len() * 3,
+    };
+    let mut out = vec![0u8; window.len * rows.len()];
+    if window.len > 0 {
+        let src = &src.pixels;
         match kernels {
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx2 => {
                 // SAFETY: `Kernels::Avx2` exists only where the CPU has AVX2.
-                unsafe { vertical_avx2(src, stride, taps, rows.clone(), row_offset, &mut out) }
+                unsafe { vertical_avx2(src, window, taps, rows.clone(), row_offset, &mut out) }
             }
-            Kernels::Portable => vertical(src, stride, taps, rows.clone(), row_offset, &mut out),
+            Kernels::Portable => vertical(src, window, taps, rows.clone(), row_offset, &mut out),
         }
     }
-    RgbImage::new(width, rows.len(), out)
+    RgbImage::new(columns.len(), rows.len(), out)
+}
+
+/// Where the vertical pass reads in each source row: `len` bytes from `offset`, rows `stride`
+/// bytes apart.
+#[derive(Clone, Copy)]
+struct Window {
+    stride: usize,
+    offset: usize,
+    len: usize,
 }
 
 /// The vertical pass compiled for AVX2 (eight i32 lanes per vector instead of SSE2's four).
@@ -355,13 +418,13 @@ fn resample_vertical(
 #[target_feature(enable = "avx2")]
 fn vertical_avx2(
     src: &[u8],
-    stride: usize,
+    window: Window,
     taps: &Taps,
     rows: Range<usize>,
     row_offset: usize,
     out: &mut [u8],
 ) {
-    vertical(src, stride, taps, rows, row_offset, out);
+    vertical(src, window, taps, rows, row_offset, out);
 }
 
 /// Values per block of the vertical pass: the block's i32 accumulators stay in registers
@@ -373,21 +436,26 @@ const BLOCK: usize = 32;
 #[inline(always)]
 fn vertical(
     src: &[u8],
-    stride: usize,
+    window: Window,
     taps: &Taps,
     rows: Range<usize>,
     row_offset: usize,
     out: &mut [u8],
 ) {
-    for (yy, out_row) in rows.zip(out.chunks_exact_mut(stride)) {
+    let Window {
+        stride,
+        offset,
+        len,
+    } = window;
+    for (yy, out_row) in rows.zip(out.chunks_exact_mut(len)) {
         let (first, weights) = taps.of(yy);
-        let start = (first - row_offset) * stride;
-        let input = &src[start..start + weights.len() * stride];
+        let start = (first - row_offset) * stride + offset;
+        let tap_row = |k: usize| &src[start + k * stride..][..len];
         let mut blocks = out_row.chunks_exact_mut(BLOCK);
         for (b, block) in blocks.by_ref().enumerate() {
             let mut acc = [HALF; BLOCK];
             for (k, &w) in weights.iter().enumerate() {
-                let row = &input[k * stride + b * BLOCK..][..BLOCK];
+                let row = &tap_row(k)[b * BLOCK..][..BLOCK];
                 for (a, &p) in acc.iter_mut().zip(row) {
                     *a += i32::from(p) * w;
                 }
@@ -397,11 +465,11 @@ fn vertical(
             }
         }
         let tail = blocks.into_remainder();
-        let offset = stride - tail.len();
+        let tail_start = len - tail.len();
         let mut acc = [HALF; BLOCK];
         let acc = &mut acc[..tail.len()];
         for (k, &w) in weights.iter().enumerate() {
-            let row = &input[k * stride + offset..(k + 1) * stride];
+            let row = &tap_row(k)[tail_start..];
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a += i32::from(p) * w;
             }
@@ -578,6 +646,19 @@ mod tests {
     }
 
     #[test]
+    fn the_pass_order_is_pillow_13s() {
+        let src = |w, h| RgbImage::new(w, h, vec![0; w * h * 3]);
+        // The height shrinks by more than twice what the width does.
+        assert!(vertical_first(&src(900, 2300), 480, 480));
+        assert!(vertical_first(&src(300, 400), 256, 256));
+        // ... or the width grows while the height shrinks.
+        assert!(vertical_first(&src(200, 300), 300, 200));
+        assert!(!vertical_first(&src(800, 1000), 400, 400));
+        assert!(!vertical_first(&src(2300, 900), 480, 480));
+        assert!(!vertical_first(&src(300, 200), 200, 300));
+    }
+
+    #[test]
     fn downscale_support_grows_with_ratio() {
         let taps = Taps::new(100, 10, 0..10, Filter::Bicubic);
         // scale 10: support 20, so each output pixel reads up to 41 inputs.
@@ -597,8 +678,18 @@ mod tests {
         assert_eq!(clip8(300 << PRECISION_BITS), 255);
     }
 
+    /// One output value of a convolution: Pillow's loop over the taps.
+    fn convolve(weights: &[i32], input: impl Fn(usize) -> u8) -> u8 {
+        let mut acc = HALF;
+        for (i, &w) in weights.iter().enumerate() {
+            acc += i32::from(input(i)) * w;
+        }
+        clip8(acc)
+    }
+
     /// The straightforward scalar implementation the vectorised kernels replaced: Pillow's
-    /// per-pixel loops, one output value at a time, on the same coefficients.
+    /// per-pixel loops, one output value at a time, on the same coefficients, in Pillow 13's
+    /// pass order.
     fn scalar_window(
         src: &RgbImage,
         width: usize,
@@ -607,6 +698,34 @@ mod tests {
         rows: Range<usize>,
         filter: Filter,
     ) -> RgbImage {
+        let (shrink_w, shrink_h) = (
+            src.width as i64 - width as i64,
+            src.height as i64 - height as i64,
+        );
+        if width != src.width && shrink_h > 0 && shrink_h > 2 * shrink_w {
+            // Vertical pass over every source column, then the horizontal pass.
+            let vertical = Taps::new(src.height, height, rows.clone(), filter);
+            let mut temp = Vec::new();
+            for yy in rows.clone() {
+                let (first, weights) = vertical.of(yy);
+                for x in 0..src.width * 3 {
+                    temp.push(convolve(weights, |i| {
+                        src.pixels[(first + i) * src.width * 3 + x]
+                    }));
+                }
+            }
+            let horizontal = Taps::new(src.width, width, columns.clone(), filter);
+            let mut out = Vec::new();
+            for row in temp.chunks_exact(src.width * 3) {
+                for xx in columns.clone() {
+                    let (first, weights) = horizontal.of(xx);
+                    for c in 0..3 {
+                        out.push(convolve(weights, |i| row[(first + i) * 3 + c]));
+                    }
+                }
+            }
+            return RgbImage::new(columns.len(), rows.len(), out);
+        }
         let vertical =
             (height != src.height).then(|| Taps::new(src.height, height, rows.clone(), filter));
         let (first_row, last_row) = match &vertical {
@@ -737,8 +856,9 @@ mod tests {
             let (columns, rows) = (rng.window(size.0), rng.window(size.1));
             assert_kernels_match(&src, size, columns, rows, filters[case % 2]);
         }
-        // preprocess's shapes: shorter side to 256 and a centered 224 crop, and squashing.
-        for (w, h) in [(640, 427), (300, 451)] {
+        // preprocess's shapes: shorter side to 256 and a centered 224 crop, and squashing
+        // (portrait photos to a square size run the vertical pass first).
+        for (w, h) in [(640, 427), (300, 451), (427, 640), (451, 900)] {
             let src = rng.image(w, h);
             let (rw, rh) = if w <= h {
                 (256, 256 * h / w)
