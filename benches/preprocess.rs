@@ -3,10 +3,12 @@
 //!     make test-data && cargo bench --bench preprocess
 //!     cargo bench --bench preprocess -- --image rocket.jpg --model weights/tf_efficientnet_lite0
 //!
-//! Prints one row per photo: decode and resize+crop milliseconds (median of repeated runs). By
+//! Prints one row per photo: decode and resize+crop milliseconds (median of repeated runs), whole
+//! and as `--jpeg-draft` decodes it (the DCT scale it picks, then its decode and resize+crop). By
 //! default the test photos at 224 (bicubic, crop_pct 0.875); `--image` times those files instead,
 //! and `--model` uses that model's own preprocessing (its size, filter and crop), as the server
 //! would for it (`benches/levers.py` uses both for the 1-client latency budget).
+//! `benches/preprocess_vs_pillow.py` interleaves it with Pillow's own decode + timm's transform.
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -66,7 +68,12 @@ fn main() -> Result<(), String> {
             crop_mode: CropMode::Center,
             mean: [0.5; 3],
             std: [0.5; 3],
+            jpeg_draft: false,
         },
+    };
+    let draft_cfg = PreprocessConfig {
+        jpeg_draft: true,
+        ..cfg.clone()
     };
     let photos = if args.image.is_empty() {
         let data = std::env::var_os("VISIONSERVE_TEST_DATA")
@@ -82,19 +89,31 @@ fn main() -> Result<(), String> {
     let opts = DecodeOptions {
         max_pixels: 100_000_000,
         exif_transpose: false,
+        draft: None,
     };
-    println!("| photo | size | decode ms | resize+crop ms |");
-    println!("|---|---|---|---|");
+    let draft_opts = draft_cfg.decode_options(opts);
+    println!("| photo | size | decode ms | resize+crop ms | draft scale | draft decode ms | draft resize+crop ms |");
+    println!("|---|---|---|---|---|---|---|");
     for path in photos {
         let bytes = std::fs::read(&path)
             .map_err(|e| format!("{}: {e} (run `make test-data` first)", path.display()))?;
-        let image = decode(&bytes, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
-        let decode_ms = median_ms(|| drop(decode(&bytes, &opts).unwrap()), args.runs);
-        let resize_ms = median_ms(|| drop(preprocess(&image, &cfg)), args.runs);
+        let [(image, decode_ms, resize_ms), (draft, draft_decode_ms, draft_resize_ms)] =
+            [(&opts, &cfg), (&draft_opts, &draft_cfg)].map(|(opts, cfg)| {
+                let image = decode(&bytes, opts).map_err(|e| format!("{}: {e}", path.display()));
+                let decode_ms = median_ms(|| drop(decode(&bytes, opts)), args.runs);
+                let resize_ms = match &image {
+                    Ok(d) => median_ms(|| drop(preprocess(&d.image, cfg)), args.runs),
+                    Err(_) => f64::NAN,
+                };
+                (image, decode_ms, resize_ms)
+            });
+        let (image, draft) = (image?, draft?);
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         println!(
-            "| {name} | {}x{} | {decode_ms:.2} | {resize_ms:.2} |",
-            image.width, image.height
+            "| {name} | {}x{} | {decode_ms:.2} | {resize_ms:.2} | {} | {draft_decode_ms:.2} | {draft_resize_ms:.2} |",
+            image.image.width,
+            image.image.height,
+            draft.scale.label()
         );
     }
     Ok(())

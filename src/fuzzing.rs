@@ -14,8 +14,9 @@ use std::time::Duration;
 /// refuses real ones.
 const MAX_PIXELS: u64 = 4_000_000;
 
-/// The image path: format sniffing, header checks, decoding, resizing and cropping, for both
-/// of timm's resamplers and crop modes (chosen by the first byte).
+/// The image path: format sniffing, header checks, decoding (whole, or drafted for JPEGs),
+/// resizing and cropping, for both of timm's resamplers and crop modes (chosen by the first
+/// byte).
 pub fn image(data: &[u8]) {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
@@ -35,12 +36,14 @@ pub fn image(data: &[u8]) {
         },
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
+        jpeg_draft: selector & 16 != 0,
     };
-    let options = DecodeOptions {
+    let options = config.decode_options(DecodeOptions {
         max_pixels: MAX_PIXELS,
         exif_transpose: selector & 8 != 0,
-    };
-    let _ = decode_memory(bytes, MAX_PIXELS);
+        draft: None,
+    });
+    let _ = decode_memory(bytes, &options);
     if let Ok(prepared) = images::prepare(bytes, &options, &config) {
         match prepared.pixels {
             images::Pixels::Rgb8(pixels) => assert_eq!(pixels.len(), config.image_bytes()),

@@ -24,7 +24,7 @@ pub use crate::batching::{ImagePrediction, Outputs};
 use crate::budget::{MemoryBudget, Reservation, BUDGET_WAIT};
 use crate::cache::{CacheKey, CacheUse, ResponseCache};
 pub use crate::error::{InferError, RequestFailure};
-use crate::images::decode::DecodeOptions;
+use crate::images::decode::{DecodeOptions, DecodeScale};
 pub use crate::images::Pixels;
 use crate::images::{self, DecodePool};
 use crate::metrics::Metrics;
@@ -754,13 +754,19 @@ impl InferRequest {
                         pixels,
                         decode: Duration::ZERO,
                         preprocess: Duration::ZERO,
+                        scale: None,
                     });
                     continue;
                 }
                 ImageInput::Encoded(bytes) => bytes,
             };
-            // Decoding holds up to 7 bytes per pixel: reserve them from the header first.
-            let decode_bytes = images::decode::decode_memory(&bytes, self.limits.decode.max_pixels);
+            // Decoding holds up to 7 bytes per decoded pixel: reserve them from the header first.
+            let decode = self
+                .model
+                .info
+                .preprocess
+                .decode_options(self.limits.decode);
+            let decode_bytes = images::decode::decode_memory(&bytes, &decode);
             let reservation = match decode_bytes {
                 Some(needed) => Some(
                     self.memory
@@ -770,9 +776,8 @@ impl InferRequest {
                 None => None,
             };
             let pool = self.pool.clone();
-            let decode = self.limits.decode;
             let cfg = self.model.info.preprocess.clone();
-            let metric = self.model.metrics.preprocess.clone();
+            let metrics = self.model.metrics.prepare.clone();
             tasks.spawn(async move {
                 let prepared = match pool
                     .run(move || images::prepare(&bytes, &decode, &cfg))
@@ -783,7 +788,8 @@ impl InferRequest {
                 };
                 drop(reservation);
                 if let Ok(p) = &prepared {
-                    metric.observe((p.decode + p.preprocess).as_secs_f64());
+                    let scale = p.scale.unwrap_or(DecodeScale::Full).label();
+                    metrics.image_prepared(scale, p.decode + p.preprocess);
                 }
                 (index, prepared)
             });

@@ -91,6 +91,8 @@ pub struct Manager {
     drain_timeout: Duration,
     repository: Option<PathBuf>,
     cache: Option<Arc<ResponseCache>>,
+    /// `--jpeg-draft`: for models whose options do not say.
+    jpeg_draft: bool,
     shutting_down: std::sync::atomic::AtomicBool,
 }
 
@@ -104,6 +106,7 @@ pub struct ManagerParts {
     pub drain_timeout: Duration,
     pub repository: Option<PathBuf>,
     pub cache: Option<Arc<ResponseCache>>,
+    pub jpeg_draft: bool,
 }
 
 impl Manager {
@@ -117,6 +120,7 @@ impl Manager {
             drain_timeout: parts.drain_timeout,
             repository: parts.repository,
             cache: parts.cache,
+            jpeg_draft: parts.jpeg_draft,
             shutting_down: Default::default(),
         }
     }
@@ -190,9 +194,13 @@ impl Manager {
         budget: u64,
     ) -> Result<(String, LoadOutcome), ManageError> {
         let LoadRequest { name, source, .. } = request;
+        let options = ModelOptions {
+            jpeg_draft: request.options.jpeg_draft.or(Some(self.jpeg_draft)),
+            ..request.options.clone()
+        };
         let config = files
             .config
-            .resolve(&request.options)
+            .resolve(&options)
             .map_err(|e| ManageError::Invalid(format!("source {source:?}: {e}")))?;
         let (mut settings, estimate) =
             self.settings_for(name, &files, &config.preprocess.input_size);

@@ -301,6 +301,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
         drain_timeout: std::time::Duration::from_secs(config.request_timeout + config.body_timeout),
         repository: config.model_repository.clone(),
         cache: cache.clone(),
+        jpeg_draft: config.jpeg_draft,
     }));
     let loads = start_models(&manager, specs, located)?;
     let memory = Arc::new(budget::MemoryBudget::new(
@@ -349,6 +350,8 @@ fn request_limits(config: &Config) -> infer::Limits {
         decode: DecodeOptions {
             max_pixels: config.max_image_pixels,
             exif_transpose: config.exif_transpose,
+            // Per model: `PreprocessConfig::decode_options` adds it where jpeg_draft is on.
+            draft: None,
         },
     }
 }

@@ -1,7 +1,8 @@
 //! The in-flight memory budget against the real binary: many large uploads at once, more than
 //! the budget holds, are answered 200, 413 or 429 (never a crash, a reset or a 5xx), and the
 //! server's peak RSS stays within the budget above what it used before the load; an image
-//! whose decoding alone would exceed the budget gets 413 naming the limit.
+//! whose decoding alone would exceed the budget gets 413 naming the limit, unless the model
+//! decodes JPEGs smaller (`jpeg_draft`), which reserves only what it decodes.
 
 mod common;
 
@@ -50,8 +51,12 @@ fn reset_peak(pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_uploads_beyond_the_budget_are_refused_and_rss_stays_bounded() {
     let args: Vec<String> = [
+        // --jpeg-draft for every model ("draft") but the one whose option says otherwise.
+        "--jpeg-draft",
         "--model",
-        &format!("lite0={}", lite0_dir().display()),
+        &format!("lite0={}?jpeg_draft=false", lite0_dir().display()),
+        "--model",
+        &format!("draft={}", lite0_dir().display()),
         "--device",
         "cpu",
         "--memory-budget",
@@ -169,6 +174,48 @@ async fn large_uploads_beyond_the_budget_are_refused_and_rss_stays_bounded() {
         body["error"].as_str().unwrap().contains("96.0 MiB"),
         "{body}"
     );
+
+    // Decoded at 1/8 (625 x 625), the same image reserves 2.7 MB and is served; /v1/models and
+    // the scale counter say so.
+    let response = client
+        .post(server.url("/v1/models/draft/classify"))
+        .header("content-type", "image/jpeg")
+        .body(flat_jpeg(5000, 5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let text = scrape(&server.base).await;
+    let decoded = |model: &str, scale: &str| {
+        metric(
+            &text,
+            &format!(
+                r#"visionserve_decoded_images_total{{model="{model}",version="1",scale="{scale}"}}"#
+            ),
+        )
+    };
+    assert_eq!(decoded("draft", "1/8"), Some(1.0), "{text}");
+    assert_eq!(decoded("draft", "1/1"), Some(0.0));
+    assert!(decoded("lite0", "1/1").unwrap() >= 1.0);
+    assert_eq!(decoded("lite0", "1/8"), Some(0.0));
+    let models: serde_json::Value = client
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let draft_of = |name: &str| {
+        models["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m["preprocess"]["jpeg_draft"].clone())
+    };
+    assert_eq!(draft_of("draft"), Some(serde_json::json!(true)), "{models}");
+    assert_eq!(draft_of("lite0"), Some(serde_json::json!(false)));
 
     // And the server still serves.
     let response = client

@@ -6,7 +6,7 @@
 //!   202 and the state to poll in `GET /v1/repository`).
 //! - v2's model repository extension, as Triton serves it: `POST /v2/repository/index`,
 //!   `POST /v2/repository/models/{m}/load` (optional `{"parameters": {"source", "version",
-//!   "input_size", "arch"}}`; without a source, the folder `{m}` of `--model-repository`) and
+//!   and any `--model` option}}`; without a source, the folder `{m}` of `--model-repository`) and
 //!   `.../unload`.
 
 use super::error::ErrorBody;
@@ -104,7 +104,8 @@ pub struct LoadBody {
     /// Default: one more than the name's highest numeric version.
     #[serde(default)]
     version: Option<String>,
-    /// `--model` options: `input_size` (16 to 4096), `arch`.
+    /// `--model` options: `input_size` (16 to 4096), `arch`, `backend` (`torch`, `openvino`,
+    /// `auto`), `jpeg_draft` (true or false).
     #[serde(default)]
     #[schema(value_type = Object)]
     options: BTreeMap<String, Value>,
@@ -118,15 +119,16 @@ pub struct WaitQuery {
     wait: Option<bool>,
 }
 
-/// `{"input_size": 300, "arch": "..."}` as the `--model` option grammar.
+/// `{"input_size": 300, "arch": "...", "jpeg_draft": true}` as the `--model` option grammar.
 fn options_query(options: &BTreeMap<String, Value>) -> Result<String, ManageError> {
     let pairs: Result<Vec<String>, ManageError> = options
         .iter()
         .map(|(key, value)| match value {
             Value::String(text) => Ok(format!("{key}={text}")),
             Value::Number(number) => Ok(format!("{key}={number}")),
+            Value::Bool(switch) => Ok(format!("{key}={switch}")),
             other => Err(bad_request(format!(
-                "option {key:?} must be a string or a number, not {other}"
+                "option {key:?} must be a string, a number or a boolean, not {other}"
             ))),
         })
         .collect();
@@ -364,7 +366,7 @@ fn v2_load_request(
         serde_json::from_slice::<V2LoadBody>(body)
             .map_err(|e| {
                 bad_request(format!(
-                    "the body must be empty or {{\"parameters\": {{\"source\", \"version\", \"input_size\", \"arch\"}}}}: {e}"
+                    "the body must be empty or {{\"parameters\": {{\"source\", \"version\", and --model options: \"input_size\", \"arch\", \"backend\", \"jpeg_draft\"}}}}: {e}"
                 ))
             })?
             .parameters
@@ -417,9 +419,11 @@ mod tests {
         let options = BTreeMap::from([
             ("input_size".to_owned(), serde_json::json!(300)),
             ("arch".to_owned(), serde_json::json!("tf_efficientnetv2_s")),
+            ("jpeg_draft".to_owned(), serde_json::json!(true)),
         ]);
         let request = load_request("m".into(), "s".into(), None, &options).unwrap();
         assert_eq!(request.options.input_size, Some(300));
+        assert_eq!(request.options.jpeg_draft, Some(true));
         assert_eq!(request.options.arch.as_deref(), Some("tf_efficientnetv2_s"));
         let bad = BTreeMap::from([("input_size".to_owned(), serde_json::json!([1]))]);
         assert!(load_request("m".into(), "s".into(), None, &bad).is_err());

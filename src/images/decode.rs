@@ -6,8 +6,14 @@
 //! GIF (first frame), WebP and BMP go through the `image` crate. Every image's dimensions are
 //! read from its header and checked against the pixel limit before any pixel is decoded, so a
 //! decompression bomb is refused without allocating for it.
+//!
+//! With `--jpeg-draft` a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size: libjpeg-turbo
+//! scales the inverse DCT, skipping most of the work. The scale is chosen as Pillow's
+//! `Image.draft("RGB", size)` chooses it, and the pixels are Pillow's to the bit (both run
+//! libjpeg-turbo's scaled IDCT with the same settings).
 
 use super::resize::RgbImage;
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat};
 use std::cell::RefCell;
 use std::io::Cursor;
@@ -21,6 +27,73 @@ pub struct DecodeOptions {
     pub max_pixels: u64,
     /// Rotate/flip by the EXIF orientation tag (timm and Pillow do not unless asked).
     pub exif_transpose: bool,
+    /// `--jpeg-draft`: the (width, height) the resize step needs, as displayed (after EXIF
+    /// orientation when `exif_transpose` is on). A JPEG at least twice that size on both sides
+    /// is decoded smaller; see [`DecodeScale::for_draft`].
+    pub draft: Option<(usize, usize)>,
+}
+
+/// The size an image was decoded at, relative to its own: JPEGs can be decoded at 1/2, 1/4 or
+/// 1/8 with `--jpeg-draft`; everything else is decoded whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DecodeScale {
+    Full,
+    Half,
+    Quarter,
+    Eighth,
+}
+
+impl DecodeScale {
+    pub const ALL: [DecodeScale; 4] = [Self::Full, Self::Half, Self::Quarter, Self::Eighth];
+
+    /// Each side is divided by this (rounding up).
+    pub fn denominator(self) -> usize {
+        match self {
+            Self::Full => 1,
+            Self::Half => 2,
+            Self::Quarter => 4,
+            Self::Eighth => 8,
+        }
+    }
+
+    /// The `scale` label of `visionserve_decoded_images_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Full => "1/1",
+            Self::Half => "1/2",
+            Self::Quarter => "1/4",
+            Self::Eighth => "1/8",
+        }
+    }
+
+    /// Pillow's `JpegImageFile.draft(mode, size)`: the smallest scale at which both sides still
+    /// divide at least that many times into `wanted` (`min(w // want_w, h // want_h)`, integer
+    /// division), so the decoded image is never smaller than `wanted` on either side.
+    pub fn for_draft(width: usize, height: usize, wanted: (usize, usize)) -> Self {
+        let (want_w, want_h) = (wanted.0.max(1), wanted.1.max(1));
+        let fits = (width / want_w).min(height / want_h);
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|scale| fits >= scale.denominator())
+            .unwrap_or(Self::Full)
+    }
+
+    /// A side of `size` pixels at this scale (libjpeg's `TJSCALED`: rounded up).
+    pub fn apply(self, size: usize) -> usize {
+        size.div_ceil(self.denominator())
+    }
+
+    fn factor(self) -> turbojpeg::ScalingFactor {
+        turbojpeg::ScalingFactor::new(1, self.denominator())
+    }
+}
+
+/// A decoded image and the scale it was decoded at.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    pub image: RgbImage,
+    pub scale: DecodeScale,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -54,52 +127,107 @@ pub enum DecodeError {
 pub const MAX_ASPECT_RATIO: u64 = 100;
 
 /// Decode `bytes` into RGB, refusing images above `opts.max_pixels`.
-pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, DecodeError> {
+pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
     let format = image::guess_format(bytes).map_err(|_| DecodeError::Unsupported {
         detected: describe_unknown(bytes),
     })?;
-    let image = match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, opts.max_pixels)?,
-        ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Bmp => {
-            decode_with_image_crate(bytes, format, opts.max_pixels)?
+    let orientation = if opts.exif_transpose {
+        exif_orientation(bytes, format)
+    } else {
+        None
+    };
+    let decoded = match format {
+        ImageFormat::Jpeg => {
+            let draft = opts.draft.map(|wanted| as_stored(wanted, orientation));
+            decode_jpeg(bytes, opts.max_pixels, draft)?
         }
+        ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Bmp => Decoded {
+            image: decode_with_image_crate(bytes, format, opts.max_pixels)?,
+            scale: DecodeScale::Full,
+        },
         other => {
             return Err(DecodeError::Unsupported {
                 detected: format!(" ({other:?})"),
             })
         }
     };
-    if opts.exif_transpose {
-        Ok(apply_exif_orientation(bytes, format, image))
-    } else {
-        Ok(image)
-    }
+    Ok(match orientation {
+        Some(orientation) => Decoded {
+            image: orient(decoded.image, orientation),
+            ..decoded
+        },
+        None => decoded,
+    })
 }
 
-/// Bytes decoding an image may hold at once, per pixel: the decoder's buffer (up to 4 channels:
-/// RGBA, CMYK) and the RGB image converted from it (3); resizing then needs less than that.
+/// Bytes decoding an image may hold at once, per decoded pixel: the decoder's buffer (up to 4
+/// channels: RGBA, CMYK) and the RGB image converted from it (3); resizing then needs less than
+/// that.
 pub const DECODE_BYTES_PER_PIXEL: u64 = 7;
 
 /// The most memory decoding `bytes` can take, from the image's header alone (`None` if the
 /// header cannot be read: decoding will fail and say why). Images over `max_pixels` are
-/// refused before decoding, so they count as that limit.
-pub fn decode_memory(bytes: &[u8], max_pixels: u64) -> Option<u64> {
+/// refused before decoding, so they count as that limit. A JPEG decoded smaller (`draft`)
+/// counts at that size.
+pub fn decode_memory(bytes: &[u8], opts: &DecodeOptions) -> Option<u64> {
     let format = image::guess_format(bytes).ok()?;
-    let (width, height) = match format {
-        ImageFormat::Jpeg => {
-            let header = turbojpeg::read_header(bytes).ok()?;
-            (header.width as u64, header.height as u64)
-        }
-        _ => {
-            let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-            let (w, h) = reader.into_dimensions().ok()?;
-            (u64::from(w), u64::from(h))
-        }
+    if format == ImageFormat::Jpeg {
+        let header = turbojpeg::read_header(bytes).ok()?;
+        return Some(jpeg_memory(&header, opts));
+    }
+    let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    let (w, h) = reader.into_dimensions().ok()?;
+    let pixels = u64::from(w).saturating_mul(u64::from(h));
+    Some(pixels.min(opts.max_pixels) * DECODE_BYTES_PER_PIXEL)
+}
+
+/// A JPEG's decoded pixels at the scale it will be decoded at, plus, for a progressive JPEG,
+/// libjpeg's coefficient buffer: the whole image's DCT coefficients at full size (2 bytes
+/// each), whatever the output scale.
+fn jpeg_memory(header: &turbojpeg::DecompressHeader, opts: &DecodeOptions) -> u64 {
+    let (width, height) = (header.width, header.height);
+    let pixels = (width as u64).saturating_mul(height as u64);
+    if pixels > opts.max_pixels {
+        return opts.max_pixels * DECODE_BYTES_PER_PIXEL;
+    }
+    let scale = match opts.draft {
+        _ if !jpeg_can_scale(header) => DecodeScale::Full,
+        None => DecodeScale::Full,
+        // The EXIF orientation is read only when decoding: count the larger of both readings.
+        Some(wanted) if opts.exif_transpose => DecodeScale::for_draft(width, height, wanted)
+            .min(DecodeScale::for_draft(width, height, (wanted.1, wanted.0))),
+        Some(wanted) => DecodeScale::for_draft(width, height, wanted),
     };
-    Some(width.saturating_mul(height).min(max_pixels) * DECODE_BYTES_PER_PIXEL)
+    let decoded = (scale.apply(width) * scale.apply(height)) as u64;
+    let coefficients = if header.is_progressive {
+        pixels * coefficient_bytes_per_pixel(header)
+    } else {
+        0
+    };
+    decoded * DECODE_BYTES_PER_PIXEL + coefficients
+}
+
+/// Bytes of DCT coefficients per pixel: 2 per sample of each component at its sampling.
+fn coefficient_bytes_per_pixel(header: &turbojpeg::DecompressHeader) -> u64 {
+    use turbojpeg::{Colorspace, Subsamp};
+    if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
+        return 8;
+    }
+    match header.subsamp {
+        Subsamp::Gray => 2,
+        Subsamp::Sub2x2 | Subsamp::Sub4x1 | Subsamp::Sub1x4 => 3,
+        Subsamp::Sub2x1 | Subsamp::Sub1x2 => 4,
+        Subsamp::None => 6,
+        _ => 8,
+    }
+}
+
+/// libjpeg-turbo cannot scale lossless JPEGs (they have no DCT).
+fn jpeg_can_scale(header: &turbojpeg::DecompressHeader) -> bool {
+    !header.is_lossless
 }
 
 /// Name what we saw when the bytes are no image we know, so the client can tell a wrong upload
@@ -151,7 +279,13 @@ fn jpeg_error(e: turbojpeg::Error) -> DecodeError {
     }
 }
 
-fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+/// Decode a JPEG, at the scale Pillow's `draft` would pick when `draft` is the size needed (as
+/// stored, before EXIF orientation).
+fn decode_jpeg(
+    bytes: &[u8],
+    max_pixels: u64,
+    draft: Option<(usize, usize)>,
+) -> Result<Decoded, DecodeError> {
     JPEG_DECODER.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -164,6 +298,17 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
         let decompressor = slot.as_mut().expect("initialised above");
         let header = decompressor.read_header(bytes).map_err(jpeg_error)?;
         check_pixels(header.width as u64, header.height as u64, max_pixels)?;
+        let scale = match draft {
+            Some(wanted) if jpeg_can_scale(&header) => {
+                DecodeScale::for_draft(header.width, header.height, wanted)
+            }
+            _ => DecodeScale::Full,
+        };
+        // Set every time: the handle is reused across images.
+        decompressor
+            .set_scaling_factor(scale.factor())
+            .map_err(jpeg_error)?;
+        let (width, height) = (scale.apply(header.width), scale.apply(header.height));
         let cmyk = matches!(
             header.colorspace,
             turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
@@ -173,12 +318,12 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
         } else {
             (turbojpeg::PixelFormat::RGB, 3)
         };
-        let mut pixels = vec![0u8; header.width * header.height * channels];
+        let mut pixels = vec![0u8; width * height * channels];
         let output = turbojpeg::Image {
             pixels: pixels.as_mut_slice(),
-            width: header.width,
-            pitch: header.width * channels,
-            height: header.height,
+            width,
+            pitch: width * channels,
+            height,
             format,
         };
         if let Err(e) = decompressor.decompress(bytes, output) {
@@ -187,7 +332,10 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
         if cmyk {
             pixels = cmyk_to_rgb(&pixels);
         }
-        Ok(RgbImage::new(header.width, header.height, pixels))
+        Ok(Decoded {
+            image: RgbImage::new(width, height, pixels),
+            scale,
+        })
     })
 }
 
@@ -280,17 +428,37 @@ fn to_rgb(image: DynamicImage) -> RgbImage {
     RgbImage::new(width, height, pixels)
 }
 
-/// Read the EXIF orientation with the `image` crate's header parsers and apply it.
-fn apply_exif_orientation(bytes: &[u8], format: ImageFormat, image: RgbImage) -> RgbImage {
+/// The EXIF orientation, read with the `image` crate's header parsers; `None` when there is
+/// nothing to do (no tag, an unreadable one, or "no transforms").
+fn exif_orientation(bytes: &[u8], format: ImageFormat) -> Option<Orientation> {
     let orientation = image::ImageReader::with_format(Cursor::new(bytes), format)
         .into_decoder()
-        .and_then(|mut d| d.orientation());
-    let Ok(orientation) = orientation else {
-        return image;
-    };
-    if orientation == image::metadata::Orientation::NoTransforms {
-        return image;
+        .and_then(|mut d| d.orientation())
+        .ok()?;
+    (orientation != Orientation::NoTransforms).then_some(orientation)
+}
+
+/// Whether `orientation` swaps width and height.
+fn transposes(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// A displayed (width, height) as the image stores it, before `orientation` is applied.
+fn as_stored(size: (usize, usize), orientation: Option<Orientation>) -> (usize, usize) {
+    match orientation {
+        Some(o) if transposes(o) => (size.1, size.0),
+        _ => size,
     }
+}
+
+/// Rotate/flip `image` as Pillow's `ImageOps.exif_transpose` does.
+fn orient(image: RgbImage, orientation: Orientation) -> RgbImage {
     let buffer = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.pixels)
         .expect("buffer matches its dimensions");
     let mut dynamic = DynamicImage::ImageRgb8(buffer);
@@ -306,7 +474,35 @@ mod tests {
     const OPTS: DecodeOptions = DecodeOptions {
         max_pixels: 1 << 24,
         exif_transpose: false,
+        draft: None,
     };
+
+    /// Draft decoding for a model whose resize step needs 256 x 256.
+    const DRAFT: DecodeOptions = DecodeOptions {
+        draft: Some((256, 256)),
+        ..OPTS
+    };
+
+    /// A `width` x `height` JPEG of a gradient, made by libjpeg-turbo.
+    fn jpeg_bytes(
+        width: usize,
+        height: usize,
+        setup: impl Fn(&mut turbojpeg::Compressor),
+    ) -> Vec<u8> {
+        let pixels: Vec<u8> = (0..width * height)
+            .flat_map(|i| [(i % width) as u8, (i / width) as u8, 90])
+            .collect();
+        let image = turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width,
+            pitch: width * 3,
+            height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        setup(&mut compressor);
+        compressor.compress_to_vec(image).unwrap()
+    }
 
     fn png_bytes(width: u32, height: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 7]));
@@ -317,7 +513,9 @@ mod tests {
 
     #[test]
     fn decodes_png_pixels() {
-        let img = decode(&png_bytes(3, 2), &OPTS).unwrap();
+        let decoded = decode(&png_bytes(3, 2), &OPTS).unwrap();
+        assert_eq!(decoded.scale, DecodeScale::Full);
+        let img = decoded.image;
         assert_eq!((img.width, img.height), (3, 2));
         assert_eq!(&img.pixels[3..6], &[1, 0, 7]);
     }
@@ -376,5 +574,140 @@ mod tests {
         assert_eq!(cmyk_to_rgb(&[10, 200, 255, 0]), vec![0, 0, 0]);
         // Full cyan ink, no black: red channel 0, others 255.
         assert_eq!(cmyk_to_rgb(&[0, 255, 255, 255]), vec![0, 255, 255]);
+    }
+
+    #[test]
+    fn draft_scale_is_pillows() {
+        // min(w // 256, h // 256), then the largest of 8, 4, 2 that fits.
+        assert_eq!(
+            DecodeScale::for_draft(4032, 3024, (256, 256)),
+            DecodeScale::Eighth
+        );
+        assert_eq!(
+            DecodeScale::for_draft(2048, 2048, (256, 256)),
+            DecodeScale::Eighth
+        );
+        assert_eq!(
+            DecodeScale::for_draft(2047, 4000, (256, 256)),
+            DecodeScale::Quarter
+        );
+        assert_eq!(
+            DecodeScale::for_draft(1024, 600, (256, 256)),
+            DecodeScale::Half
+        );
+        assert_eq!(
+            DecodeScale::for_draft(511, 4000, (256, 256)),
+            DecodeScale::Full
+        );
+        assert_eq!(
+            DecodeScale::for_draft(100, 100, (256, 256)),
+            DecodeScale::Full
+        );
+        // Each side against its own target.
+        assert_eq!(
+            DecodeScale::for_draft(2000, 600, (100, 300)),
+            DecodeScale::Half
+        );
+        assert_eq!(
+            DecodeScale::for_draft(2000, 600, (300, 100)),
+            DecodeScale::Quarter
+        );
+        // Sides round up, as libjpeg's TJSCALED.
+        assert_eq!(DecodeScale::Eighth.apply(4033), 505);
+    }
+
+    #[test]
+    fn draft_decodes_large_jpegs_smaller_and_leaves_the_rest() {
+        let big = jpeg_bytes(1030, 700, |_| {});
+        let exact = decode(&big, &OPTS).unwrap();
+        assert_eq!(exact.scale, DecodeScale::Full);
+        assert_eq!((exact.image.width, exact.image.height), (1030, 700));
+        // min(1030 // 256, 700 // 256) = 2: half size, rounded up.
+        let draft = decode(&big, &DRAFT).unwrap();
+        assert_eq!(draft.scale, DecodeScale::Half);
+        assert_eq!((draft.image.width, draft.image.height), (515, 350));
+        // The decoder handle is reused: the next image is whole again.
+        assert_eq!(decode(&big, &OPTS).unwrap(), exact);
+        let small = jpeg_bytes(500, 333, |_| {});
+        assert_eq!(decode(&small, &DRAFT).unwrap().scale, DecodeScale::Full);
+        // Not a JPEG: decoded whole.
+        assert_eq!(
+            decode(&png_bytes(1030, 700), &DRAFT).unwrap().scale,
+            DecodeScale::Full
+        );
+    }
+
+    #[test]
+    fn lossless_jpegs_are_decoded_whole() {
+        let lossless = jpeg_bytes(600, 600, |c| c.set_lossless(true).unwrap());
+        let decoded = decode(&lossless, &DRAFT).unwrap();
+        assert_eq!(decoded.scale, DecodeScale::Full);
+        assert_eq!(
+            decode_memory(&lossless, &DRAFT),
+            Some(600 * 600 * DECODE_BYTES_PER_PIXEL)
+        );
+    }
+
+    #[test]
+    fn the_pixel_limit_applies_to_the_stored_size() {
+        let big = jpeg_bytes(1030, 700, |_| {});
+        let opts = DecodeOptions {
+            max_pixels: 1030 * 700 - 1,
+            ..DRAFT
+        };
+        assert!(matches!(
+            decode(&big, &opts),
+            Err(DecodeError::TooManyPixels { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_counts_what_is_decoded() {
+        let big = jpeg_bytes(1030, 700, |_| {});
+        assert_eq!(
+            decode_memory(&big, &OPTS),
+            Some(1030 * 700 * DECODE_BYTES_PER_PIXEL)
+        );
+        assert_eq!(
+            decode_memory(&big, &DRAFT),
+            Some(515 * 350 * DECODE_BYTES_PER_PIXEL)
+        );
+        // A progressive JPEG keeps every coefficient at full size: 4:2:0 is 3 bytes a pixel.
+        let progressive = jpeg_bytes(1030, 700, |c| {
+            c.set_progressive(true).unwrap();
+            c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
+        });
+        assert_eq!(
+            decode_memory(&progressive, &DRAFT),
+            Some(515 * 350 * DECODE_BYTES_PER_PIXEL + 1030 * 700 * 3)
+        );
+        // With EXIF orientation on, the orientation is not read yet: the larger count is taken.
+        let tall_target = DecodeOptions {
+            exif_transpose: true,
+            draft: Some((100, 300)),
+            ..OPTS
+        };
+        let wide = jpeg_bytes(2000, 600, |_| {});
+        assert_eq!(
+            decode_memory(&wide, &tall_target),
+            Some(1000 * 300 * DECODE_BYTES_PER_PIXEL)
+        );
+    }
+
+    #[test]
+    fn the_draft_target_is_turned_with_the_image() {
+        assert_eq!(
+            as_stored((100, 300), Some(Orientation::Rotate90)),
+            (300, 100)
+        );
+        assert_eq!(
+            as_stored((100, 300), Some(Orientation::Rotate270FlipH)),
+            (300, 100)
+        );
+        assert_eq!(
+            as_stored((100, 300), Some(Orientation::Rotate180)),
+            (100, 300)
+        );
+        assert_eq!(as_stored((100, 300), None), (100, 300));
     }
 }

@@ -8,7 +8,7 @@ pub mod decode;
 pub mod preprocess;
 pub mod resize;
 
-use decode::{DecodeError, DecodeOptions};
+use decode::{DecodeError, DecodeOptions, DecodeScale};
 use preprocess::PreprocessConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,11 +30,14 @@ pub struct Prepared {
     pub pixels: Pixels,
     pub decode: Duration,
     pub preprocess: Duration,
+    /// The scale it was decoded at (`None`: sent as pixels, not decoded here).
+    pub scale: Option<DecodeScale>,
 }
 
-/// Decode and preprocess one image (CPU-bound: call from the decode pool). A panic inside a
-/// codec or the resampler (a crafted file, a bug in a decoder) fails this image as undecodable
-/// (422), never its request's task or the server.
+/// Decode and preprocess one image (CPU-bound: call from the decode pool); `decode_opts` come
+/// from the model's [`PreprocessConfig::decode_options`]. A panic inside a codec or the
+/// resampler (a crafted file, a bug in a decoder) fails this image as undecodable (422), never
+/// its request's task or the server.
 pub fn prepare(
     bytes: &[u8],
     decode_opts: &DecodeOptions,
@@ -65,13 +68,14 @@ fn prepare_image(
     cfg: &PreprocessConfig,
 ) -> Result<Prepared, DecodeError> {
     let t0 = Instant::now();
-    let image = decode::decode(bytes, decode_opts)?;
+    let decoded = decode::decode(bytes, decode_opts)?;
     let t1 = Instant::now();
-    let input = preprocess::preprocess(&image, cfg);
+    let input = preprocess::preprocess(&decoded.image, cfg);
     Ok(Prepared {
         pixels: Pixels::Rgb8(input.pixels),
         decode: t1 - t0,
         preprocess: t1.elapsed(),
+        scale: Some(decoded.scale),
     })
 }
 

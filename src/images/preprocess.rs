@@ -7,6 +7,7 @@
 //! (Python's `round`), padding with zeros if the crop is larger than the image. Normalisation
 //! (`/255`, `-mean`, `/std`) happens on the model's device, see `backend`.
 
+use super::decode::DecodeOptions;
 use super::resize::{resize_window, Filter, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -32,6 +33,10 @@ pub struct PreprocessConfig {
     pub crop_mode: CropMode,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 of their size, no smaller than the resize step
+    /// needs (`--jpeg-draft`, the `jpeg_draft` model option): Pillow's `Image.draft("RGB",
+    /// (scale_w, scale_h))` before timm's transform. Off: decoded whole, as timm does.
+    pub jpeg_draft: bool,
 }
 
 impl PreprocessConfig {
@@ -40,12 +45,26 @@ impl PreprocessConfig {
         self.input_size.0 * self.input_size.1 * 3
     }
 
+    /// How to decode images for this model: `base` (the server's limits), with the draft size
+    /// when `jpeg_draft` is on.
+    pub fn decode_options(&self, base: DecodeOptions) -> DecodeOptions {
+        DecodeOptions {
+            draft: self.jpeg_draft.then(|| self.scale_size()),
+            ..base
+        }
+    }
+
+    /// timm's `scale_size`, `math.floor(size / crop_pct)` per side (f64 division, as Python
+    /// does), as (width, height): what the resize step fits the image to.
+    fn scale_size(&self) -> (usize, usize) {
+        let (target_h, target_w) = self.input_size;
+        let scale = |size: usize| (size as f64 / self.crop_pct).floor() as usize;
+        (scale(target_w), scale(target_h))
+    }
+
     /// The size the image is resized to before cropping, as (width, height).
     fn resized_size(&self, width: usize, height: usize) -> (usize, usize) {
-        let (target_h, target_w) = self.input_size;
-        // math.floor(size / crop_pct): f64 division, as Python does.
-        let scale_h = (target_h as f64 / self.crop_pct).floor() as usize;
-        let scale_w = (target_w as f64 / self.crop_pct).floor() as usize;
+        let (scale_w, scale_h) = self.scale_size();
         match self.crop_mode {
             CropMode::Squash => (scale_w, scale_h),
             CropMode::Center if scale_h == scale_w => shorter_side_to(width, height, scale_h),
@@ -172,6 +191,7 @@ mod tests {
             crop_mode,
             mean: [0.5; 3],
             std: [0.5; 3],
+            jpeg_draft: false,
         }
     }
 
@@ -214,6 +234,23 @@ mod tests {
         assert_eq!(&padded.pixels[..3], &[0, 0, 0]);
         assert_eq!(&padded.pixels[3..6], &[1, 2, 3]);
         assert_eq!(&padded.pixels[15..18], &[0, 0, 0]);
+    }
+
+    #[test]
+    fn draft_asks_for_what_the_resize_step_needs() {
+        let base = DecodeOptions {
+            max_pixels: 1000,
+            exif_transpose: true,
+            draft: None,
+        };
+        let mut c = cfg(224, 0.875, CropMode::Center);
+        assert_eq!(c.decode_options(base).draft, None);
+        c.jpeg_draft = true;
+        let opts = c.decode_options(base);
+        assert_eq!(opts.draft, Some((256, 256)));
+        assert_eq!((opts.max_pixels, opts.exif_transpose), (1000, true));
+        c.input_size = (192, 320);
+        assert_eq!(c.decode_options(base).draft, Some((365, 219)));
     }
 
     #[test]

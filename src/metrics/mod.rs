@@ -45,6 +45,11 @@ pub const CACHE_EVICTIONS: &str = "cache_evictions";
 pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_CAPACITY: &str = "cache_capacity_bytes";
 pub const INSTANCE_BATCHES: &str = "instance_batches";
+pub const DECODED_IMAGES: &str = "decoded_images";
+
+/// `decoded_images`' `scale` values: the size an image was decoded at, relative to its own
+/// (1/2 to 1/8: JPEGs decoded smaller with `--jpeg-draft`).
+pub const DECODE_SCALES: [&str; 4] = ["1/1", "1/2", "1/4", "1/8"];
 
 /// `visionserve_build_info`'s labels: what this binary is and what it was built against.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,6 +89,14 @@ pub struct InstanceLabels {
     /// The copy's index (`--instances`), as `/v1/models` lists them in `instance_threads`
     /// (not `instance`, which Prometheus gives the scraped target).
     pub model_instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    pub model: String,
+    pub version: String,
+    /// One of [`DECODE_SCALES`].
+    pub scale: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,6 +159,7 @@ pub struct Metrics {
     cache_hits: Family<ModelLabel, Counter>,
     cache_misses: Family<ModelLabel, Counter>,
     instance_batches: Family<InstanceLabels, Counter>,
+    decoded: Family<ScaleLabels, Counter>,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
     pub cache_capacity: Gauge,
@@ -224,6 +238,9 @@ impl Metrics {
             preprocess: registered(r, PREPROCESS_DURATION,
                 "Decode plus resize/crop time per image",
                 latency_family()),
+            decoded: registered(r, DECODED_IMAGES,
+                "Images decoded, by the scale they were decoded at (1/1: whole; 1/2, 1/4, 1/8: JPEGs decoded smaller with --jpeg-draft)",
+                Family::default()),
             inference: registered(r, INFERENCE_DURATION,
                 "Model time per batch (input upload, forward, top-k)",
                 latency_family()),
@@ -289,13 +306,26 @@ impl Metrics {
         let restarted = |reason| self.restarts.get_or_create(&reason_labels(reason)).clone();
         let restarts_batch_timeout = restarted("batch_timeout");
         let restarts_panic = restarted("panic");
+        let decoded_at = |scale| {
+            self.decoded
+                .get_or_create(&ScaleLabels {
+                    model: model.to_owned(),
+                    version: version.to_owned(),
+                    scale,
+                })
+                .clone()
+        };
+        let prepare = PrepareMetrics {
+            duration: self.preprocess.get_or_create(&label).clone(),
+            decoded: DECODE_SCALES.map(decoded_at),
+        };
         ModelMetrics {
             model: model.to_owned(),
             version: version.to_owned(),
             failure_reasons: Arc::default(),
             stats: Arc::default(),
             queue_wait: self.queue_wait.get_or_create(&label).clone(),
-            preprocess: self.preprocess.get_or_create(&label).clone(),
+            prepare,
             inference: self.inference.get_or_create(&label).clone(),
             batch_size: self.batch_size.get_or_create(&label).clone(),
             request_duration: self.request_duration.get_or_create(&label).clone(),
@@ -390,6 +420,13 @@ impl Metrics {
         }
         for reason in ["client_gone", "deadline_exceeded"] {
             self.dropped.remove(&model.reason(reason));
+        }
+        for scale in DECODE_SCALES {
+            self.decoded.remove(&ScaleLabels {
+                model: label.model.clone(),
+                version: label.version.clone(),
+                scale,
+            });
         }
         for reason in ["batch_timeout", "panic"] {
             self.restarts.remove(&model.reason(reason));
@@ -504,7 +541,7 @@ pub struct ModelMetrics {
     failure_reasons: Arc<std::sync::Mutex<Vec<&'static str>>>,
     pub stats: Arc<InferStats>,
     queue_wait: Histogram,
-    pub preprocess: Histogram,
+    pub prepare: PrepareMetrics,
     inference: Histogram,
     batch_size: Histogram,
     pub request_duration: Histogram,
@@ -527,6 +564,25 @@ pub struct ModelMetrics {
     instance_batches: Family<InstanceLabels, Counter>,
     /// Instances 0..this have a `instance_batches` series, so that it can be removed.
     instances_counted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A model's per-image decode metrics, cheap to clone into the task that decodes.
+#[derive(Clone, Debug)]
+pub struct PrepareMetrics {
+    duration: Histogram,
+    /// One counter per entry of [`DECODE_SCALES`].
+    decoded: [Counter; 4],
+}
+
+impl PrepareMetrics {
+    /// An image was decoded at `scale` (one of [`DECODE_SCALES`]), then resized and cropped,
+    /// in `elapsed`.
+    pub fn image_prepared(&self, scale: &str, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        if let Some(i) = DECODE_SCALES.iter().position(|s| *s == scale) {
+            self.decoded[i].inc();
+        }
+    }
 }
 
 impl ModelMetrics {
@@ -662,6 +718,7 @@ mod tests {
         m.request_failed("undecodable_image", 1, false, Duration::from_millis(1));
         m.batch_finished(3, Duration::from_millis(30), BatchPhases::default());
         m.queue_depth.set(2);
+        m.prepare.image_prepared("1/8", Duration::from_millis(9));
         metrics.unknown_model_request("model_not_found");
         let text = metrics.encode_prometheus();
         assert!(
@@ -684,6 +741,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"visionserve_queue_depth{model="lite0",version="1"} 2"#));
+        assert!(text.contains(
+            r#"visionserve_decoded_images_total{model="lite0",version="1",scale="1/8"} 1"#
+        ));
+        // Every scale has its series from the start, so dashboards show 0 rather than nothing.
+        assert!(text.contains(
+            r#"visionserve_decoded_images_total{model="lite0",version="1",scale="1/1"} 0"#
+        ));
         assert!(!text.contains("# EOF"));
         // An unloaded version leaves no series behind; another version's stay.
         let other = metrics.for_model("lite0", "2");

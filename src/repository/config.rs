@@ -18,6 +18,8 @@ pub struct ModelOptions {
     pub arch: Option<String>,
     /// What runs it, instead of `--backend`.
     pub backend: Option<crate::config::Backend>,
+    /// Decode large JPEGs smaller, instead of `--jpeg-draft`.
+    pub jpeg_draft: Option<bool>,
 }
 
 /// `config.json` as timm writes it (`timm.models._hub.save_for_hf`).
@@ -170,6 +172,8 @@ impl HubConfig {
                 crop_mode,
                 mean: cfg.mean.map(|v| v as f32),
                 std: cfg.std.map(|v| v as f32),
+                // The server's --jpeg-draft fills an unset option before resolving.
+                jpeg_draft: options.jpeg_draft.unwrap_or(false),
             },
         })
     }

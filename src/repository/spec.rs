@@ -63,14 +63,26 @@ pub fn parse_options(query: &str) -> Result<ModelOptions, String> {
             }
             "arch" => options.arch = Some(value.to_owned()),
             "backend" => options.backend = Some(crate::config::Backend::parse(value)?),
+            "jpeg_draft" => options.jpeg_draft = Some(parse_switch(key, value)?),
             _ => {
                 return Err(format!(
-                    "unknown model option {key:?} (known: input_size, arch, backend)"
+                    "unknown model option {key:?} (known: input_size, arch, backend, jpeg_draft)"
                 ))
             }
         }
     }
     Ok(options)
+}
+
+/// An on/off option's value.
+fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "true" | "1" | "on" => Ok(true),
+        "false" | "0" | "off" => Ok(false),
+        _ => Err(format!(
+            "{key} must be true or false (or 1/0, on/off), not {value:?}"
+        )),
+    }
 }
 
 /// A name for a model given only by its source: the folder name, or the Hub repo's model name
@@ -117,5 +129,18 @@ mod tests {
             .unwrap_err()
             .contains("unknown model option"));
         assert!(ModelSpec::parse("bad name=x").is_err());
+    }
+
+    #[test]
+    fn parses_jpeg_draft() {
+        let on = parse_options("jpeg_draft=true").unwrap();
+        assert_eq!(on.jpeg_draft, Some(true));
+        assert_eq!(
+            parse_options("jpeg_draft=0").unwrap().jpeg_draft,
+            Some(false)
+        );
+        assert_eq!(parse_options("input_size=300").unwrap().jpeg_draft, None);
+        let err = parse_options("jpeg_draft=yes please").unwrap_err();
+        assert!(err.contains("true or false"), "{err}");
     }
 }
