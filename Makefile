@@ -12,6 +12,9 @@
 #   make bench-cache   the response cache (--cache-bytes 256MiB) vs none at a 30 % repeat rate, interleaved
 #   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
 #   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
+#   make bench-photos   a 12 MP phone-size JPEG: exact decoding vs --jpeg-draft vs FastAPI + timm, interleaved
+#   make bench-preprocess   decode + resize per image, ours (whole and --jpeg-draft) vs Pillow (whole and draft())
+#   make photo-agreement   --jpeg-draft against exact decoding: top-1 agreement and score differences, 12 and 24 MP
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
 #   make device-bundle   gather into target/device-bundle what a lent GPU machine lacks (server, model bench, weights, images)
@@ -65,7 +68,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: photos bench-photos bench-preprocess photo-agreement bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -319,6 +322,36 @@ bench-cache: deps venv weights test-data
 	cargo test --release --no-run
 	cargo bench --no-run
 	$(PYTHON) benches/cache.py --model $(CURDIR)/$(DEFAULT_MODEL) --image $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS)
+
+# Large photos (benches/make_photos.py): 12 and 24 MP JPEGs from real photos, a phone-size 12 MP
+# bench photo, and a tf_efficientnetv2_s checkpoint for the agreement study.
+PHOTOS_DIR := $(CURDIR)/target/bench-photos
+photos: $(PHOTOS_DIR)/.stamp
+$(PHOTOS_DIR)/.stamp: benches/make_photos.py $(TEST_DATA)/.stamp | $(VENV_STAMP)
+	$(PYTHON) benches/make_photos.py --out $(PHOTOS_DIR) --test-data $(TEST_DATA) --lite0 $(DEFAULT_MODEL)
+	touch $@
+
+# The 12 MP photo posted at 1, 8 and 32 clients with the peer kit's wrk (benches/peers.sh, ROUNDS
+# interleaved rounds): visionserve decoding it whole (ours), with --jpeg-draft (ours_draft), and
+# FastAPI + timm (2 workers, Pillow decode + timm's transform); medians and ratios.
+bench-photos: deps venv weights test-data photos
+	cargo test --release --no-run
+	VISIONSERVE_BIN=$(BIN) BODY=$(PHOTOS_DIR)/photo_12mp.jpg PEERS="ours ours_draft fastapi_2w" \
+	  OURS_ARGS_ours_draft="--jpeg-draft" benches/peers.sh
+
+# Decode + resize/crop of the 12 and 24 MP photos for Lite0, one thread: ours whole and with
+# --jpeg-draft against Pillow whole and with draft() (benches/preprocess_vs_pillow.py, interleaved).
+bench-preprocess: deps venv weights test-data photos
+	cargo bench --bench preprocess --no-run
+	$(PYTHON) benches/preprocess_vs_pillow.py --image $(PHOTOS_DIR)/photo_12mp.jpg --image $(PHOTOS_DIR)/photo_24mp.jpg \
+	  --image $(PHOTOS_DIR)/photo_12mp.png --image $(PHOTOS_DIR)/photo_12mp.webp --model $(DEFAULT_MODEL) --rounds $(ROUNDS)
+
+# --jpeg-draft against exact decoding on 30 photos at 12 and 24 MP, Lite0 (real weights) and
+# tf_efficientnetv2_s at 384 (random weights, see make_photos.py): benches/draft_agreement.py.
+photo-agreement: deps venv weights test-data photos
+	cargo build --release
+	$(PYTHON) benches/draft_agreement.py --bin $(BIN) --model lite0=$(CURDIR)/$(DEFAULT_MODEL) \
+	  --model v2s=$(PHOTOS_DIR)/tf_efficientnetv2_s $(PHOTOS_DIR)/agreement $(PHOTOS_DIR)/photo_12mp.jpg $(PHOTOS_DIR)/photo_24mp.jpg
 
 # Allocators under the model alone (needs: apt-get install libjemalloc2 libmimalloc2.0).
 bench-allocators: deps venv weights
