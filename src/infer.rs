@@ -775,12 +775,13 @@ impl InferRequest {
                 ),
                 None => None,
             };
+            let cost = images::estimated_cost(bytes.len(), decode_bytes);
             let pool = self.pool.clone();
             let cfg = self.model.info.preprocess.clone();
             let metrics = self.model.metrics.prepare.clone();
             tasks.spawn(async move {
                 let prepared = match pool
-                    .run(move || images::prepare(&bytes, &decode, &cfg))
+                    .run_costing(cost, move || images::prepare(&bytes, &decode, &cfg))
                     .await
                 {
                     Ok(prepared) => prepared.map_err(|source| InferError::Image { index, source }),

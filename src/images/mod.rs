@@ -10,9 +10,11 @@ pub mod resize;
 
 use decode::{DecodeError, DecodeOptions, DecodeScale};
 use preprocess::PreprocessConfig;
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// Pixels ready for the model, at its input size.
 #[derive(Debug, Clone)]
@@ -82,34 +84,117 @@ fn prepare_image(
 /// A bounded pool for CPU-heavy work: at most `threads` closures run at once on tokio's
 /// blocking threads, so decoding never runs on (or starves) the async workers, and a burst of
 /// uploads queues here instead of spawning hundreds of threads.
+///
+/// Waiting work starts cheapest first, within a bound: each waiter's place in line is its arrival
+/// time plus [`OVERTAKE_FACTOR`] times its estimated cost ([`estimated_cost`]). A thumbnail that
+/// arrives behind a queue of 12-megapixel decodes takes the next free thread instead of waiting
+/// for all of them (measured: BENCHMARKS.md, "Large photos beside small ones"), while a large
+/// image is overtaken only by work that arrives within `OVERTAKE_FACTOR` times its own cost, so
+/// it cannot starve.
 #[derive(Debug, Clone)]
 pub struct DecodePool {
-    permits: Arc<Semaphore>,
+    slots: Arc<Mutex<Slots>>,
+}
+
+/// How much later than a large image a cheap one may arrive and still start first, in multiples
+/// of the large one's estimated cost: a 12 MP JPEG decoded whole (about 70 ms of one core here)
+/// yields to small images for at most about 2 s, one decoded with `--jpeg-draft` (about 25 ms)
+/// for 0.8 s, a 500x333 thumbnail (2 ms) for 60 ms. 8 left small images behind the photos that
+/// had waited longer than half a second at 32 clients (BENCHMARKS.md).
+pub const OVERTAKE_FACTOR: u32 = 32;
+
+/// The pool's free threads and its waiters, cheapest place in line first.
+#[derive(Debug)]
+struct Slots {
+    free: usize,
+    waiting: BinaryHeap<Reverse<Waiter>>,
+    arrivals: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    place: Instant,
+    arrival: u64,
+    wake: oneshot::Sender<Slot>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        (self.place, self.arrival) == (other.place, other.arrival)
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.place, self.arrival).cmp(&(other.place, other.arrival))
+    }
+}
+
+/// One of the pool's threads, held by the work running on it; dropping it hands the thread to
+/// the first waiter still waiting, or frees it.
+#[derive(Debug)]
+struct Slot {
+    slots: Option<Arc<Mutex<Slots>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(slots) = self.slots.take() else {
+            return;
+        };
+        let mut state = slots.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(Reverse(waiter)) = state.waiting.pop() {
+            let handed = Slot {
+                slots: Some(slots.clone()),
+            };
+            match waiter.wake.send(handed) {
+                Ok(()) => return,
+                // That waiter gave up (its request ended): disarm the slot it did not take, so
+                // that dropping it does not hand the thread on a second time, and try the next.
+                Err(mut unclaimed) => unclaimed.slots = None,
+            }
+        }
+        state.free += 1;
+    }
 }
 
 impl DecodePool {
     pub fn new(threads: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(threads.max(1))),
+            slots: Arc::new(Mutex::new(Slots {
+                free: threads.max(1),
+                waiting: BinaryHeap::new(),
+                arrivals: 0,
+            })),
         }
     }
 
-    /// Run `work` on a blocking thread once one of the pool's permits is free. A panic in
-    /// `work` fails only this call (logged here), never the task that awaits it.
+    /// Run `work` on a blocking thread once one of the pool's threads is free, as cheap work
+    /// (parsing a request body). A panic in `work` fails only this call (logged here), never the
+    /// task that awaits it.
     pub async fn run<T, F>(&self, work: F) -> Result<T, PoolError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        // The semaphore is never closed: a failure here would be a bug, reported as one.
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| PoolError)?;
+        self.run_costing(Duration::ZERO, work).await
+    }
+
+    /// As [`run`](Self::run), for work estimated to take `cost` of one thread's time: waiting
+    /// work that costs less may start before it (see [`DecodePool`]).
+    pub async fn run_costing<T, F>(&self, cost: Duration, work: F) -> Result<T, PoolError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let slot = self.slot(cost).await?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _slot = slot;
             work()
         })
         .await
@@ -120,6 +205,42 @@ impl DecodePool {
             PoolError
         })
     }
+
+    /// A free thread now, or a place in line ordered by arrival plus `OVERTAKE_FACTOR` x `cost`.
+    async fn slot(&self, cost: Duration) -> Result<Slot, PoolError> {
+        let wait = {
+            let mut state = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if state.free > 0 && state.waiting.is_empty() {
+                state.free -= 1;
+                return Ok(Slot {
+                    slots: Some(self.slots.clone()),
+                });
+            }
+            let (wake, wait) = oneshot::channel();
+            state.arrivals += 1;
+            let waiter = Waiter {
+                place: Instant::now() + cost * OVERTAKE_FACTOR,
+                arrival: state.arrivals,
+                wake,
+            };
+            state.waiting.push(Reverse(waiter));
+            wait
+        };
+        // Every waiter is woken by a slot's drop; the sender goes away unsent only if the pool
+        // itself is gone, which would be a bug, reported as one.
+        wait.await.map_err(|_| PoolError)
+    }
+}
+
+/// One thread's time to decode and resize an image, estimated from its size before decoding,
+/// for the pool's order. Measured on the 2-vCPU EPYC (BENCHMARKS.md, "Large photos"): entropy
+/// decoding costs about 11 ns per encoded byte whatever the output scale (a 2.2 MB 12 MP JPEG
+/// takes 24 ms even at 1/8), and the rest (IDCT, colour conversion, resize) about 0.5 ns per
+/// byte of [`decode::decode_memory`]'s estimate (7 bytes per decoded pixel).
+pub fn estimated_cost(encoded_bytes: usize, decode_memory: Option<u64>) -> Duration {
+    let entropy_ns = encoded_bytes as u64 * 11;
+    let pixels_ns = decode_memory.unwrap_or(0) / 2;
+    Duration::from_nanos(entropy_ns.saturating_add(pixels_ns))
 }
 
 /// Work on the decode pool that panicked (or was cancelled as the runtime shut down).
@@ -147,5 +268,106 @@ mod tests {
         assert!(matches!(err, DecodeError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("decoder failed"), "{err}");
         assert_eq!(contain_panic(|| Ok(7)).unwrap(), 7);
+    }
+
+    /// Occupy `pool`'s one thread until the returned sender is dropped or sent to.
+    async fn occupy(pool: &DecodePool) -> std::sync::mpsc::Sender<()> {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel();
+        let busy = pool.clone();
+        tokio::spawn(async move {
+            busy.run(move || {
+                let _ = started.send(());
+                let _ = hold.recv();
+            })
+            .await
+        });
+        running.await.unwrap();
+        release
+    }
+
+    /// Queue work of `cost` that records `name` when it runs.
+    fn queue(
+        pool: &DecodePool,
+        cost: Duration,
+        name: &'static str,
+        ran: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> tokio::task::JoinHandle<Result<(), PoolError>> {
+        let (pool, ran) = (pool.clone(), ran.clone());
+        tokio::spawn(async move {
+            pool.run_costing(cost, move || ran.lock().unwrap().push(name))
+                .await
+        })
+    }
+
+    async fn let_tasks_queue() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test]
+    async fn cheap_work_overtakes_large_work_that_arrived_just_before() {
+        let pool = DecodePool::new(1);
+        let release = occupy(&pool).await;
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let large = queue(&pool, Duration::from_secs(1), "large", &ran);
+        let_tasks_queue().await;
+        let small = queue(&pool, Duration::from_millis(1), "small", &ran);
+        let_tasks_queue().await;
+        drop(release);
+        large.await.unwrap().unwrap();
+        small.await.unwrap().unwrap();
+        assert_eq!(*ran.lock().unwrap(), ["small", "large"]);
+    }
+
+    #[tokio::test]
+    async fn large_work_is_overtaken_only_for_a_bounded_time() {
+        let pool = DecodePool::new(1);
+        let release = occupy(&pool).await;
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        // A place in line OVERTAKE_FACTOR ms after its arrival: work arriving later comes after.
+        let large = queue(&pool, Duration::from_millis(1), "large", &ran);
+        tokio::time::sleep(Duration::from_millis(u64::from(OVERTAKE_FACTOR) + 40)).await;
+        let small = queue(&pool, Duration::ZERO, "small", &ran);
+        let_tasks_queue().await;
+        drop(release);
+        large.await.unwrap().unwrap();
+        small.await.unwrap().unwrap();
+        assert_eq!(*ran.lock().unwrap(), ["large", "small"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_does_not_keep_the_thread() {
+        let pool = DecodePool::new(1);
+        let release = occupy(&pool).await;
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let gave_up = queue(&pool, Duration::ZERO, "gave up", &ran);
+        let_tasks_queue().await;
+        gave_up.abort();
+        let _ = gave_up.await;
+        let later = queue(&pool, Duration::from_secs(1), "later", &ran);
+        let_tasks_queue().await;
+        drop(release);
+        tokio::time::timeout(Duration::from_secs(5), later)
+            .await
+            .expect("the thread was handed on")
+            .unwrap()
+            .unwrap();
+        assert_eq!(*ran.lock().unwrap(), ["later"]);
+        // And the thread is free again afterwards.
+        tokio::time::timeout(Duration::from_secs(5), pool.run(|| ()))
+            .await
+            .expect("the thread is free")
+            .unwrap();
+    }
+
+    #[test]
+    fn cost_grows_with_bytes_and_pixels() {
+        let thumbnail = estimated_cost(60_000, Some(500 * 333 * 7));
+        let photo = estimated_cost(2_200_000, Some(4032 * 3024 * 7));
+        assert!(thumbnail < Duration::from_millis(2), "{thumbnail:?}");
+        assert!(
+            (Duration::from_millis(50)..Duration::from_millis(80)).contains(&photo),
+            "{photo:?}"
+        );
     }
 }
