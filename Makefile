@@ -15,6 +15,7 @@
 #   make bench-photos   a 12 MP phone-size JPEG: exact decoding vs --jpeg-draft vs FastAPI + timm, interleaved
 #   make bench-preprocess   decode + resize per image, ours (whole and --jpeg-draft) vs Pillow (whole and draft())
 #   make photo-agreement   --jpeg-draft against exact decoding: top-1 agreement and score differences, 12 and 24 MP
+#   make bench-decode   12 MP photos: the CPU split between decoding and the model, decode threads, a small image beside them
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
 #   make device-bundle   gather into target/device-bundle what a lent GPU machine lacks (server, model bench, weights, images)
@@ -68,7 +69,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: photos bench-photos bench-preprocess photo-agreement bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -340,11 +341,13 @@ bench-photos: deps venv weights test-data photos
 	  OURS_ARGS_ours_draft="--jpeg-draft" benches/peers.sh
 
 # Decode + resize/crop of the 12 and 24 MP photos for Lite0, one thread: ours whole and with
-# --jpeg-draft against Pillow whole and with draft() (benches/preprocess_vs_pillow.py, interleaved).
+# --jpeg-draft against Pillow whole and with draft() (benches/preprocess_vs_pillow.py, interleaved);
+# BASELINE=PATH adds an earlier build of the preprocess bench (target/release/deps/preprocess-*).
 bench-preprocess: deps venv weights test-data photos
 	cargo bench --bench preprocess --no-run
 	$(PYTHON) benches/preprocess_vs_pillow.py --image $(PHOTOS_DIR)/photo_12mp.jpg --image $(PHOTOS_DIR)/photo_24mp.jpg \
-	  --image $(PHOTOS_DIR)/photo_12mp.png --image $(PHOTOS_DIR)/photo_12mp.webp --model $(DEFAULT_MODEL) --rounds $(ROUNDS)
+	  --image $(PHOTOS_DIR)/photo_12mp.png --image $(PHOTOS_DIR)/photo_12mp.webp --model $(DEFAULT_MODEL) --rounds $(ROUNDS) \
+	  $(if $(BASELINE),--baseline $(BASELINE))
 
 # --jpeg-draft against exact decoding on 30 photos at 12 and 24 MP, Lite0 (real weights) and
 # tf_efficientnetv2_s at 384 (random weights, see make_photos.py): benches/draft_agreement.py.
@@ -352,6 +355,16 @@ photo-agreement: deps venv weights test-data photos
 	cargo build --release
 	$(PYTHON) benches/draft_agreement.py --bin $(BIN) --model lite0=$(CURDIR)/$(DEFAULT_MODEL) \
 	  --model v2s=$(PHOTOS_DIR)/tf_efficientnetv2_s $(PHOTOS_DIR)/agreement $(PHOTOS_DIR)/photo_12mp.jpg $(PHOTOS_DIR)/photo_24mp.jpg
+
+# 12 MP photos at 1, 4, 8 and 32 clients, whole and --jpeg-draft, 2 decode threads and 1: images/s,
+# latency, the server's CPU split by thread (model against decode), and a 500x333 JPEG's latency
+# alone and beside the photos (benches/decode_share.py, ROUNDS interleaved rounds, medians).
+bench-decode: deps venv weights test-data photos
+	cargo build --release
+	$(PYTHON) benches/decode_share.py --bin $(BIN) --model $(DEFAULT_MODEL) --photo $(PHOTOS_DIR)/photo_12mp.jpg \
+	  --small $(TEST_DATA)/photos/rocket.jpg --config exact= --config draft=--jpeg-draft \
+	  --config exact_d1='--decode-threads 1' --config draft_d1='--jpeg-draft --decode-threads 1' \
+	  --concurrency 1,4,8,32 --seconds 8 --rounds $(ROUNDS)
 
 # Allocators under the model alone (needs: apt-get install libjemalloc2 libmimalloc2.0).
 bench-allocators: deps venv weights
