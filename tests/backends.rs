@@ -61,23 +61,8 @@ fn relative(a: &[f64], b: &[f64]) -> f64 {
 async fn both_backends_serve_the_same_answers() {
     let server = tokio::task::spawn_blocking(both_backends).await.unwrap();
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let described = |name: &str| {
-        models["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == name)
-            .unwrap()
-            .clone()
-    };
+    let models = listed_models(&client, &server.base).await;
+    let described = |name: &str| models[name].clone();
     assert_eq!(described("torch")["backend"], "torch");
     assert_eq!(described("ov")["backend"], "openvino");
     for name in ["torch", "ov"] {

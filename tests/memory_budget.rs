@@ -198,24 +198,12 @@ async fn large_uploads_beyond_the_budget_are_refused_and_rss_stays_bounded() {
     assert_eq!(decoded("draft", "1/1"), Some(0.0));
     assert!(decoded("lite0", "1/1").unwrap() >= 1.0);
     assert_eq!(decoded("lite0", "1/8"), Some(0.0));
-    let models: serde_json::Value = client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let draft_of = |name: &str| {
-        models["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == name)
-            .map(|m| m["preprocess"]["jpeg_draft"].clone())
-    };
-    assert_eq!(draft_of("draft"), Some(serde_json::json!(true)), "{models}");
-    assert_eq!(draft_of("lite0"), Some(serde_json::json!(false)));
+    let models = listed_models(&client, &server.base).await;
+    assert_eq!(
+        models["draft"]["preprocess"]["jpeg_draft"], true,
+        "{models:?}"
+    );
+    assert_eq!(models["lite0"]["preprocess"]["jpeg_draft"], false);
 
     // And the server still serves.
     let response = client

@@ -440,3 +440,24 @@ pub async fn classify(
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
+
+/// `GET /v1/models` on the server at `base`, each model's entry keyed by its name.
+pub async fn listed_models(
+    client: &reqwest::Client,
+    base: &str,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let listed: serde_json::Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["models"]
+        .as_array()
+        .expect("a models array")
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m.clone()))
+        .collect()
+}
