@@ -846,3 +846,18 @@ impl Drop for InferRequest {
             .request_failed(CLIENT_GONE, self.images, false, elapsed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `images` and `metrics` import nothing from each other, so the scale labels are written
+    /// in both: they must stay the same, in the same order.
+    #[test]
+    fn decode_scales_are_labelled_alike_in_images_and_metrics() {
+        assert_eq!(
+            DecodeScale::ALL.map(DecodeScale::label),
+            crate::metrics::DECODE_SCALES
+        );
+    }
+}

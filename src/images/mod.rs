@@ -210,7 +210,9 @@ impl DecodePool {
     async fn slot(&self, cost: Duration) -> Result<Slot, PoolError> {
         let wait = {
             let mut state = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if state.free > 0 && state.waiting.is_empty() {
+            // A thread is only freed when no one is waiting (a slot's drop hands it to the
+            // first waiter), so a free thread means an empty line.
+            if state.free > 0 {
                 state.free -= 1;
                 return Ok(Slot {
                     slots: Some(self.slots.clone()),
