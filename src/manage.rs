@@ -93,6 +93,9 @@ pub struct Manager {
     cache: Option<Arc<ResponseCache>>,
     /// `--jpeg-draft`: for models whose options do not say.
     jpeg_draft: bool,
+    /// What a model's own `instances` option is resolved against.
+    cpus: usize,
+    intra_op_threads: Option<usize>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
 
@@ -107,6 +110,9 @@ pub struct ManagerParts {
     pub repository: Option<PathBuf>,
     pub cache: Option<Arc<ResponseCache>>,
     pub jpeg_draft: bool,
+    /// The CPUs the process may use, and `--intra-op-threads`.
+    pub cpus: usize,
+    pub intra_op_threads: Option<usize>,
 }
 
 impl Manager {
@@ -121,6 +127,8 @@ impl Manager {
             repository: parts.repository,
             cache: parts.cache,
             jpeg_draft: parts.jpeg_draft,
+            cpus: parts.cpus,
+            intra_op_threads: parts.intra_op_threads,
             shutting_down: Default::default(),
         }
     }
@@ -202,9 +210,12 @@ impl Manager {
             .config
             .resolve(&options)
             .map_err(|e| ManageError::Invalid(format!("source {source:?}: {e}")))?;
-        let (mut settings, estimate) =
-            self.settings_for(name, &files, &config.preprocess.input_size);
-        settings.backend = request.options.backend.unwrap_or(settings.backend);
+        let (settings, estimate) = self.settings_for(
+            name,
+            &files,
+            &config.preprocess.input_size,
+            self.settings_with(&request.options),
+        );
         let version =
             self.registry
                 .begin_load(name, request.version.as_deref(), source, estimate, budget)?;
@@ -426,7 +437,27 @@ impl Manager {
             .inspect_err(|_| self.metrics.remove_model(&metrics))
     }
 
-    /// How a model is spawned, and its estimated memory: the server's settings, except that
+    /// The server's settings with a model's own options in place of the flags they override.
+    fn settings_with(&self, options: &ModelOptions) -> SpawnOptions {
+        let mut settings = self.settings;
+        settings.backend = options.backend.unwrap_or(settings.backend);
+        settings.dtype = options.dtype.unwrap_or(settings.dtype);
+        settings.max_batch_size = options.max_batch_size.unwrap_or(settings.max_batch_size);
+        if let Some(ms) = options.max_batch_delay_ms {
+            settings.max_batch_delay = Duration::from_millis(ms);
+        }
+        if let Some(instances) = options.instances {
+            settings.instances = crate::backend::InstanceLayout::resolve(
+                instances,
+                self.cpus,
+                self.intra_op_threads,
+                settings.device.is_cuda(),
+            );
+        }
+        settings
+    }
+
+    /// How a model is spawned, and its estimated memory: `settings`, except that
     /// `--instances auto` runs one copy with every thread where its copies' estimate does not
     /// fit in what is left of the model memory budget (each copy holds its own weights and
     /// working memory, and one copy is what a tight budget can afford). An explicit
@@ -436,9 +467,9 @@ impl Manager {
         name: &str,
         files: &ModelFiles,
         input_size: &(usize, usize),
+        settings: SpawnOptions,
     ) -> (SpawnOptions, u64) {
-        let settings = self.settings;
-        let estimate = self.estimate(files, input_size, &settings.instances);
+        let estimate = self.estimate(files, input_size, &settings);
         let room = self
             .memory_budget
             .saturating_sub(self.registry.estimated_bytes());
@@ -455,7 +486,7 @@ impl Manager {
             room = %crate::config::mib(room),
             "--instances auto: one copy, since its copies' estimated memory does not fit in what is left of --model-memory-budget"
         );
-        (single, self.estimate(files, input_size, &single.instances))
+        (single, self.estimate(files, input_size, &single))
     }
 
     /// A version's memory, estimated before loading: the weights file once per copy
@@ -465,13 +496,13 @@ impl Manager {
         &self,
         files: &ModelFiles,
         input_size: &(usize, usize),
-        layout: &crate::backend::InstanceLayout,
+        settings: &SpawnOptions,
     ) -> u64 {
         let weights = std::fs::metadata(&files.weights).map_or(0, |m| m.len());
         let (h, w) = *input_size;
         let input = 3 * h as u64 * w as u64 * 4;
-        let working = self.settings.max_batch_size as u64 * input * WORKING_MEMORY_PER_INPUT;
-        (weights + working) * layout.copies().len() as u64
+        let working = settings.max_batch_size as u64 * input * WORKING_MEMORY_PER_INPUT;
+        (weights + working) * settings.instances.copies().len() as u64
     }
 
     /// `--model-control poll`: apply the repository folder's changes until `stop` resolves.

@@ -302,6 +302,8 @@ pub async fn start_service(config: &Config) -> Result<Service> {
         repository: config.model_repository.clone(),
         cache: cache.clone(),
         jpeg_draft: config.jpeg_draft,
+        cpus: resources.cpus,
+        intra_op_threads: config.intra_op_threads,
     }));
     let loads = start_models(&manager, specs, located)?;
     let memory = Arc::new(budget::MemoryBudget::new(

@@ -20,6 +20,14 @@ pub struct ModelOptions {
     pub backend: Option<crate::config::Backend>,
     /// Decode large JPEGs smaller, instead of `--jpeg-draft`.
     pub jpeg_draft: Option<bool>,
+    /// Instead of `--dtype`.
+    pub dtype: Option<crate::config::DType>,
+    /// Instead of `--max-batch-size`.
+    pub max_batch_size: Option<usize>,
+    /// Instead of `--max-batch-delay-ms`.
+    pub max_batch_delay_ms: Option<u64>,
+    /// Instead of `--instances`.
+    pub instances: Option<crate::config::Instances>,
 }
 
 /// `config.json` as timm writes it (`timm.models._hub.save_for_hf`).

@@ -64,14 +64,47 @@ pub fn parse_options(query: &str) -> Result<ModelOptions, String> {
             "arch" => options.arch = Some(value.to_owned()),
             "backend" => options.backend = Some(crate::config::Backend::parse(value)?),
             "jpeg_draft" => options.jpeg_draft = Some(parse_switch(key, value)?),
+            "dtype" => {
+                options.dtype = Some(
+                    <crate::config::DType as clap::ValueEnum>::from_str(value, true)
+                        .map_err(|_| format!("dtype must be f32, f16 or bf16, not {value:?}"))?,
+                )
+            }
+            "max_batch_size" => options.max_batch_size = Some(parse_count(key, value, 1)?),
+            "max_batch_delay_ms" => {
+                options.max_batch_delay_ms = Some(parse_count(key, value, 0)? as u64)
+            }
+            "instances" => options.instances = Some(crate::config::Instances::parse(value)?),
             _ => {
                 return Err(format!(
-                    "unknown model option {key:?} (known: input_size, arch, backend, jpeg_draft)"
+                    "unknown model option {key:?} (known: {})",
+                    MODEL_OPTIONS.join(", ")
                 ))
             }
         }
     }
     Ok(options)
+}
+
+/// Every option a `--model` spec may carry after its `?`.
+pub const MODEL_OPTIONS: [&str; 8] = [
+    "input_size",
+    "arch",
+    "backend",
+    "jpeg_draft",
+    "dtype",
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "instances",
+];
+
+/// A whole number of at least `least`.
+fn parse_count(key: &str, value: &str, least: usize) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= least)
+        .ok_or_else(|| format!("{key} must be a whole number of at least {least}, not {value:?}"))
 }
 
 /// An on/off option's value.
