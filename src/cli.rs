@@ -5,7 +5,8 @@
 //! (a native model as an ONNX graph, for other runtimes).
 
 use crate::backend::ModelHandle;
-use crate::config::Config;
+use crate::config::{self, file::ConfigFile, Config};
+use crate::images::files::collect_images;
 use crate::infer::{
     ImageInput, ImageOutput, InferError, Inference, Intake, ModelRef, Outputs, Plan, RequestOptions,
 };
@@ -47,6 +48,26 @@ pub enum Command {
     /// Write a native model as an ONNX graph (opset 17, weights included) for ONNX Runtime,
     /// TensorRT, OpenVINO Model Server or any other ONNX runtime.
     Export(ExportArgs),
+    /// Print the configuration `serve` would run with (--config file, VISIONSERVE_* variables
+    /// and flags together) as a TOML file `--config` reads back.
+    Config(Box<ConfigArgs>),
+    /// Load-test a server speaking /v1, KServe v2 REST or KServe v2 gRPC (any server, or a
+    /// visionserve started with --model): concurrency sweeps or Poisson rates, measured until
+    /// stable, with a table, JSON/CSV and an HTML report.
+    Bench(Box<crate::bench::BenchArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print the effective configuration as TOML (secrets left out).
+    #[arg(long, required = true)]
+    pub print: bool,
+    /// Print every key instead, with its default and its help text.
+    #[arg(long)]
+    pub defaults: bool,
+    /// The settings to print: the same flags as `serve`.
+    #[command(flatten)]
+    pub serve: Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,36 +137,80 @@ pub struct DownloadArgs {
     pub sources: Vec<String>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+// ---------------------------------------------------------------------------------------------
+// The command line, over the environment, over the --config file
 
-/// Every image to classify, in a stable order: files as given, folders walked recursively
-/// and sorted.
-pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut found: Vec<PathBuf> = walkdir::WalkDir::new(input)
-                .follow_links(true)
-                .into_iter()
-                .filter_map(|entry| entry.ok())
-                .filter(|entry| entry.file_type().is_file() && is_image_name(entry.path()))
-                .map(|entry| entry.into_path())
-                .collect();
-            found.sort();
-            files.extend(found);
-        } else if input.exists() {
-            files.push(input.clone());
-        } else {
-            bail!("{}: no such file or folder", input.display());
-        }
-    }
-    Ok(files)
+/// A parsed command line, with what it was parsed against (for `config --print` and the
+/// start-up log of where each setting came from).
+pub struct Parsed {
+    pub cli: Cli,
+    command: clap::Command,
+    matches: clap::ArgMatches,
+    file: Option<ConfigFile>,
 }
 
-fn is_image_name(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+/// Why the command line could not be parsed.
+pub enum ParseFailure {
+    /// clap's own error (it prints itself, usage included, and knows its exit code).
+    Clap(clap::Error),
+    /// A --config file that cannot be read or holds a bad key or value.
+    File(String),
+}
+
+/// Parse `args`, with the `--config` file's values (or `$VISIONSERVE_CONFIG`'s) as the
+/// defaults beneath the environment and the flags.
+pub fn parse_command_line(args: Vec<std::ffi::OsString>) -> Result<Parsed, ParseFailure> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let file = match config::file::requested_path(&args) {
+        Some(path) => {
+            let check = |spec: &str| crate::repository::ModelSpec::parse(spec).map(drop);
+            let file = ConfigFile::read(&path, &command, &check).map_err(ParseFailure::File)?;
+            command = file.apply(command);
+            Some(file)
+        }
+        None => None,
+    };
+    let matches = command
+        .try_get_matches_from_mut(args)
+        .map_err(ParseFailure::Clap)?;
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).map_err(ParseFailure::Clap)?;
+    Ok(Parsed {
+        cli,
+        command,
+        matches,
+        file,
+    })
+}
+
+impl Parsed {
+    /// The command and matches of the subcommand that holds the serve flags (the root when
+    /// there is no subcommand).
+    fn settings(&self) -> (&clap::Command, &clap::ArgMatches) {
+        match self.matches.subcommand() {
+            Some((name, matches)) => match self.command.find_subcommand(name) {
+                Some(command) => (command, matches),
+                None => (&self.command, &self.matches),
+            },
+            None => (&self.command, &self.matches),
+        }
+    }
+
+    /// `key=value (origin)` for each setting not at its built-in default.
+    pub fn origins(&self) -> Vec<String> {
+        let (command, matches) = self.settings();
+        config::file::origins(command, matches, self.file.as_ref())
+    }
+
+    /// What `visionserve config --print [--defaults]` prints.
+    pub fn config_text(&self, defaults: bool) -> String {
+        let (command, matches) = self.settings();
+        if defaults {
+            config::file::defaults_toml(command)
+        } else {
+            config::file::effective_toml(command, matches)
+        }
+    }
 }
 
 /// The files an earlier run already wrote to `out` (its `file` column or field).
@@ -611,23 +676,6 @@ mod tests {
         let line = format!("{},1,2,x,0.5", csv_field("dir/a, \"b\".jpg"));
         assert_eq!(csv_first_field(&line).unwrap(), "dir/a, \"b\".jpg");
         assert_eq!(csv_first_field("plain.jpg,1,2").unwrap(), "plain.jpg");
-    }
-
-    #[test]
-    fn collects_images_sorted_and_recursive() {
-        let dir = std::env::temp_dir().join(format!("vs-cli-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        for name in ["b.JPG", "a.png", "notes.txt", "sub/c.webp"] {
-            std::fs::write(dir.join(name), b"x").unwrap();
-        }
-        let files = collect_images(std::slice::from_ref(&dir)).unwrap();
-        let names: Vec<_> = files
-            .iter()
-            .map(|f| f.strip_prefix(&dir).unwrap().display().to_string())
-            .collect();
-        assert_eq!(names, ["a.png", "b.JPG", "sub/c.webp"]);
-        assert!(collect_images(&[dir.join("missing")]).is_err());
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //!
 //! ```text
 //! server          wiring: config to models, service and listeners; budgets; drain on shutdown
-//! cli             `visionserve classify|models|download`: a front end in the same process
+//! cli             `visionserve classify|models|download|export|config`: a front end in the
+//!                 same process, and the command line over the environment over --config
+//! bench/, tune/   tools that measure servers from outside, over the network: a load generator
+//!                 for any v2 server, and the search for this machine's best configuration
+//!                 (each candidate a fresh child process)
 //! http/, grpc/    front ends: /v1 REST, v2 REST (http/v2.rs) and v2 gRPC; each parses its
 //!                 protocol into an `infer::Intake`, makes one call, renders the answer, and
 //!                 maps errors to its statuses in one table (http/error.rs, grpc/status.rs)
@@ -31,12 +35,13 @@
 //! Leaves below all of these: `config` (flags, their defaults and the values people write in
 //! them), `error` (the service's and loading's errors, and how a failure is counted), `metrics`
 //! (every Prometheus name), `budget` (what the container gives, the in-flight memory budget),
-//! `auth`, `labels`, `hub`. [`run`] takes its listener and shutdown signal from the caller, so
+//! `auth`, `labels`, `hub`, `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
 //! tests run servers on port 0.
 
 pub mod auth;
 pub mod backend;
 pub mod batching;
+pub mod bench;
 pub mod budget;
 pub mod cache;
 pub mod cli;
@@ -54,6 +59,7 @@ pub mod manage;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod report;
 pub mod repository;
 pub mod server;
 pub mod v1;

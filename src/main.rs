@@ -1,23 +1,39 @@
 //! The `visionserve` binary: parse the subcommand (`serve` by default), set up logging, then
 //! serve until SIGTERM/SIGINT, or run `classify`, `models`, `download` or `export`.
 
-use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
-use visionserve::cli::{Cli, Command};
+use visionserve::cli::{Command, ParseFailure};
 use visionserve::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
     // Allocator and float-mode settings must precede libtorch's first allocation.
     visionserve::tune_process();
-    let cli = Cli::parse();
-    match cli.command {
-        None => serve(cli.serve),
-        Some(Command::Serve(config)) => serve(*config),
+    let parsed = match visionserve::cli::parse_command_line(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(ParseFailure::Clap(e)) => e.exit(),
+        Err(ParseFailure::File(message)) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Config(args)) = &parsed.cli.command {
+        print!("{}", parsed.config_text(args.defaults));
+        return ExitCode::SUCCESS;
+    }
+    let origins = parsed.origins();
+    match parsed.cli.command {
+        None => serve(parsed.cli.serve, &origins),
+        Some(Command::Serve(config)) => serve(*config, &origins),
+        Some(Command::Config(_)) => unreachable!("printed above"),
         Some(Command::Classify(args)) => {
             init_logging_with("warn", LogFormat::Text);
             finish(runtime().and_then(|rt| rt.block_on(visionserve::cli::classify(args))))
+        }
+        Some(Command::Bench(args)) => {
+            init_logging_with("warn", LogFormat::Text);
+            finish(visionserve::bench::run(*args))
         }
         Some(Command::Models) => {
             print!("{}", visionserve::cli::models());
@@ -51,8 +67,11 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, origins: &[String]) -> ExitCode {
     init_logging(&config);
+    if !origins.is_empty() {
+        tracing::info!(settings = %origins.join(", "), "configuration (not at their defaults)");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,6 +3,8 @@
 //! Each flag also reads a `VISIONSERVE_*` environment variable; the doc comment of each field is
 //! its `--help` text, and README.md's flag table is generated from `--help`.
 
+pub mod file;
+
 use clap::builder::Resettable;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::path::PathBuf;
@@ -15,6 +17,13 @@ use std::time::Duration;
     about = "Image-classification inference server (libtorch)"
 )]
 pub struct Config {
+    /// A TOML file of settings: each flag of `serve` is a key (`max_batch_size = 4`,
+    /// `model = [...]`), and `[models.NAME]` sections give models with their own options. The
+    /// command line and VISIONSERVE_* variables override it; `visionserve config --print
+    /// --defaults` lists every key.
+    #[arg(long, env = "VISIONSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on.
     #[arg(long, env = "VISIONSERVE_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -32,7 +41,8 @@ pub struct Config {
     /// Hugging Face Hub layout (config.json + model.safetensors, pytorch_model.bin or a
     /// TorchScript model.pt), one weights file inside such a folder, or `hf-hub:ORG/REPO`.
     /// Per-model options follow a `?`, e.g. `v2s=hf-hub:timm/tf_efficientnetv2_s.in1k?input_size=300`
-    /// (options: input_size, arch, backend, jpeg_draft).
+    /// (options: input_size, arch, backend, jpeg_draft, dtype, max_batch_size, max_batch_delay_ms,
+    /// instances).
     #[arg(long = "model", env = "VISIONSERVE_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
 

@@ -5,6 +5,7 @@
 //! image's whole trip, with a panic in a codec contained to that image.
 
 pub mod decode;
+pub mod files;
 pub mod preprocess;
 pub mod resize;
 

@@ -1,0 +1,3 @@
+//! Self-contained HTML reports for `bench` and `tune`: charts drawn as inline SVG.
+
+pub mod charts;
