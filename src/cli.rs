@@ -55,6 +55,9 @@ pub enum Command {
     /// visionserve started with --model): concurrency sweeps or Poisson rates, measured until
     /// stable, with a table, JSON/CSV and an HTML report.
     Bench(Box<crate::bench::BenchArgs>),
+    /// Find the configuration that serves the most images per second on this machine while
+    /// meeting a p99 latency target: writes visionserve.toml and tune-report.html.
+    Tune(Box<crate::tune::TuneArgs>),
 }
 
 #[derive(Debug, Args)]

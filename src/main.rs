@@ -35,6 +35,10 @@ fn main() -> ExitCode {
             init_logging_with("warn", LogFormat::Text);
             finish(visionserve::bench::run(*args))
         }
+        Some(Command::Tune(args)) => {
+            init_logging_with("warn", LogFormat::Text);
+            finish(visionserve::tune::run(*args))
+        }
         Some(Command::Models) => {
             print!("{}", visionserve::cli::models());
             ExitCode::SUCCESS

@@ -92,6 +92,13 @@ pub struct Level {
     pub latencies_ms: Vec<f64>,
 }
 
+impl Level {
+    /// A level with nothing measured.
+    pub fn empty(load: Load) -> Self {
+        summarize_level(load, &[], Duration::ZERO, false, Vec::new())
+    }
+}
+
 /// Samples as they arrive, taken window by window.
 #[derive(Default)]
 struct Recorder {
