@@ -150,22 +150,7 @@ impl Target {
             Protocol::Grpc => bail!(
                 "name the model with --model-name (KServe v2 gRPC has no call that lists models)"
             ),
-            _ => {
-                let url = format!("{}/v2/repository/index", self.base);
-                let response = self
-                    .authorize(
-                        self.http
-                            .post(url)
-                            .json(&serde_json::json!({"ready": true})),
-                    )
-                    .send()
-                    .await?;
-                let index: Vec<serde_json::Value> = response.error_for_status()?.json().await?;
-                index
-                    .iter()
-                    .filter_map(|m| m["name"].as_str().map(str::to_owned))
-                    .collect()
-            }
+            _ => self.listed_models().await?,
         };
         let mut names: Vec<String> = names
             .into_iter()
@@ -180,6 +165,33 @@ impl Target {
                 names.join(", ")
             ),
         }
+    }
+
+    /// The server's models: its v2 repository index (Triton, OpenVINO Model Server), else
+    /// visionserve's public `/v1/models` (its index is part of the management API).
+    async fn listed_models(&self) -> Result<Vec<String>> {
+        let url = format!("{}/v2/repository/index", self.base);
+        let request = self
+            .http
+            .post(url)
+            .json(&serde_json::json!({"ready": true}));
+        let index = self.authorize(request).send().await?;
+        if index.status().is_success() {
+            let models: Vec<serde_json::Value> = index.json().await?;
+            return Ok(names(models.iter()));
+        }
+        let listed = self
+            .authorize(self.http.get(format!("{}/v1/models", self.base)))
+            .send()
+            .await?;
+        if !listed.status().is_success() {
+            bail!(
+                "name the model with --model-name: the server's repository index answered {}",
+                index.status()
+            );
+        }
+        let body: serde_json::Value = listed.json().await?;
+        Ok(names(body["models"].as_array().into_iter().flatten()))
     }
 
     /// The model's first input, which must take encoded images (BYTES).
@@ -397,6 +409,13 @@ impl Target {
             }
         }
     }
+}
+
+/// The `name` of each listed model.
+fn names<'a>(models: impl Iterator<Item = &'a serde_json::Value>) -> Vec<String> {
+    models
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// One image's request, ready to send.

@@ -197,9 +197,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.api_key.clone(),
         )
         .await?;
+        let resolved = target.model.clone();
         let results = measure_loads(target, &plan.images, &plan.loads, windows, pid, true).await?;
-        anyhow::Ok(results)
+        anyhow::Ok((resolved, results))
     })?;
+    let (model_name, result) = result;
     let result = BenchResult {
         target: args
             .model
