@@ -293,11 +293,7 @@ fn assert_sane(level: &serde_json::Value) {
             && f("p99_ms") <= f("max_ms"),
         "{level}"
     );
-    assert_eq!(
-        level["windows"].as_array().unwrap().len() >= 3,
-        true,
-        "{level}"
-    );
+    assert!(level["windows"].as_array().unwrap().len() >= 3, "{level}");
 }
 
 #[test]
