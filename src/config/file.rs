@@ -430,3 +430,61 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &[&str]) -> Vec<OsString> {
+        line.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn finds_the_file_on_the_command_line_before_parsing() {
+        let path = |line: &[&str]| requested_path(&args(line));
+        assert_eq!(path(&["vs", "--config", "a.toml"]), Some("a.toml".into()));
+        assert_eq!(
+            path(&["vs", "serve", "--config=b.toml", "--port", "1"]),
+            Some("b.toml".into())
+        );
+        // After `--` it is an argument, not the flag.
+        assert_eq!(
+            path(&["vs", "classify", "--", "--config", "c"]).filter(|p| p == Path::new("c")),
+            None
+        );
+    }
+
+    #[test]
+    fn suggests_only_close_keys() {
+        let known = ["max_batch_size", "max_batch_delay_ms", "port"];
+        assert_eq!(
+            suggestion("max_batch_sise", known.into_iter()),
+            " (did you mean `max_batch_size`?)"
+        );
+        assert_eq!(
+            suggestion("prot", known.into_iter()),
+            " (did you mean `port`?)"
+        );
+        assert_eq!(suggestion("completely_else", known.into_iter()), "");
+    }
+
+    #[test]
+    fn values_are_typed_back_as_toml() {
+        let flag = Arg::new("on").long("on").action(ArgAction::SetTrue);
+        let repeated = Arg::new("m").long("model").action(ArgAction::Append);
+        let single = Arg::new("p").long("port").action(ArgAction::Set);
+        assert_eq!(toml_value(&flag, &["true".into()]), "true");
+        assert_eq!(
+            toml_value(&repeated, &["a=b".into(), "c".into()]),
+            r#"["a=b", "c"]"#
+        );
+        assert_eq!(toml_value(&single, &["8080".into()]), "8080");
+        assert_eq!(toml_value(&single, &["30s".into()]), r#""30s""#);
+        assert!(as_arguments(&single, &Value::Array(vec![])).is_err());
+        assert!(as_arguments(&flag, &Value::Integer(1)).is_err());
+        assert_eq!(
+            as_arguments(&repeated, &Value::String("x".into())).unwrap(),
+            ["x"]
+        );
+    }
+}

@@ -186,27 +186,35 @@ pub fn run(args: TuneArgs) -> Result<()> {
     };
     let defaults = Settings::defaults(cpus, cuda);
     let first = measure(&defaults, "defaults", Compare::Record, &search);
+    // The longest candidate so far: a search stops while this one more, and the two honesty
+    // checks, still fit the budget.
+    let mut longest = start.elapsed();
+    if let Some(failure) = &first.0.failure {
+        bar.finish_and_clear();
+        bail!("the model does not serve with the default settings, so there is nothing to tune: {failure}");
+    }
     let baseline_top1 = first.1.clone();
     search.candidates.push(first.0);
     let mut best = search.candidates[0].settings.clone();
     let margin_note =
         |c: &Candidate| format!("{:.1} resp/s, p99 {:.1} ms", c.throughput(), c.p99());
-    'axes: for axis in &axes {
+    for axis in &axes {
         for value in &axis.values {
             let settings = best.with(axis.name, value);
             if settings == best {
                 continue;
             }
-            let per_candidate = start.elapsed() / search.candidates.len() as u32;
-            if start.elapsed() + per_candidate * 3 > search.args.time_budget {
+            if start.elapsed() + longest * 3 > search.args.time_budget {
                 search.untried.push(format!("{}={value}", axis.name));
-                continue 'axes;
+                continue;
             }
+            let began = Instant::now();
             let compare = match (axis.changes_outputs, &baseline_top1) {
                 (true, Some(top1)) => Compare::Against(top1),
                 _ => Compare::Skip,
             };
             let (candidate, _) = measure(&settings, axis.name, compare, &search);
+            longest = longest.max(began.elapsed());
             let incumbent = &search.candidates[search.winner];
             let wins = better(&candidate, incumbent, search.args.p99_ms, NOISE_MARGIN);
             search.candidates.push(candidate);
