@@ -16,6 +16,8 @@
 #   make bench-preprocess   decode + resize per image, ours (whole and --jpeg-draft) vs Pillow (whole and draft())
 #   make photo-agreement   --jpeg-draft against exact decoding: top-1 agreement and score differences, 12 and 24 MP
 #   make bench-decode   12 MP photos: the CPU split between decoding and the model, decode threads, a small image beside them
+#   make bench-loadgen   visionserve bench vs wrk on one server at 8 and 32 clients, interleaved
+#   make bench-tune   visionserve tune for Lite0, V2-B0 and CoAtNet-nano, then each winner vs the defaults, interleaved
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
 #   make device-bundle   gather into target/device-bundle what a lent GPU machine lacks (server, model bench, weights, images)
@@ -69,7 +71,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-loadgen bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -187,10 +189,11 @@ $(CACHE_DIR)/parity-%-$(PARITY_HASH)/.stamp: | $(VENV_STAMP)
 
 # End-to-end: the release server under closed-loop load, then the model alone at the same
 # batch sizes. See BENCHMARKS.md.
-BENCH_SECONDS ?= 10
+BENCH_SECONDS ?= 5
 bench: deps venv weights test-data
-	cargo bench --bench http -- --image $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
-	  --seconds $(BENCH_SECONDS) --server --model lite0=$(DEFAULT_MODEL)
+	cargo build --release
+	$(BIN) bench --model lite0=$(DEFAULT_MODEL) $(TEST_DATA)/photos/rocket.jpg --concurrency 1,8,32 \
+	  --duration $(BENCH_SECONDS) --report $(CURDIR)/target/bench.html
 	cargo bench --bench model -- --model $(DEFAULT_MODEL) --batch-sizes 1,8
 
 # `visionserve classify` on 300 copies of a photo against the server at 32 clients on the same
@@ -319,6 +322,22 @@ bench-side-by-side: deps venv weights test-data parity-data
 
 # The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
 # 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).
+bench-loadgen: deps venv weights test-data
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="wrk" TOOLS="wrk"
+	cargo build --release
+	$(PYTHON) benches/bench_vs_wrk.py --binary $(BIN) --model $(CURDIR)/$(DEFAULT_MODEL) \
+	  --photo $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS)
+
+TUNE_BUDGET ?= 5m
+TUNE_MODELS ?= lite0=$(CURDIR)/$(DEFAULT_MODEL):500 \
+  v2b0=$(PARITY_FAST)/efficientnet/tf_efficientnetv2_b0:1000 \
+  coatnet_nano=$(PARITY_FAST)/coatnet/coatnet_nano_rw_224:3000
+bench-tune: deps venv weights test-data parity-data
+	cargo build --release
+	$(PYTHON) benches/tune_models.py --binary $(BIN) --out $(CURDIR)/target/tune \
+	  --images $(TEST_DATA)/photos/rocket.jpg $(TEST_DATA)/photos/chelsea.jpg \
+	  $(foreach m,$(TUNE_MODELS),--model $(m)) --time-budget $(TUNE_BUDGET) --concurrency 32 --rounds $(ROUNDS)
+
 bench-cache: deps venv weights test-data
 	cargo test --release --no-run
 	cargo bench --no-run
