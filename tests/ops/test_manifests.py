@@ -22,6 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,7 +44,7 @@ OVERLAYS = ["cpu", "gpu", "cpu-keda"]
 OLDEST_ACCEPTED = (1, 34)
 
 CORE_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-              "NetworkPolicy"}
+              "NetworkPolicy", "ConfigMap"}
 EXPECTED_KINDS = {
     "cpu": CORE_KINDS | {"ServiceMonitor"},
     "gpu": CORE_KINDS | {"ServiceMonitor"},
@@ -372,6 +374,54 @@ def test_flags_and_environment_variables_are_the_servers():
     assert "--max-batch" not in known_flags and "VISIONSERVE_MAX_BATCH" not in known_env
 
 
+# --------------------------------------------------------------------------------------------
+# The --config files the manifests mount
+
+
+def config_maps() -> dict:
+    """Every ConfigMap the manifests define (rendered overlays and KServe), by name."""
+    return {d["metadata"]["name"]: d for _, d in all_docs() if d["kind"] == "ConfigMap"}
+
+
+def config_file_text(container):
+    """The text of the file a container's `--config` names, from the ConfigMap mounted there
+    (None without --config); fails when the path is not a mounted ConfigMap key."""
+    path = _arg(container, "--config")
+    if not path:
+        return None
+    folder, key = path.rsplit("/", 1)
+    mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == folder), None)
+    assert mount, f"--config {path}: {folder} is not mounted"
+    volumes = {v["name"]: v for _, d in all_docs() if d["kind"] == "Deployment"
+               for v in d["spec"]["template"]["spec"].get("volumes", [])}
+    map_name = volumes[mount["name"]]["configMap"]["name"]
+    assert map_name in config_maps(), f"{map_name} is not defined"
+    return config_maps()[map_name]["data"][key]
+
+
+def test_config_files_are_mounted_and_the_server_accepts_them(tmp_path):
+    binary = os.environ.get("VISIONSERVE_BIN", str(REPO / "target" / "release" / "visionserve"))
+    checked = 0
+    for label, c in server_containers():
+        text = config_file_text(c)
+        if text is None:
+            continue
+        path = tmp_path / f"{checked}.toml"
+        path.write_text(text)
+        # `config --print` reads the file as the server does: unknown keys and bad values fail.
+        done = subprocess.run([binary, "config", "--print", "--config", str(path)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, f"{label}: {done.stderr}"
+        assert "model = [" in done.stdout, f"{label}: the file gives no model"
+        checked += 1
+    assert checked >= len(OVERLAYS), "every overlay's Deployment reads its settings from a file"
+    # The check itself catches a bad key.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_batch_sise = 4\n")
+    done = subprocess.run([binary, "config", "--print", "--config", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 2 and "max_batch_size" in done.stderr
+
+
 def _env(container) -> dict:
     return {v["name"]: v.get("value") for v in container.get("env", [])}
 
@@ -533,9 +583,11 @@ def test_pods_are_hardened_and_drain():
 def test_image_paths_in_the_manifests_exist_in_the_image():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     for label, c in server_containers():
-        model = _arg(c, "--model")
-        if model and model.split("=", 1)[1].startswith("/models/"):
-            folder = model.split("=", 1)[1]
+        sources = [m.split("=", 1)[1] for m in [_arg(c, "--model")] if m]
+        config = config_file_text(c)
+        if config:
+            sources += [m["source"] for m in tomllib.loads(config).get("models", {}).values()]
+        for folder in (s for s in sources if s.startswith("/models/")):
             assert f"--out {folder}" in dockerfile, f"{label}: {folder} is not built into the image"
         home = _env(c).get("HF_HOME")
         if home:
@@ -657,7 +709,8 @@ def test_server_starts_with_the_manifest_configuration(source, monkeypatch):
     for var in container.get("env", []):
         assert "value" in var, f"{var['name']}: only literal values can be replayed"
         monkeypatch.setenv(var["name"], var["value"])
-    replaced = {"--model", "--host", "--port", "--grpc-port"}
+    config = config_file_text(container)
+    replaced = {"--model", "--host", "--port", "--grpc-port", "--config"}
     args, skip = [], False
     for a in container.get("args", []):
         if skip:
@@ -666,6 +719,11 @@ def test_server_starts_with_the_manifest_configuration(source, monkeypatch):
             skip = True
         elif a.split("=", 1)[0] not in replaced:
             args.append(a)
+    if config is not None:
+        # The manifest's file, its model replaced by the test's (a --model flag wins over it).
+        path = Path(tempfile.mkdtemp()) / "visionserve.toml"
+        path.write_text(config)
+        args += ["--config", str(path)]
     srv = start_server(args)
     try:
         for kind, probe in probes(container):
