@@ -13,23 +13,17 @@ VISIONSERVE_SCREENSHOT=PATH saves a screenshot of the page after classifying two
 """
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import requests
-from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from server import MODEL, data_dir, start_server, stop_server
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 20
 STAGES = ["decode", "preprocess", "queue", "inference", "total"]
 API_KEY = "web-page-test-key"
@@ -37,33 +31,6 @@ API_KEY = "web-page-test-key"
 
 def photo(name: str) -> Path:
     return data_dir() / "photos" / name
-
-
-@pytest.fixture(scope="module")
-def browser():
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} is missing: install Debian's chromium and chromium-driver "
-                        "(make ops-deps)", pytrace=False)
-    profile = tempfile.mkdtemp(prefix="visionserve-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--disable-extensions", "--window-size=1200,900",
-                "--force-device-scale-factor=1", f"--user-data-dir={profile}"]:
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT_S)
-    # A 1200x900 viewport (the window's size includes headless Chromium's invisible frame).
-    frame = driver.execute_script("return outerHeight - innerHeight")
-    driver.set_window_size(1200, 900 + frame)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def open_page(driver, base_url: str, model: str = MODEL):
