@@ -166,6 +166,34 @@ pub struct Answer<K> {
     pub elapsed: Duration,
 }
 
+impl<K> Answer<K> {
+    /// What the access log records of this answer; `cache_on` says whether a response cache
+    /// could have answered it.
+    pub fn access_note(&self, cache_on: bool) -> crate::access::AccessNote {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut note = crate::access::AccessNote {
+            model: self.model.name().to_owned(),
+            version: self.model.version().to_owned(),
+            images: self.outputs.len(),
+            ..Default::default()
+        };
+        for output in &self.outputs {
+            note.decode_ms = note.decode_ms.max(ms(output.decode));
+            note.preprocess_ms = note.preprocess_ms.max(ms(output.preprocess));
+            note.queue_ms = note.queue_ms.max(ms(output.prediction.queue_wait));
+            note.inference_ms = note.inference_ms.max(ms(output.prediction.inference));
+        }
+        let hits = self.outputs.iter().filter(|o| o.cached).count();
+        note.cache = match (cache_on, hits) {
+            (false, _) => "-",
+            (true, 0) => "miss",
+            (true, n) if n == self.outputs.len() => "hit",
+            (true, _) => "partial",
+        };
+        note
+    }
+}
+
 /// The served models and what every request shares.
 pub struct Inference {
     registry: Arc<Registry>,

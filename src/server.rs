@@ -167,6 +167,7 @@ fn spawn_listeners(
                 inference.clone(),
                 keys.inference.clone(),
                 config.max_body_bytes,
+                config.access_log == config::Switch::On,
                 stop.stopped(),
             )))
         }
@@ -183,15 +184,21 @@ fn spawn_listeners(
         },
         keys: keys.inference,
         protect_metrics: config.protect_metrics,
+        cors_origins: config.cors_origins.clone(),
+        access_log: config.access_log == config::Switch::On,
     });
     let listener = listeners.http;
     let address = listener.local_addr()?;
     let app = http::router(state);
     let http_shutdown = stop.stopped();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(http_shutdown)
-            .await
+        // The peer's address, for the access log.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(http_shutdown)
+        .await
     });
     tracing::info!(%address, "listening");
     Ok(ListenerTasks { http, grpc })

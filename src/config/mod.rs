@@ -238,6 +238,21 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_PROTECT_METRICS")]
     pub protect_metrics: bool,
 
+    /// Let web pages served from this origin call the API from a browser (CORS), e.g.
+    /// `https://app.example.com`; repeatable, or `*` for any origin. Preflights are answered
+    /// before the API key is checked (browsers send none on them), and pages may send
+    /// `Authorization` and `x-api-key`. Off when not given: browsers then keep pages on other
+    /// origins from reading any answer.
+    #[arg(long = "cors-origin", env = "VISIONSERVE_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<String>,
+
+    /// One structured line per request (`visionserve::access` target, INFO; probes and scrapes
+    /// at DEBUG): request id, trace id, client address, protocol, method, route, model and
+    /// version, images, bytes in and out, status, error_type, cache, stage times and total.
+    /// Refusals (401, 413, 429) are logged too; keys, bodies and images never.
+    #[arg(long, env = "VISIONSERVE_ACCESS_LOG", value_enum, default_value_t = Switch::On)]
+    pub access_log: Switch,
+
     /// Log format.
     #[arg(long, env = "VISIONSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -273,6 +288,13 @@ impl Backend {
         <Self as ValueEnum>::from_str(text, true)
             .map_err(|_| format!("backend must be auto, torch or openvino, not {text:?}"))
     }
+}
+
+/// An on/off setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -317,6 +339,28 @@ pub fn parse_timeout(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| {
             format!("timeout must be a positive duration such as 250ms, 1.5s or 2, not {text:?}")
         })
+}
+
+/// A `--cors-origin`: `*`, or `scheme://host[:port]` as a browser sends it in `Origin` (no
+/// path, no trailing slash).
+pub fn parse_origin(origin: &str) -> Result<String, String> {
+    let accepted = "write an origin as a browser sends it, e.g. https://app.example.com or \
+                    http://localhost:3000 (no path, no trailing slash), or * for any";
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or_default();
+    let well_formed = !host.is_empty()
+        && !host.contains(['/', '?', '#', '@'])
+        && host.chars().all(|c| c.is_ascii_graphic());
+    if well_formed {
+        Ok(origin.to_owned())
+    } else {
+        Err(format!("{origin:?} is not an origin: {accepted}"))
+    }
 }
 
 /// `512MiB`, `1GiB`, `300MB`, `64k` or plain bytes.
@@ -463,6 +507,11 @@ impl Config {
                 "--model-control poll needs --model-repository (the folder to watch)".into(),
             );
         }
+        if self.cors_origins.len() > 1 && self.cors_origins.iter().any(|o| o == "*") {
+            return Err(
+                "--cors-origin * allows every origin: give it alone, not with others".into(),
+            );
+        }
         if self.models.is_empty() && self.model_repository.is_none() {
             return Err("no model given: pass --model NAME=PATH or --model-repository DIR".into());
         }
@@ -543,6 +592,36 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("0").is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_checked_as_browsers_send_them() {
+        for good in [
+            "*",
+            "https://app.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+        ] {
+            assert_eq!(parse_origin(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.com/x",
+            "ftp://x",
+            "https://",
+            "http://a b",
+        ] {
+            assert!(
+                parse_origin(bad)
+                    .unwrap_err()
+                    .contains("e.g. https://app.example.com"),
+                "{bad}"
+            );
+        }
+        let mut c = Config::for_models(["m=weights/x"]);
+        c.cors_origins = vec!["*".into(), "https://a.example".into()];
+        assert!(c.validate().unwrap_err().contains("alone"));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub(super) struct RequireApiKey<S> {
     pub(super) inner: S,
     pub(super) keys: Arc<ApiKeys>,
     pub(super) inference: Arc<Inference>,
+    /// `--access-log on`: refused calls are logged here (they never reach the service).
+    pub(super) access_log: bool,
 }
 
 /// When a call's headers arrived (stamped by [`RequireApiKey`], which runs first).
@@ -60,12 +62,41 @@ where
             let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
             if let Err(err) = self.keys.check(value("authorization"), value("x-api-key")) {
                 self.inference.metrics().unauthorized_request("grpc");
+                if self.access_log {
+                    log_refusal(&request, err.error_type());
+                }
                 let refusal = Status::unauthenticated(err.to_string()).into_http();
                 return Box::pin(std::future::ready(Ok(refusal)));
             }
         }
         Box::pin(self.inner.call(request))
     }
+}
+
+/// The access log's line for a call refused before its message was read.
+fn log_refusal<B>(request: &http::Request<B>, error_type: &'static str) {
+    let client = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v: &http::HeaderValue| v.to_str().ok())
+    };
+    crate::access::log(&crate::access::AccessRecord {
+        request_id: "-",
+        trace_id: crate::access::trace_id(header("traceparent")).unwrap_or("-"),
+        client,
+        protocol: "grpc",
+        method: "POST",
+        route: request.uri().path(),
+        status: format!("{:?}", tonic::Code::Unauthenticated),
+        error_type: Some(error_type),
+        ..Default::default()
+    });
 }
 
 #[cfg(test)]

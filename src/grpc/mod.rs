@@ -43,12 +43,14 @@ pub async fn serve(
     inference: Arc<Inference>,
     keys: Arc<ApiKeys>,
     max_message_bytes: usize,
+    access_log: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let service = GrpcInferenceServiceServer::new(service::InferenceService {
         inference: inference.clone(),
         next_id: AtomicU64::new(1),
+        access_log,
     })
     .max_decoding_message_size(max_message_bytes)
     .max_encoding_message_size(usize::MAX);
@@ -63,6 +65,7 @@ pub async fn serve(
             inner,
             keys: keys.clone(),
             inference: inference.clone(),
+            access_log,
         }))
         .add_service(health_service)
         .add_service(service)

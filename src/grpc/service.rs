@@ -18,6 +18,8 @@ use tracing::Instrument;
 pub(super) struct InferenceService {
     pub(super) inference: Arc<Inference>,
     pub(super) next_id: AtomicU64,
+    /// `--access-log on`: one line per ModelInfer call.
+    pub(super) access_log: bool,
 }
 
 impl InferenceService {
@@ -205,15 +207,26 @@ impl GrpcInferenceService for InferenceService {
             .get("cache-control")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let client = request
+            .remote_addr()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let request = request.into_inner();
+        let bytes_in = prost::Message::encoded_len(&request) as u64;
         let id = match request.id.as_str() {
             "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
             id => id.to_owned(),
         };
         let span =
             tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
-        let answer = async move {
-            let timeout = timeout_parameter(&request).map_err(|e| status(&e))?;
+        let cache_on = self.inference.cache().is_some();
+        let outcome = async move {
+            let failed = |err: V2Error| (err.error_type(), status(&err));
+            let timeout = timeout_parameter(&request).map_err(failed)?;
             let model_name = request.model_name.clone();
             let model_version = request.model_version.clone();
             let intake = GrpcIntake {
@@ -225,11 +238,38 @@ impl GrpcInferenceService for InferenceService {
             self.inference
                 .infer(ModelRef::new(&model_name, Some(&model_version)), intake)
                 .await
-                .map(|answer| Response::new(render(answer)))
-                .map_err(|err| status(&err))
+                .map(|answer| (answer.access_note(cache_on), render(answer)))
+                .map_err(failed)
         }
         .instrument(span)
         .await;
+        if self.access_log {
+            let (note, bytes_out, code, error_type) = match &outcome {
+                Ok((note, response)) => {
+                    let size = prost::Message::encoded_len(response) as u64;
+                    (Some(note), Some(size), tonic::Code::Ok, None)
+                }
+                Err((error_type, status)) => (None, None, status.code(), Some(*error_type)),
+            };
+            crate::access::log(&crate::access::AccessRecord {
+                request_id: &id,
+                trace_id: crate::access::trace_id(traceparent.as_deref()).unwrap_or("-"),
+                client,
+                protocol: "grpc",
+                method: "POST",
+                route: "/inference.GRPCInferenceService/ModelInfer",
+                bytes_in: Some(bytes_in),
+                bytes_out,
+                status: format!("{code:?}"),
+                error_type,
+                note,
+                total: arrived.elapsed(),
+                quiet: false,
+            });
+        }
+        let answer = outcome
+            .map(|(_, response)| Response::new(response))
+            .map_err(|(_, status)| status);
         if answer.as_ref().is_err_and(|status| {
             matches!(
                 status.code(),

@@ -67,7 +67,8 @@ async fn require_admin_key(state: &AppState, request: Request, next: Next) -> Re
         } else {
             serde_json::json!({ "error": message, "error_type": "management_disabled" })
         };
-        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+        let note = crate::access::ErrorNote("management_disabled");
+        return (StatusCode::FORBIDDEN, axum::Extension(note), Json(body)).into_response();
     };
     match check_key(admin, &request) {
         Ok(()) => next.run(request).await,
@@ -112,7 +113,9 @@ fn refusal(err: AuthError, v2: bool) -> Response {
     } else {
         serde_json::json!({ "error": err.to_string(), "error_type": err.error_type() })
     };
-    let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    let note = crate::access::ErrorNote(err.error_type());
+    let mut response =
+        (StatusCode::UNAUTHORIZED, axum::Extension(note), Json(body)).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(err.challenge()),

@@ -137,6 +137,9 @@ impl IntoResponse for ApiError {
             set_retry_after(&mut response, err);
         }
         response
+            .extensions_mut()
+            .insert(crate::access::ErrorNote(self.error_type()));
+        response
     }
 }
 

@@ -169,12 +169,14 @@ impl Intake for V1Intake {
 
 /// The `/v1` JSON answer, with the stages in `Server-Timing`.
 fn render(state: &AppState, answer: Answer<()>) -> Response {
+    let note = answer.access_note(state.inference.cache().is_some());
     let body = v1::classify_response(&answer.model, answer.outputs, answer.elapsed);
     let mut server_timing = body.timing_ms.server_timing();
     if state.inference.cache().is_some() {
         server_timing.push_str(&cache_timing(body.results.iter().map(|r| r.cached)));
     }
     let mut response = Json(body).into_response();
+    response.extensions_mut().insert(note);
     if let Ok(value) = HeaderValue::from_str(&server_timing) {
         response.headers_mut().insert("server-timing", value);
     }

@@ -46,14 +46,16 @@ fn refusal(err: ManageError) -> Response {
         error: err.to_string(),
         error_type: err.error_type(),
     };
-    (status(&err), Json(body)).into_response()
+    let note = crate::access::ErrorNote(err.error_type());
+    (status(&err), axum::Extension(note), Json(body)).into_response()
 }
 
 fn v2_refusal(err: ManageError) -> Response {
     let body = V2ErrorBody {
         error: err.to_string(),
     };
-    (status(&err), Json(body)).into_response()
+    let note = crate::access::ErrorNote(err.error_type());
+    (status(&err), axum::Extension(note), Json(body)).into_response()
 }
 
 fn bad_request(message: String) -> ManageError {
@@ -105,7 +107,8 @@ pub struct LoadBody {
     #[serde(default)]
     version: Option<String>,
     /// `--model` options: `input_size` (16 to 4096), `arch`, `backend` (`torch`, `openvino`,
-    /// `auto`), `jpeg_draft` (true or false).
+    /// `auto`), `jpeg_draft` (true or false), `dtype` (`f32`, `f16`, `bf16`), `max_batch_size`,
+    /// `max_batch_delay_ms`, `instances` (`auto` or a number).
     #[serde(default)]
     #[schema(value_type = Object)]
     options: BTreeMap<String, Value>,

@@ -1,7 +1,9 @@
 //! The HTTP surface: routes, shared state and middleware. `router(state)` is a plain function
 //! so tests can drive it without a socket.
 
+mod access_log;
 mod auth;
+mod cors;
 pub mod error;
 mod handlers;
 mod headers;
@@ -68,6 +70,10 @@ pub struct AppState {
     pub keys: Arc<ApiKeys>,
     /// `--protect-metrics`: `/metrics` needs a key too.
     pub protect_metrics: bool,
+    /// `--cors-origin`: the origins whose pages may call the API (none: CORS is off).
+    pub cors_origins: Vec<String>,
+    /// `--access-log on`: one line per request.
+    pub access_log: bool,
 }
 
 /// Refused inference requests (429 overload, 503 unavailable) are held for
@@ -121,6 +127,14 @@ pub const ROUTES: &[&str] = &[
 
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes;
+    // Outside the API-key check, so that preflights are answered and errors carry the headers.
+    let cors = tower::util::option_layer(cors::layer(&state.cors_origins));
+    // Outside everything that can refuse a request, inside the request id it logs.
+    let access_log = tower::util::option_layer(
+        state
+            .access_log
+            .then(|| axum::middleware::from_fn(access_log::log_access)),
+    );
     Router::new()
         .route("/", get(handlers::web_page))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -152,7 +166,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             auth::require_api_key,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors)
         .layer(CatchPanicLayer::custom(handlers::panic_response))
+        .layer(access_log)
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -166,7 +182,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                                 .unwrap_or("-");
                             tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
                         })
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                        // The access log (`--access-log`) is the INFO line per request.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(axum::middleware::from_fn(linger::linger_on_drop)),

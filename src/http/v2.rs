@@ -136,6 +136,9 @@ impl IntoResponse for Failure {
             super::error::set_retry_after(&mut response, err);
         }
         response
+            .extensions_mut()
+            .insert(crate::access::ErrorNote(self.error_type()));
+        response
     }
 }
 
@@ -382,6 +385,7 @@ impl Intake for RestIntake {
 
 /// The response's tensors, with whether the answers came from the cache in `Server-Timing`.
 fn render(state: &AppState, answer: Answer<RestKeep>) -> Response {
+    let note = answer.access_note(state.inference.cache().is_some());
     let Answer {
         model,
         outputs: results,
@@ -402,6 +406,7 @@ fn render(state: &AppState, answer: Answer<RestKeep>) -> Response {
             response.headers_mut().insert("server-timing", value);
         }
     }
+    response.extensions_mut().insert(note);
     response
 }
 
