@@ -17,13 +17,10 @@ answer that is a few percent in bench's favour.) Prints each round, then the med
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
+from serving import start_server
 
 LUA = r"""
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
@@ -38,31 +35,6 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(binary, model):
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([binary, "--port", str(port), "--model", model], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            sys.exit(f"server exited:\n{log.read().decode()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.5)
-    sys.exit("server not ready in 300 s")
 
 
 def run_wrk(base, photo, clients, seconds, lua):
@@ -94,7 +66,7 @@ def main():
     parser.add_argument("--window", type=float, default=4.0)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    server, base = start_server(args.binary, args.model)
+    server, base = start_server(args.binary, ["--model", args.model])
     results = {(tool, c): [] for tool in ("wrk", "bench") for c in clients}
     try:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:

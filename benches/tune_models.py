@@ -16,40 +16,13 @@ A --model is NAME=SOURCE:P99_MS (the target, in ms, at --concurrency).
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from serving import start_server
 from pathlib import Path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(binary, args):
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([binary] + args + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            sys.exit(f"server {args} exited:\n{log.read().decode()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.5)
-    sys.exit("server not ready in 600 s")
 
 
 def bench(binary, base, images, concurrencies, window):
