@@ -18,6 +18,7 @@
 #   make bench-decode   12 MP photos: the CPU split between decoding and the model, decode threads, a small image beside them
 #   make bench-loadgen   visionserve bench vs wrk on one server at 8 and 32 clients, interleaved
 #   make bench-tune   visionserve tune for Lite0, V2-B0 and CoAtNet-nano, then each winner vs the defaults, interleaved
+#   make test-fleet   three replicas behind nginx: rolling restart, rolling rollout, a killed replica, under load
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
 #   make stress     overload, slow clients, soak, wedged model and SIGTERM under load (PASS/FAIL lines)
 #   make device-bundle   gather into target/device-bundle what a lent GPU machine lacks (server, model bench, weights, images)
@@ -71,7 +72,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: bench-loadgen bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: test-fleet bench-loadgen bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -322,6 +323,12 @@ bench-side-by-side: deps venv weights test-data parity-data
 
 # The response cache against none, ROUNDS interleaved rounds at 1, 8 and 32 clients, with about
 # 30 % of requests repeating an image already sent (benches/cache.py: medians, cache / no cache).
+test-fleet: deps venv client-venv weights test-data
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="nginx-light" TOOLS="nginx"
+	cargo build --release
+	VISIONSERVE_BIN=$(BIN) VISIONSERVE_TEST_MODEL=$(CURDIR)/$(DEFAULT_MODEL) VISIONSERVE_TEST_DATA=$(TEST_DATA) \
+	  FLEET_REPORT=$(CURDIR)/target/fleet-report.txt $(CLIENT_PYTHON) -m pytest -q -s tests/fleet
+
 bench-loadgen: deps venv weights test-data
 	@$(MAKE) --no-print-directory apt-packages PACKAGES="wrk" TOOLS="wrk"
 	cargo build --release
