@@ -51,7 +51,7 @@ async fn two_instances_share_the_queue_and_answer_correctly() {
         sizes.iter().all(|&b| b as u64 <= preferred),
         "{sizes:?} {model}"
     );
-    let per_copy = instance_batches(&server, 2).await;
+    let per_copy = instance_batches_settled(&server, 2, batches).await;
     assert_eq!(per_copy.iter().sum::<f64>(), batches, "{per_copy:?}");
     assert!(
         per_copy.iter().all(|&n| n > 0.0),
@@ -80,7 +80,7 @@ async fn auto_instances_run_lone_requests_solo_and_bursts_on_the_pool() {
     );
 
     let (batches, _) = post_64_concurrent_images(&server).await;
-    let burst = instance_batches(&server, 3).await;
+    let burst = instance_batches_settled(&server, 3, batches).await;
     assert_eq!(burst.iter().sum::<f64>(), batches, "{burst:?}");
     assert!(
         burst[1] + burst[2] > 0.0,
@@ -101,7 +101,7 @@ async fn auto_instances_run_lone_requests_solo_and_bursts_on_the_pool() {
         // The model thread counts its batch finished just after answering: let it.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let after = instance_batches(&server, 3).await;
+    let after = instance_batches_settled(&server, 3, batches + 4.0).await;
     assert_eq!(
         [
             after[0] - burst[0],
@@ -159,6 +159,20 @@ async fn instance_batches(server: &TestServer, copies: usize) -> Vec<f64> {
             metric(&metrics, &series).unwrap_or(0.0)
         })
         .collect()
+}
+
+/// [`instance_batches`] once they add up to `batches`, or after 5 s: a copy counts its batch
+/// after it has answered the batch's images, so a scrape right after the last answer can
+/// miss the last count.
+async fn instance_batches_settled(server: &TestServer, copies: usize, batches: f64) -> Vec<f64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let per_copy = instance_batches(server, copies).await;
+        if per_copy.iter().sum::<f64>() == batches || std::time::Instant::now() > deadline {
+            return per_copy;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Post the 64 reference images at once; check each answer against timm's, that every image
