@@ -507,6 +507,7 @@ impl Intake for FileIntake {
             images: vec![ImageInput::Encoded(self.bytes)],
             outputs: Outputs::top_k(self.top_k),
             timeout: None,
+            priority: None,
             keep: (),
         })
     }

@@ -6,6 +6,7 @@
 //! metric, so the two never disagree. Messages say what was wrong and what is accepted;
 //! internal details are logged, not sent.
 
+use crate::auth::KeyRefusal;
 use crate::images::decode::DecodeError;
 
 /// How a failed request is counted and logged, whatever its protocol: every front end's error
@@ -73,6 +74,33 @@ pub enum InferError {
     DeadlineExceeded { timeout_ms: u64, why: String },
     #[error("inference failed; the error has been logged")]
     Internal,
+    /// The API key's own limits (`--api-keys-file`) refused the request.
+    #[error("{}", key_refusal_message(key, refusal))]
+    KeyLimit { key: String, refusal: KeyRefusal },
+}
+
+fn key_refusal_message(key: &str, refusal: &KeyRefusal) -> String {
+    match refusal {
+        KeyRefusal::Rate {
+            images,
+            retry_after,
+            policy,
+        } => format!(
+            "API key {key:?} is over its rate of {} images per {} s (this request: {images}); \
+             retry after {} s",
+            policy.quota,
+            policy.window.as_secs_f64(),
+            retry_after.as_secs_f64().ceil().max(1.0)
+        ),
+        KeyRefusal::OverBurst { images, burst } => format!(
+            "the request holds {images} images, more than API key {key:?} may send at once \
+             ({burst}, its burst); split the request"
+        ),
+        KeyRefusal::Concurrency { limit } => format!(
+            "API key {key:?} has its limit of {limit} requests in flight; retry when one \
+             finishes"
+        ),
+    }
 }
 
 impl InferError {
@@ -97,6 +125,11 @@ impl InferError {
             },
             InferError::DeadlineExceeded { .. } => "deadline_exceeded",
             InferError::Internal => "internal",
+            InferError::KeyLimit { refusal, .. } => match refusal {
+                KeyRefusal::Rate { .. } => "key_rate_limited",
+                KeyRefusal::OverBurst { .. } => "key_over_burst",
+                KeyRefusal::Concurrency { .. } => "key_concurrency_limited",
+            },
         }
     }
 
@@ -126,6 +159,13 @@ impl InferError {
         match self {
             InferError::Overloaded { retry_after_s, .. } => Some((*retry_after_s).max(1)),
             InferError::TooManyRequests { .. } | InferError::MemoryBusy { .. } => Some(1),
+            InferError::KeyLimit { refusal, .. } => match refusal {
+                KeyRefusal::Rate { retry_after, .. } => {
+                    Some((retry_after.as_secs_f64().ceil() as u64).max(1))
+                }
+                KeyRefusal::Concurrency { .. } => Some(1),
+                KeyRefusal::OverBurst { .. } => None,
+            },
             // Loading or warming up takes seconds, not milliseconds.
             InferError::NotReady { .. } => Some(5),
             _ => None,

@@ -18,6 +18,7 @@
 //! The front end renders the [`Answer`], or maps its error to its protocol's status. The service
 //! never sees an HTTP or gRPC type; its errors are [`InferError`]s.
 
+use crate::auth::{KeyPolicy, KeyRefusal};
 use crate::backend::{InFlight, ModelHandle};
 use crate::batching::{ImageJob, JobError};
 pub use crate::batching::{ImagePrediction, Outputs};
@@ -28,6 +29,7 @@ use crate::images::decode::{DecodeOptions, DecodeScale};
 pub use crate::images::Pixels;
 use crate::images::{self, DecodePool};
 use crate::metrics::Metrics;
+use crate::priority::{Level, Levels};
 use crate::registry::{split_version, Missing, Registry};
 use bytes::Bytes;
 use std::future::Future;
@@ -61,6 +63,8 @@ pub struct Limits {
     /// The longest a request may take; requests may ask for less.
     pub request_timeout: Duration,
     pub decode: DecodeOptions,
+    /// The priority levels, and what each allows.
+    pub priority: Levels,
 }
 
 /// One image of a request, as a front end hands it over.
@@ -116,6 +120,10 @@ pub struct RequestOptions {
     pub cache: CacheUse,
     /// Memory the body takes while the request runs, held before it is read.
     pub body_bytes: Option<u64>,
+    /// The priority the client asked for (1 = the highest, 0 = the default), as it wrote it.
+    pub priority: Option<u64>,
+    /// The API key the request presented, whose limits apply to it.
+    pub key: Option<Arc<KeyPolicy>>,
 }
 
 impl RequestOptions {
@@ -132,6 +140,8 @@ pub struct Plan<K> {
     pub outputs: Outputs,
     /// A time limit the body itself carries (v2's `timeout` parameter).
     pub timeout: Option<Duration>,
+    /// A priority the body itself carries (v2's `priority` parameter).
+    pub priority: Option<u64>,
     pub keep: K,
 }
 
@@ -350,6 +360,10 @@ impl Inference {
             cache_use: CacheUse::default(),
             held: Vec::new(),
             span: tracing::Span::current(),
+            level: self.limits.priority.default_level(),
+            key: None,
+            _key_slot: None,
+            metrics: self.metrics.clone(),
             _permit: permit,
             _in_flight: in_flight,
             recorded: false,
@@ -361,7 +375,6 @@ impl Inference {
             return Err(InferError::ShuttingDown);
         }
         model.ensure_ready()?;
-        model.check_room()?;
         self.requests
             .clone()
             .try_acquire_owned()
@@ -417,6 +430,12 @@ struct InferRequest {
     held: Vec<Reservation>,
     /// The front end's request span: the model thread logs about this request's images in it.
     span: tracing::Span,
+    /// Its priority level: where its images join the model's queue.
+    level: Level,
+    /// The API key it presented, and its hold on one of the key's concurrency slots.
+    key: Option<Arc<KeyPolicy>>,
+    _key_slot: Option<OwnedSemaphorePermit>,
+    metrics: Arc<Metrics>,
     _permit: OwnedSemaphorePermit,
     /// Keeps the version from being freed while this request uses it.
     _in_flight: InFlight,
@@ -430,19 +449,72 @@ impl InferRequest {
         mut intake: I,
     ) -> Result<(Vec<ImageOutput>, I::Keep), I::Error> {
         let options = intake.options(&self.model)?;
+        self.key = options.key;
+        self.set_priority(options.priority)?;
         if let Some(timeout) = options.timeout {
             self.limit_time(timeout);
         }
         self.cache_use = options.cache;
+        self.enter_key()?;
+        self.model.check_room(self.level)?;
         if let Some(bytes) = options.body_bytes {
             self.reserve_body(bytes).await?;
         }
         let plan = intake.read(self.model.clone()).await?;
+        if plan.priority.is_some() {
+            self.set_priority(plan.priority)?;
+        }
         if let Some(timeout) = plan.timeout {
             self.limit_time(timeout);
         }
+        // One image was counted on entering; the others now that the body says how many.
+        self.charge_key(plan.images.len().saturating_sub(1))?;
         let outputs = self.run(plan.images, plan.outputs).await?;
         Ok((outputs, plan.keep))
+    }
+
+    /// Put the request at the level it `asked` for (`None`: the default), within its key's cap,
+    /// and within that level's time limit.
+    fn set_priority(&mut self, asked: Option<u64>) -> Result<(), InferError> {
+        let levels = &self.limits.priority;
+        let cap = self.key.as_ref().and_then(|key| key.priority());
+        self.level = levels
+            .resolve(asked, cap)
+            .map_err(InferError::InvalidInput)?;
+        self.limit_time(levels.timeout(self.level));
+        Ok(())
+    }
+
+    /// Apply the key's limits on entry: a concurrency slot, and its first image against its
+    /// rate (so that a key over its rate is refused before its body is read).
+    fn enter_key(&mut self) -> Result<(), InferError> {
+        let Some(key) = self.key.clone() else {
+            return Ok(());
+        };
+        self._key_slot = key.enter().map_err(|r| self.key_refused(&key, r))?;
+        self.charge_key(1)
+    }
+
+    /// Count `images` more against the key's rate.
+    fn charge_key(&mut self, images: usize) -> Result<(), InferError> {
+        let Some(key) = self.key.clone() else {
+            return Ok(());
+        };
+        key.charge(images).map_err(|r| self.key_refused(&key, r))?;
+        self.metrics.key_images(key.name(), images);
+        Ok(())
+    }
+
+    fn key_refused(&self, key: &KeyPolicy, refusal: KeyRefusal) -> InferError {
+        let limit = match refusal {
+            KeyRefusal::Concurrency { .. } => "concurrency",
+            KeyRefusal::Rate { .. } | KeyRefusal::OverBurst { .. } => "rate",
+        };
+        self.metrics.key_refused(key.name(), limit);
+        InferError::KeyLimit {
+            key: key.name().to_owned(),
+            refusal,
+        }
     }
 
     /// Shorten the request's deadline to `timeout` after it began (a client's own timeout);
@@ -578,14 +650,14 @@ impl InferRequest {
     ) -> Result<Vec<ImageOutput>, InferError> {
         let model = self.model.clone();
         // A wait the deadline cannot cover is refused now rather than after it.
-        let wait = model.least_wait(images.len());
+        let wait = model.least_wait(images.len(), self.level);
         if Instant::now() + wait > self.deadline() {
             return Err(self.deadline_exceeded(format!(
                 " (the model's queue needs about {} ms)",
                 wait.as_millis()
             )));
         }
-        let mut admission = model.admit(images.len())?;
+        let mut admission = model.admit(images.len(), self.level)?;
         // The model inputs of these images stay in memory until they are answered.
         let inputs = self
             .memory
@@ -654,6 +726,7 @@ impl InferRequest {
                 reply,
                 span: self.span.clone(),
                 deadline: Some(self.deadline()),
+                level: self.level,
             };
             if let Err(e) = self.model.submit(job) {
                 return (pending, Some(e));

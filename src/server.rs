@@ -290,6 +290,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
     if !specs.iter().any(|spec| spec.name == default_model) {
         bail!("--default-model {default_model:?} is not among the served models");
     }
+    let priority = config.priority_levels().map_err(|e| anyhow!(e))?;
     let located = locate_all(&specs).await?;
 
     let metrics = Arc::new(Metrics::new());
@@ -301,7 +302,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
     let manager = Arc::new(Manager::new(ManagerParts {
         registry: registry.clone(),
         control: config.model_control,
-        settings: spawn_options(config, device, &budgets),
+        settings: spawn_options(config, device, &budgets, priority),
         metrics: metrics.clone(),
         memory_budget: budgets.models,
         // No admitted request outlives its timeout plus the time to send its body.
@@ -321,7 +322,7 @@ pub async fn start_service(config: &Config) -> Result<Service> {
     let inference = Arc::new(infer::Inference::new(infer::Parts {
         registry,
         default_model,
-        limits: request_limits(config),
+        limits: request_limits(config, priority),
         pool: images::DecodePool::new(budgets.decode_threads),
         memory,
         metrics,
@@ -335,7 +336,12 @@ pub async fn start_service(config: &Config) -> Result<Service> {
 }
 
 /// What every model version is spawned with.
-fn spawn_options(config: &Config, device: tch::Device, budgets: &Budgets) -> SpawnOptions {
+fn spawn_options(
+    config: &Config,
+    device: tch::Device,
+    budgets: &Budgets,
+    priority: crate::priority::Levels,
+) -> SpawnOptions {
     SpawnOptions {
         device,
         dtype: config.dtype,
@@ -346,13 +352,15 @@ fn spawn_options(config: &Config, device: tch::Device, budgets: &Budgets) -> Spa
         max_batch_delay: config.max_batch_delay(),
         instances: budgets.instances,
         max_queue_images: config.max_queue_images,
+        priority,
         batch_timeout: config.batch_timeout,
     }
 }
 
 /// The bounds the service enforces for every request.
-fn request_limits(config: &Config) -> infer::Limits {
+fn request_limits(config: &Config, priority: crate::priority::Levels) -> infer::Limits {
     infer::Limits {
+        priority,
         max_images_per_request: config.max_images_per_request,
         max_concurrent_requests: config.max_concurrent_requests,
         request_timeout: std::time::Duration::from_secs(config.request_timeout),

@@ -309,6 +309,7 @@ pub fn plan(
         images,
         outputs,
         timeout: None,
+        priority: None,
         keep: Tensors { answer },
     })
 }

@@ -20,11 +20,12 @@ use crate::config::{Backend, DType, Instances};
 use crate::error::InferError;
 use crate::images::preprocess::PreprocessConfig;
 use crate::metrics::ModelMetrics;
+use crate::priority::{Level, Levels, MAX_LEVELS};
 use crate::repository::{ModelConfig, ModelFiles, WeightsFormat};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Static facts about a served model, for `/v1/models` and for request handling.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -259,7 +260,7 @@ pub struct ModelHandle {
     pub metrics: ModelMetrics,
     link: Arc<BatcherLink>,
     jobs: mpsc::Sender<ImageJob>,
-    admission: Arc<Semaphore>,
+    admission: Arc<AdmittedImages>,
     closing: watch::Sender<bool>,
     /// One per instance.
     threads: Vec<supervisor::ThreadSlot>,
@@ -283,15 +284,71 @@ impl Drop for InFlight {
     }
 }
 
-/// Images a request has been allowed to put in flight. While held, they count against
-/// `--max-queue-images`; images not yet queued count as incoming for the batcher.
+/// The images in flight on a model (being decoded, queued or running), in all and by priority
+/// level, and the limits that admit more: a request at level L is admitted while the total
+/// stays within L's limit (`crate::priority`; with one level, `--max-queue-images`).
+struct AdmittedImages {
+    levels: Levels,
+    total: AtomicUsize,
+    by_level: [AtomicUsize; MAX_LEVELS],
+}
+
+impl AdmittedImages {
+    fn new(levels: Levels) -> Self {
+        Self {
+            levels,
+            total: AtomicUsize::new(0),
+            by_level: Default::default(),
+        }
+    }
+
+    /// Count `images` more at `level` if they fit within its limit.
+    fn try_admit(&self, level: Level, images: usize) -> bool {
+        let limit = self.levels.queue_images(level);
+        let admitted = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+                (total + images <= limit).then_some(total + images)
+            });
+        if admitted.is_ok() {
+            self.by_level[level.index()].fetch_add(images, Ordering::AcqRel);
+        }
+        admitted.is_ok()
+    }
+
+    fn release(&self, level: Level, images: usize) {
+        self.by_level[level.index()].fetch_sub(images, Ordering::AcqRel);
+        self.total.fetch_sub(images, Ordering::AcqRel);
+    }
+
+    /// A request at `level` would find room for one image.
+    fn has_room(&self, level: Level) -> bool {
+        self.total.load(Ordering::Acquire) < self.levels.queue_images(level)
+    }
+
+    fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Images that run before a new one at `level`: those of its level and above.
+    fn ahead_of(&self, level: Level) -> usize {
+        self.by_level[..=level.index()]
+            .iter()
+            .map(|n| n.load(Ordering::Acquire))
+            .sum()
+    }
+}
+
+/// Images a request has been allowed to put in flight. While held, they count against its
+/// level's limit; images not yet queued count as incoming for the batcher.
 pub struct Admission {
-    _permits: OwnedSemaphorePermit,
+    admitted_images: Arc<AdmittedImages>,
+    level: Level,
     link: Arc<BatcherLink>,
     incoming: usize,
-    /// `visionserve_admitted_images`, given back with the permits.
-    admitted: prometheus_client::metrics::gauge::Gauge,
-    images: i64,
+    /// `visionserve_admitted_images` (and the level's, with priorities), given back on drop.
+    admitted: Vec<prometheus_client::metrics::gauge::Gauge>,
+    images: usize,
 }
 
 impl Admission {
@@ -311,7 +368,10 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.release_incoming();
-        self.admitted.dec_by(self.images);
+        self.admitted_images.release(self.level, self.images);
+        for gauge in &self.admitted {
+            gauge.dec_by(self.images as i64);
+        }
     }
 }
 
@@ -326,6 +386,8 @@ pub struct SpawnOptions {
     pub max_batch_size: usize,
     pub max_batch_delay: std::time::Duration,
     pub max_queue_images: usize,
+    /// The priority levels, and each one's share of the queue.
+    pub priority: Levels,
     /// A batch running longer than this marks the model not ready and replaces its thread.
     pub batch_timeout: std::time::Duration,
     /// Copies of the model, each with its own thread and supervisor, and their threads.
@@ -462,13 +524,14 @@ impl ModelHandle {
         let (threads, loaded) = spawn_copies(&layout, &shared);
 
         metrics.admission_limit.set(options.max_queue_images as i64);
+        metrics.priority_levels(options.priority.count());
         let handle = Arc::new(Self {
             info,
             status,
             metrics,
             link,
             jobs: jobs_tx,
-            admission: Arc::new(Semaphore::new(options.max_queue_images)),
+            admission: Arc::new(AdmittedImages::new(options.priority)),
             closing: closing_tx,
             threads,
             lanes: layout.lanes(),
@@ -512,51 +575,55 @@ impl ModelHandle {
         }
     }
 
-    /// Refuse with 429 when the queue has no room for even one more image: decided before a
-    /// request's body is read, so that refusing under overload costs next to nothing.
-    pub fn check_room(&self) -> Result<(), InferError> {
-        if self.admission.available_permits() > 0 {
+    /// Refuse with 429 when the queue has no room for even one more image at `level`:
+    /// decided before a request's body is read, so that refusing under overload costs next to
+    /// nothing.
+    pub fn check_room(&self, level: Level) -> Result<(), InferError> {
+        if self.admission.has_room(level) {
             return Ok(());
         }
-        Err(InferError::Overloaded {
-            model: self.info.name.clone(),
-            limit: self.info.max_queue_images,
-            retry_after_s: self.retry_after_secs(),
+        Err(self.overloaded(level))
+    }
+
+    /// Admit `images` images at `level` or refuse with 429 and a Retry-After estimate.
+    pub fn admit(&self, images: usize, level: Level) -> Result<Admission, InferError> {
+        if !self.admission.try_admit(level, images) {
+            return Err(self.overloaded(level));
+        }
+        self.link.images_admitted(images);
+        let mut admitted = vec![self.metrics.admitted.clone()];
+        if let Some(series) = self.metrics.priority_levels(0).get(level.index()) {
+            admitted.push(series.admitted.clone());
+        }
+        for gauge in &admitted {
+            gauge.inc_by(images as i64);
+        }
+        Ok(Admission {
+            admitted_images: self.admission.clone(),
+            level,
+            link: self.link.clone(),
+            incoming: images,
+            admitted,
+            images,
         })
     }
 
-    /// Admit `images` images or refuse with 429 and a Retry-After estimate.
-    pub fn admit(&self, images: usize) -> Result<Admission, InferError> {
-        let permits = self.admission.clone().try_acquire_many_owned(images as u32);
-        match permits {
-            Ok(permits) => {
-                self.link.images_admitted(images);
-                self.metrics.admitted.inc_by(images as i64);
-                Ok(Admission {
-                    _permits: permits,
-                    link: self.link.clone(),
-                    incoming: images,
-                    admitted: self.metrics.admitted.clone(),
-                    images: images as i64,
-                })
-            }
-            Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
-                Err(InferError::Overloaded {
-                    model: self.info.name.clone(),
-                    limit: self.info.max_queue_images,
-                    retry_after_s: self.retry_after_secs(),
-                })
-            }
+    fn overloaded(&self, level: Level) -> InferError {
+        InferError::Overloaded {
+            model: self.info.name.clone(),
+            limit: self.admission.levels.queue_images(level),
+            retry_after_s: self.retry_after_secs(),
         }
     }
 
-    /// A lower bound of how long `images` more images would wait: everything admitted before
-    /// them, then themselves, in full batches, each batch costing at least the recent model
-    /// time of one image. A deadline shorter than this cannot be met.
-    pub fn least_wait(&self, images: usize) -> std::time::Duration {
-        let admitted = self.info.max_queue_images - self.admission.available_permits();
+    /// A lower bound of how long `images` more images at `level` would wait: everything
+    /// admitted before them at their level and above, then themselves, in full batches, each
+    /// batch costing at least the recent model time of one image. A deadline shorter than this
+    /// cannot be met.
+    pub fn least_wait(&self, images: usize, level: Level) -> std::time::Duration {
+        let ahead = self.admission.ahead_of(level);
         std::time::Duration::from_micros(least_wait_us(
-            admitted + images,
+            ahead + images,
             self.info.max_batch_size,
             self.lanes.pool,
             self.link.micros_per_image(),
@@ -566,7 +633,7 @@ impl ModelHandle {
     /// Seconds until the admitted images have likely been served, from the recent per-image
     /// model time, shared among the instances.
     fn retry_after_secs(&self) -> u64 {
-        let queued = self.info.max_queue_images - self.admission.available_permits();
+        let queued = self.admission.total();
         clearing_time_us(queued, self.lanes.pool, self.link.micros_per_image())
             .div_ceil(1_000_000)
             .max(1)
@@ -576,12 +643,8 @@ impl ModelHandle {
     pub fn submit(&self, job: ImageJob) -> Result<(), InferError> {
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
-            // Cannot happen while admission holds permits for every queued image.
-            mpsc::error::TrySendError::Full(_) => InferError::Overloaded {
-                model: self.info.name.clone(),
-                limit: self.info.max_queue_images,
-                retry_after_s: self.retry_after_secs(),
-            },
+            // Cannot happen while admission counts every queued image.
+            mpsc::error::TrySendError::Full(job) => self.overloaded(job.level),
         })
     }
 

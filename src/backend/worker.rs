@@ -238,7 +238,8 @@ fn run_batch(
     let mut replies = Vec::with_capacity(batch_size);
     for entry in live {
         let queue_wait = start.saturating_duration_since(entry.enqueued_at);
-        ctx.metrics.observe_queue_wait(queue_wait);
+        ctx.metrics
+            .observe_queue_wait(queue_wait, entry.item.level.index());
         let job = entry.item;
         inputs.push(BatchInput {
             pixels: job.pixels,

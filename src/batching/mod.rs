@@ -8,6 +8,7 @@ pub mod batcher;
 pub mod queue;
 
 use crate::images::Pixels;
+use crate::priority::Level;
 use queue::{Abandonable, Queued};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -60,6 +61,8 @@ pub struct ImageJob {
     pub span: tracing::Span,
     /// The request's deadline: past it, the image is dropped before inference.
     pub deadline: Option<Instant>,
+    /// The request's priority level: batches fill from the highest.
+    pub level: Level,
 }
 
 impl Abandonable for ImageJob {
@@ -70,6 +73,10 @@ impl Abandonable for ImageJob {
 
     fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    fn level(&self) -> Level {
+        self.level
     }
 }
 

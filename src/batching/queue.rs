@@ -21,8 +21,14 @@
 //!   request gets the whole machine. Once images queue behind running batches, batches go to
 //!   the pool of copies with a share of the threads each, which run side by side without the
 //!   threads of one operator waiting for each other. The two lanes never run at once, so
-//!   their threads never outnumber the cores.
+//!   their threads never outnumber the cores;
+//! - with priority levels (`crate::priority`), entries are kept in level order, arrival order
+//!   within a level, so a batch fills from the highest level first; and only a batch led by
+//!   the highest level waits prepared in the hand-off slot while every copy runs: a batch of
+//!   lower levels placed there would run before a high-priority image that arrives a moment
+//!   later, which would then wait for two batches instead of one.
 
+use crate::priority::Level;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -33,6 +39,11 @@ pub trait Abandonable {
     /// When the answer stops being useful (`None`: never).
     fn deadline(&self) -> Option<Instant> {
         None
+    }
+
+    /// Its priority level: batches fill from the highest first.
+    fn level(&self) -> Level {
+        Level::HIGHEST
     }
 }
 
@@ -149,13 +160,34 @@ impl<T: Abandonable> BatchQueue<T> {
         self.entries.is_empty()
     }
 
-    /// Queue `item`, which arrived at `now` while the model was `busy` (running a batch) or not.
+    /// Queue `item`, which arrived at `now` while the model was `busy` (running a batch) or not:
+    /// after every entry of its level and above, before those of lower levels.
     pub fn push(&mut self, item: T, now: Instant, busy: bool) {
-        self.entries.push_back(Queued {
+        let level = item.level();
+        let entry = Queued {
             item,
             enqueued_at: now,
             waited: busy,
-        });
+        };
+        if self
+            .entries
+            .back()
+            .is_none_or(|last| last.item.level() <= level)
+        {
+            self.entries.push_back(entry);
+        } else {
+            let at = self.entries.partition_point(|e| e.item.level() <= level);
+            self.entries.insert(at, entry);
+        }
+    }
+
+    /// When the longest-waiting entry arrived: the front one, unless levels reordered them.
+    fn oldest_arrival(&self) -> Option<Instant> {
+        let (front, back) = (self.entries.front()?, self.entries.back()?);
+        if front.item.level() == back.item.level() {
+            return Some(front.enqueued_at);
+        }
+        self.entries.iter().map(|e| e.enqueued_at).min()
     }
 
     /// Remove entries whose client has gone; returns how many were dropped.
@@ -181,7 +213,7 @@ impl<T: Abandonable> BatchQueue<T> {
     }
 
     pub fn decide(&self, now: Instant, model: ModelState) -> Decision {
-        let Some(oldest) = self.entries.front() else {
+        let Some(first) = self.entries.front() else {
             return Decision::Wait(None);
         };
         if model.solo_running {
@@ -197,6 +229,10 @@ impl<T: Abandonable> BatchQueue<T> {
             // Every copy runs a batch and the hand-off slot is taken.
             return Decision::Wait(None);
         }
+        if running == copies && first.item.level() > Level::HIGHEST {
+            // Only the highest level waits ahead in the hand-off slot (see the module notes).
+            return Decision::Wait(None);
+        }
         let queued = self.entries.len();
         if queued >= self.batch_limit {
             return Decision::Dispatch(self.batch_limit, lane);
@@ -209,7 +245,8 @@ impl<T: Abandonable> BatchQueue<T> {
         if model.images_incoming == 0 {
             return Decision::Dispatch(queued, lane);
         }
-        let deadline = oldest.enqueued_at + self.max_batch_delay;
+        let oldest = self.oldest_arrival().unwrap_or(first.enqueued_at);
+        let deadline = oldest + self.max_batch_delay;
         if now >= deadline {
             Decision::Dispatch(queued, lane)
         } else {
@@ -284,6 +321,7 @@ mod tests {
         id: usize,
         gone: Rc<Cell<bool>>,
         deadline: Option<Instant>,
+        level: Level,
     }
 
     impl Abandonable for Job {
@@ -294,6 +332,10 @@ mod tests {
         fn deadline(&self) -> Option<Instant> {
             self.deadline
         }
+
+        fn level(&self) -> Level {
+            self.level
+        }
     }
 
     fn job(id: usize) -> Job {
@@ -301,7 +343,67 @@ mod tests {
             id,
             gone: Rc::new(Cell::new(false)),
             deadline: None,
+            level: Level::HIGHEST,
         }
+    }
+
+    fn job_at(id: usize, level: u64) -> Job {
+        Job {
+            level: Level::from_number(level).unwrap(),
+            ..job(id)
+        }
+    }
+
+    fn ids(batch: &[Queued<Job>]) -> Vec<usize> {
+        batch.iter().map(|e| e.item.id).collect()
+    }
+
+    #[test]
+    fn batches_fill_from_the_highest_level_first() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(3, DELAY);
+        for (id, level) in [(0, 2), (1, 3), (2, 1), (3, 2), (4, 1), (5, 3)] {
+            q.push(job_at(id, level), t0, false);
+        }
+        assert_eq!(ids(&q.take(3)), [2, 4, 0]);
+        assert_eq!(ids(&q.take(3)), [3, 1, 5]);
+    }
+
+    #[test]
+    fn only_the_highest_level_waits_in_the_hand_off_slot() {
+        let t0 = Instant::now();
+        let every_copy_busy = ModelState {
+            outstanding_batches: 1,
+            solo_running: false,
+            images_incoming: 0,
+        };
+        let mut q = BatchQueue::new(2, DELAY);
+        q.push(job_at(0, 2), t0, true);
+        q.push(job_at(1, 2), t0, true);
+        assert_eq!(q.decide(t0, every_copy_busy), Decision::Wait(None));
+        q.push(job_at(2, 1), t0, true);
+        assert_eq!(
+            q.decide(t0, every_copy_busy),
+            Decision::Dispatch(2, Lane::Pool)
+        );
+        assert_eq!(ids(&q.take(2)), [2, 0]);
+    }
+
+    #[test]
+    fn the_batch_delay_counts_from_the_oldest_image_of_any_level() {
+        let t0 = Instant::now();
+        let idle_with_more_coming = ModelState {
+            outstanding_batches: 0,
+            solo_running: false,
+            images_incoming: 1,
+        };
+        let mut q = BatchQueue::new(4, DELAY);
+        q.push(job_at(0, 2), t0, false);
+        q.push(job_at(1, 1), t0 + DELAY / 2, false);
+        assert_eq!(
+            q.decide(t0, idle_with_more_coming),
+            Decision::Wait(Some(t0 + DELAY))
+        );
     }
 
     #[test]

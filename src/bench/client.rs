@@ -61,6 +61,8 @@ pub struct Target {
     /// The model (resolved from the server when not given; `/v1` may use its default).
     pub model: Option<String>,
     api_key: Option<String>,
+    /// Sent with every request (`--header`): HTTP headers, or gRPC metadata.
+    headers: Vec<(String, String)>,
     http: reqwest::Client,
     grpc: Option<GrpcInferenceServiceClient<Channel>>,
     /// The v2 input's name, from the model's metadata.
@@ -102,6 +104,7 @@ impl Target {
             base,
             model,
             api_key,
+            headers: Vec::new(),
             http,
             grpc,
             input_name: String::new(),
@@ -123,7 +126,16 @@ impl Target {
         self.model.as_deref().unwrap_or_default()
     }
 
+    /// Send `headers` (`--header`) with every request too.
+    pub fn with_headers(mut self, headers: Vec<(String, String)>) -> Self {
+        self.headers = headers;
+        self
+    }
+
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = self.headers.iter().fold(request, |request, (name, value)| {
+            request.header(name, value)
+        });
         match &self.api_key {
             Some(key) => request.bearer_auth(key),
             None => request,
@@ -132,9 +144,17 @@ impl Target {
 
     fn grpc_request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
+        let metadata = request.metadata_mut();
+        for (name, value) in &self.headers {
+            let name =
+                tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes());
+            if let (Ok(name), Ok(value)) = (name, value.parse()) {
+                metadata.insert(name, value);
+            }
+        }
         if let Some(key) = &self.api_key {
             if let Ok(value) = format!("Bearer {key}").parse() {
-                request.metadata_mut().insert("authorization", value);
+                metadata.insert("authorization", value);
             }
         }
         request

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// API key, sent as `Authorization: Bearer KEY` (and gRPC metadata).
     #[arg(long, env = "VISIONSERVE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// A header sent with every request, `NAME: VALUE` (gRPC: metadata); repeatable, e.g.
+    /// `--header "Priority: 2"`.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
     /// The server's process id, for its CPU (found from the port when the server is on this
     /// machine).
     #[arg(long)]
@@ -196,7 +200,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model_name.clone(),
             args.api_key.clone(),
         )
-        .await?;
+        .await?
+        .with_headers(args.headers.clone());
         let resolved = target.model.clone();
         let results = measure_loads(target, &plan.images, &plan.loads, windows, pid, true).await?;
         anyhow::Ok((resolved, results))
@@ -299,6 +304,19 @@ pub async fn measure_loads(
         levels.push(level);
     }
     Ok(levels)
+}
+
+/// `NAME: VALUE` as a header to send.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not a header: write NAME: VALUE"))?;
+    let (name, value) = (name.trim(), value.trim());
+    reqwest::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a header name"))?;
+    reqwest::header::HeaderValue::from_str(value)
+        .map_err(|_| format!("{value:?} is not a header value"))?;
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 #[cfg(test)]

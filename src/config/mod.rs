@@ -165,6 +165,34 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT", default_value_t = 60)]
     pub request_timeout: u64,
 
+    /// Priority levels of classification requests, 1 the highest (as Triton numbers them). A
+    /// request names its level with `?priority=` or a `Priority: N` header (`/v1`, v2 REST),
+    /// v2's `priority` parameter or gRPC `priority` metadata (0: the default level); an API
+    /// key may cap it. Batches fill from the highest level first, and each level has its own
+    /// queue limit and timeout, so a flood at a low level is refused before it displaces the
+    /// levels above. 1 (the default): no priorities, and a priority sent is ignored.
+    #[arg(long, env = "VISIONSERVE_PRIORITY_LEVELS", default_value_t = 1)]
+    pub priority_levels: usize,
+
+    /// The level of requests that name none (1 = the highest).
+    #[arg(long, env = "VISIONSERVE_DEFAULT_PRIORITY", default_value_t = 1)]
+    pub default_priority: u64,
+
+    /// Per level, highest first (comma-separated): a request at the level is admitted while
+    /// the model has fewer images than this in flight, else 429 [default: level L of N may
+    /// fill --max-queue-images * (N - L + 1) / N].
+    #[arg(long, env = "VISIONSERVE_PRIORITY_QUEUE_IMAGES", value_delimiter = ',')]
+    pub priority_queue_images: Vec<usize>,
+
+    /// Per level, highest first (comma-separated): the seconds a request at the level may
+    /// take, at most --request-timeout [default: --request-timeout for every level].
+    #[arg(
+        long,
+        env = "VISIONSERVE_PRIORITY_REQUEST_TIMEOUT",
+        value_delimiter = ','
+    )]
+    pub priority_request_timeout: Vec<u64>,
+
     /// Longest one batch may run on the model (e.g. 30s, 500ms). Past it the model is
     /// considered wedged: it turns not ready, the batch's requests get 503 at once, and a new
     /// model thread loads and warms up (after 1 s, doubling to 60 s if it keeps failing). A
@@ -515,7 +543,37 @@ impl Config {
         if self.models.is_empty() && self.model_repository.is_none() {
             return Err("no model given: pass --model NAME=PATH or --model-repository DIR".into());
         }
+        let levels = self.priority_levels()?;
+        if let Some(level) = levels
+            .all()
+            .find(|&level| levels.queue_images(level) < self.max_images_per_request)
+        {
+            return Err(format!(
+                "--priority-queue-images: level {} admits {} images, fewer than \
+                 --max-images-per-request ({}): such a request could never be admitted at it",
+                level.number(),
+                levels.queue_images(level),
+                self.max_images_per_request
+            ));
+        }
         Ok(())
+    }
+
+    /// The priority levels and what each allows (`--priority-*`).
+    pub fn priority_levels(&self) -> Result<crate::priority::Levels, String> {
+        let timeouts: Vec<Duration> = self
+            .priority_request_timeout
+            .iter()
+            .map(|&s| Duration::from_secs(s))
+            .collect();
+        crate::priority::Levels::new(
+            self.priority_levels,
+            self.default_priority,
+            &self.priority_queue_images,
+            &timeouts,
+            self.max_queue_images,
+            Duration::from_secs(self.request_timeout),
+        )
     }
 
     /// A configuration for tests and embedding: every default, the given models, port 0.

@@ -60,13 +60,20 @@ where
         if !is_open_method(request.uri().path()) {
             let headers = request.headers();
             let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
-            if let Err(err) = self.keys.check(value("authorization"), value("x-api-key")) {
-                self.inference.metrics().unauthorized_request("grpc");
-                if self.access_log {
-                    log_refusal(&request, err.error_type());
+            match self.keys.check(value("authorization"), value("x-api-key")) {
+                Ok(Some(key)) => {
+                    // The key's limits are the inference service's to apply (`infer`).
+                    request.extensions_mut().insert(key);
                 }
-                let refusal = Status::unauthenticated(err.to_string()).into_http();
-                return Box::pin(std::future::ready(Ok(refusal)));
+                Ok(None) => {}
+                Err(err) => {
+                    self.inference.metrics().unauthorized_request("grpc");
+                    if self.access_log {
+                        log_refusal(&request, err.error_type());
+                    }
+                    let refusal = Status::unauthenticated(err.to_string()).into_http();
+                    return Box::pin(std::future::ready(Ok(refusal)));
+                }
             }
         }
         Box::pin(self.inner.call(request))

@@ -50,6 +50,31 @@ pub(super) fn timeout_parameter(
     }
 }
 
+/// The request's priority level: the `priority` parameter (Triton's), else `priority`
+/// metadata; 1 is the highest, 0 the default.
+pub(super) fn priority(
+    request: &proto::ModelInferRequest,
+    metadata: Option<&str>,
+) -> Result<Option<u64>, V2Error> {
+    match request
+        .parameters
+        .get("priority")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        Some(ParameterChoice::Int64Param(level)) if *level >= 0 => Ok(Some(*level as u64)),
+        Some(ParameterChoice::Uint64Param(level)) => Ok(Some(*level)),
+        Some(other) => Err(invalid(format!(
+            "parameter \"priority\" must be a level (1 = the highest, 0 = the default), not \
+             {other:?}"
+        ))),
+        None => metadata
+            .map(crate::priority::parse)
+            .transpose()
+            .map(Option::flatten)
+            .map_err(|e| invalid(format!("priority metadata: {e}"))),
+    }
+}
+
 fn invalid(message: String) -> V2Error {
     V2Error::InvalidArgument(message)
 }

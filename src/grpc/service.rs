@@ -2,7 +2,7 @@
 //! as parse, one call to the inference service, render.
 
 use super::auth::Arrival;
-use super::convert::{grpc_timeout, inputs, requested_output, statistics, timeout_parameter};
+use super::convert::{self, grpc_timeout, inputs, requested_output, statistics, timeout_parameter};
 use super::proto;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::status::status;
@@ -38,6 +38,10 @@ struct GrpcIntake {
     deadline: Option<std::time::Instant>,
     /// The `timeout` parameter.
     timeout: Option<std::time::Duration>,
+    /// The `priority` parameter or metadata.
+    priority: Option<u64>,
+    /// The API key the call presented, whose limits the service applies.
+    key: Option<Arc<crate::auth::KeyPolicy>>,
     cache: CacheUse,
 }
 
@@ -56,6 +60,8 @@ impl Intake for GrpcIntake {
             cache: self.cache,
             // The message is in memory already: it holds memory until the request ends.
             body_bytes: Some(prost::Message::encoded_len(&self.request) as u64),
+            priority: self.priority,
+            key: self.key.take(),
             ..RequestOptions::default()
         };
         if let Some(deadline) = self.deadline {
@@ -80,6 +86,7 @@ impl Intake for GrpcIntake {
             images: plan.images,
             outputs: plan.outputs,
             timeout: None,
+            priority: None,
             keep: GrpcKeep {
                 tensors: plan.keep,
                 id: request.id,
@@ -215,6 +222,14 @@ impl GrpcInferenceService for InferenceService {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let priority_metadata = request
+            .metadata()
+            .get("priority")
+            .map(|v| v.to_str().unwrap_or("?").to_owned());
+        let key = request
+            .extensions()
+            .get::<Arc<crate::auth::KeyPolicy>>()
+            .cloned();
         let request = request.into_inner();
         let bytes_in = prost::Message::encoded_len(&request) as u64;
         let id = match request.id.as_str() {
@@ -227,12 +242,16 @@ impl GrpcInferenceService for InferenceService {
         let outcome = async move {
             let failed = |err: V2Error| (err.error_type(), status(&err));
             let timeout = timeout_parameter(&request).map_err(failed)?;
+            let priority =
+                convert::priority(&request, priority_metadata.as_deref()).map_err(failed)?;
             let model_name = request.model_name.clone();
             let model_version = request.model_version.clone();
             let intake = GrpcIntake {
                 request,
                 deadline,
                 timeout,
+                priority,
+                key,
                 cache: CacheUse::from_cache_control(cache_control.as_deref()),
             };
             self.inference

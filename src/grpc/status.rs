@@ -15,7 +15,8 @@ pub fn status(err: &V2Error) -> Status {
             InferError::TooManyRequests { .. }
             | InferError::Overloaded { .. }
             | InferError::MemoryBusy { .. }
-            | InferError::OverMemoryBudget { .. } => Status::resource_exhausted(message),
+            | InferError::OverMemoryBudget { .. }
+            | InferError::KeyLimit { .. } => Status::resource_exhausted(message),
             InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             InferError::Internal => Status::internal(message),
             InferError::NoImages

@@ -4,7 +4,7 @@
 
 use super::input::discard_body;
 use super::AppState;
-use crate::auth::{ApiKeys, AuthError};
+use crate::auth::{ApiKeys, AuthError, KeyPolicy};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -26,7 +26,14 @@ pub async fn require_api_key(
     }
     let v2 = path.starts_with("/v2");
     match check_key(&state.keys, &request) {
-        Ok(()) => next.run(request).await,
+        Ok(key) => {
+            let mut request = request;
+            // The key's limits are the inference service's to apply (`infer`).
+            if let Some(key) = key {
+                request.extensions_mut().insert(key);
+            }
+            next.run(request).await
+        }
         Err(err) => {
             state.inference.metrics().unauthorized_request("http");
             discard_body(request);
@@ -35,8 +42,9 @@ pub async fn require_api_key(
     }
 }
 
-/// The key a request presents (`Authorization: Bearer` or `x-api-key`), checked against `keys`.
-fn check_key(keys: &ApiKeys, request: &Request) -> Result<(), AuthError> {
+/// The key a request presents (`Authorization: Bearer` or `x-api-key`), checked against `keys`:
+/// its policy, or `None` when `keys` is empty.
+fn check_key(keys: &ApiKeys, request: &Request) -> Result<Option<Arc<KeyPolicy>>, AuthError> {
     let headers = request.headers();
     keys.check(
         headers
@@ -71,7 +79,7 @@ async fn require_admin_key(state: &AppState, request: Request, next: Next) -> Re
         return (StatusCode::FORBIDDEN, axum::Extension(note), Json(body)).into_response();
     };
     match check_key(admin, &request) {
-        Ok(()) => next.run(request).await,
+        Ok(_) => next.run(request).await,
         Err(err) => {
             state.inference.metrics().unauthorized_request("http");
             discard_body(request);

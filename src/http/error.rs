@@ -1,6 +1,7 @@
 //! The HTTP status table of `/v1`: the service's [`InferError`]s plus the errors only HTTP has
 //! (body size, timeout, media type, query), rendered as `{"error", "error_type"}`.
 
+use crate::auth::KeyRefusal;
 use crate::error::{InferError, RequestFailure};
 use crate::images::decode::DecodeError;
 use crate::v2::V2Error;
@@ -43,6 +44,12 @@ pub fn infer_status(err: &InferError) -> StatusCode {
         },
         InferError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         InferError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        InferError::KeyLimit { refusal, .. } => match refusal {
+            KeyRefusal::OverBurst { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            KeyRefusal::Rate { .. } | KeyRefusal::Concurrency { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        },
     }
 }
 
@@ -63,12 +70,33 @@ pub fn v2_status(err: &V2Error) -> StatusCode {
     }
 }
 
-/// `Retry-After` for refusals that are temporary.
+/// `Retry-After` for refusals that are temporary, and for a key over its rate the IETF
+/// `RateLimit-Policy` and `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers: the
+/// policy's quota `q` per window `w` seconds; `r` left, `t` seconds until there is room).
 pub fn set_retry_after(response: &mut Response, err: &InferError) {
     if let Some(seconds) = err.retry_after_secs() {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    if let InferError::KeyLimit {
+        refusal: KeyRefusal::Rate { policy, .. },
+        ..
+    } = err
+    {
+        let window = policy.window.as_secs_f64().ceil().max(1.0) as u64;
+        let reset = err.retry_after_secs().unwrap_or(1);
+        for (name, value) in [
+            (
+                "ratelimit-policy",
+                format!("\"images\";q={};w={window}", policy.quota),
+            ),
+            ("ratelimit", format!("\"images\";r=0;t={reset}")),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! [`V1Intake`], the inference service runs it, and the answer is rendered as `/v1` JSON.
 
 use super::error::{ApiError, ErrorBody};
-use super::headers::{cache_timing, cache_use, header_timeout};
+use super::headers::{cache_timing, cache_use, header_priority, header_timeout, request_key};
 use super::input::{body_reservation, read_images, RequestImages};
 use super::schema::{
     ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, UnauthorizedResponse,
@@ -31,6 +31,11 @@ pub struct ClassifyQuery {
     /// The client's own timeout (`250ms`, `1.5s`, `2`), within `--request-timeout`.
     #[param(value_type = Option<String>, example = "1.5s")]
     timeout: Option<String>,
+    /// The request's priority level with `--priority-levels` above 1: 1 is the highest, 0 the
+    /// default level (the API key's, if it has one, else `--default-priority`). Overrides a
+    /// `Priority` header.
+    #[param(value_type = Option<u32>, minimum = 0)]
+    priority: Option<String>,
 }
 
 type QueryResult = Result<Query<ClassifyQuery>, QueryRejection>;
@@ -134,8 +139,17 @@ impl Intake for V1Intake {
             .transpose()
             .map_err(ApiError::BadRequest)?;
         let headers = self.request.headers();
+        let query_priority = query
+            .priority
+            .as_deref()
+            .map(crate::priority::parse)
+            .transpose()
+            .map_err(|e| ApiError::BadRequest(format!("?priority=: {e}")))?
+            .flatten();
         let mut options = RequestOptions {
             cache: cache_use(headers),
+            priority: query_priority.or(header_priority(headers)?),
+            key: request_key(self.request.extensions()),
             ..RequestOptions::default()
         };
         for timeout in [query_timeout, header_timeout(headers)?]
@@ -162,6 +176,7 @@ impl Intake for V1Intake {
             images: images.into_iter().map(ImageInput::Encoded).collect(),
             outputs: Outputs::top_k(top_k),
             timeout: None,
+            priority: None,
             keep: (),
         })
     }

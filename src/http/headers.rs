@@ -1,5 +1,6 @@
 //! Request and response headers that `/v1` and v2 REST read and write alike: the client's
-//! `Request-Timeout`, its `Cache-Control`, and the cache entry of `Server-Timing`.
+//! `Request-Timeout`, its `Priority`, its `Cache-Control`, and the cache entry of
+//! `Server-Timing`; and the API key the request presented (put there by `auth`).
 
 use super::error::ApiError;
 use crate::cache::CacheUse;
@@ -33,6 +34,28 @@ pub fn cache_timing(cached: impl Iterator<Item = bool>) -> String {
         _ => "partial",
     };
     format!(", cache;desc={word}")
+}
+
+/// The `Priority` header as a level number (1 = the highest, 0 = the default), if the client
+/// sent one; RFC 9218's transport priorities (`u=3, i`) are not ours and read as none.
+pub fn header_priority(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(PRIORITY) else {
+        return Ok(None);
+    };
+    crate::priority::parse(value.to_str().unwrap_or("?"))
+        .map_err(|e| ApiError::BadRequest(format!("Priority header: {e}")))
+}
+
+/// A request's priority level, as a header.
+pub const PRIORITY: &str = "priority";
+
+/// The API key the request presented, whose limits the service applies.
+pub fn request_key(
+    extensions: &axum::http::Extensions,
+) -> Option<std::sync::Arc<crate::auth::KeyPolicy>> {
+    extensions
+        .get::<std::sync::Arc<crate::auth::KeyPolicy>>()
+        .cloned()
 }
 
 /// The `Request-Timeout` header (`250ms`, `1.5s`, ...), if the client sent one.

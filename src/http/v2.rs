@@ -4,7 +4,7 @@
 //! runs the request.
 
 use super::error::{v2_status, ApiError};
-use super::headers::{cache_timing, cache_use, header_timeout};
+use super::headers::{cache_timing, cache_use, header_priority, header_timeout, request_key};
 use super::input::{body_bytes, body_reservation, decode_base64, within_body_timeout};
 use super::schema::{
     InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, V2ErrorBody,
@@ -346,6 +346,8 @@ impl Intake for RestIntake {
         let mut options = RequestOptions {
             cache: cache_use(headers),
             body_bytes: Some(body_bytes),
+            priority: header_priority(headers)?,
+            key: request_key(self.request.extensions()),
             ..RequestOptions::default()
         };
         if let Some(timeout) = header_timeout(headers)? {
@@ -374,6 +376,7 @@ impl Intake for RestIntake {
             images: plan.images,
             outputs: plan.outputs,
             timeout: parsed.timeout,
+            priority: parsed.priority,
             keep: RestKeep {
                 tensors: plan.keep,
                 id: parsed.id,
@@ -495,6 +498,8 @@ struct ParsedRequest {
     id: Option<String>,
     /// The `timeout` parameter (microseconds, as Triton reads it).
     timeout: Option<std::time::Duration>,
+    /// The `priority` parameter (Triton's: 1 = the highest level, 0 = the default).
+    priority: Option<u64>,
     inputs: Vec<Input>,
     outputs: Vec<RequestedOutput>,
     binary: BinaryOutputs,
@@ -511,6 +516,7 @@ impl ParsedRequest {
         Self {
             id: None,
             timeout: None,
+            priority: None,
             inputs: vec![Input {
                 name: v2::INPUT_IMAGE.to_owned(),
                 datatype: Datatype::Bytes,
@@ -578,9 +584,19 @@ impl ParsedRequest {
             },
             None => None,
         };
+        let priority = match request.parameters.get("priority") {
+            Some(value) => Some(value.as_u64().ok_or_else(|| {
+                invalid(format!(
+                    "parameter \"priority\" must be a level (1 = the highest, 0 = the \
+                     default), not {value}"
+                ))
+            })?),
+            None => None,
+        };
         Ok(Self {
             id: request.id,
             timeout,
+            priority,
             inputs,
             outputs,
             binary: BinaryOutputs { all, named },

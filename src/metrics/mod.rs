@@ -45,6 +45,10 @@ pub const CACHE_EVICTIONS: &str = "cache_evictions";
 pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_CAPACITY: &str = "cache_capacity_bytes";
 pub const INSTANCE_BATCHES: &str = "instance_batches";
+pub const PRIORITY_ADMITTED: &str = "priority_admitted_images";
+pub const PRIORITY_QUEUE_WAIT: &str = "priority_queue_wait_seconds";
+pub const KEY_IMAGES: &str = "key_images";
+pub const KEY_REFUSED: &str = "key_refused_requests";
 pub const DECODED_IMAGES: &str = "decoded_images";
 
 /// `decoded_images`' `scale` values: the size an image was decoded at, relative to its own
@@ -89,6 +93,27 @@ pub struct InstanceLabels {
     /// The copy's index (`--instances`), as `/v1/models` lists them in `instance_threads`
     /// (not `instance`, which Prometheus gives the scraped target).
     pub model_instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    pub model: String,
+    pub version: String,
+    /// The level as clients number it (1 = the highest).
+    pub priority: String,
+}
+
+/// An API key by its name (`name=` in `--api-keys-file`, else a fingerprint): never the key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabel {
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyRefusalLabels {
+    pub key: String,
+    /// `rate` or `concurrency`: the limit that refused the request.
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,6 +184,10 @@ pub struct Metrics {
     cache_hits: Family<ModelLabel, Counter>,
     cache_misses: Family<ModelLabel, Counter>,
     instance_batches: Family<InstanceLabels, Counter>,
+    priority_admitted: Family<PriorityLabels, Gauge>,
+    priority_queue_wait: Family<PriorityLabels, Histogram, fn() -> Histogram>,
+    key_images: Family<KeyLabel, Counter>,
+    key_refused: Family<KeyRefusalLabels, Counter>,
     decoded: Family<ScaleLabels, Counter>,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
@@ -268,6 +297,18 @@ impl Metrics {
             instance_batches: registered(r, INSTANCE_BATCHES,
                 "Batches run by each copy of a model (--instances); with --instances auto, instance 0 has every intra-op thread and runs the batches that arrive at an idle model",
                 Family::default()),
+            priority_admitted: registered(r, PRIORITY_ADMITTED,
+                "Images admitted and not yet answered, by priority level (1 = the highest; only with --priority-levels above 1)",
+                Family::default()),
+            priority_queue_wait: registered(r, PRIORITY_QUEUE_WAIT,
+                "Time images waited between queueing and their batch starting, by priority level (only with --priority-levels above 1)",
+                Family::new_with_constructor(latency_histogram as fn() -> Histogram)),
+            key_images: registered(r, KEY_IMAGES,
+                "Images requested under each API key, by the key's name (its name= in --api-keys-file, else sha256: and the start of its digest); refused requests' images not counted",
+                Family::default()),
+            key_refused: registered(r, KEY_REFUSED,
+                "Requests refused with 429 for an API key's own limits (limit: rate or concurrency)",
+                Family::default()),
             cache_hits: registered(r, CACHE_HITS,
                 "Images answered from the response cache, by model and version (no decode, no queue)",
                 Family::default()),
@@ -343,6 +384,9 @@ impl Metrics {
             warmup_seconds: self.warmup_seconds.get_or_create(&label).clone(),
             instance_batches: self.instance_batches.clone(),
             instances_counted: Arc::default(),
+            priority_admitted: self.priority_admitted.clone(),
+            priority_queue_wait: self.priority_queue_wait.clone(),
+            levels: Arc::default(),
             requests: self.requests.clone(),
             images: self.images.clone(),
             failures: self.failures.clone(),
@@ -437,6 +481,30 @@ impl Metrics {
             self.instance_batches
                 .remove(&model.instance_label(instance));
         }
+        for level in 0..model.levels.get().map_or(0, Vec::len) {
+            let labels = model.priority_label(level);
+            self.priority_admitted.remove(&labels);
+            self.priority_queue_wait.remove(&labels);
+        }
+    }
+
+    /// Images requested under the key named `key` (counted once a request is admitted).
+    pub fn key_images(&self, key: &str, images: usize) {
+        self.key_images
+            .get_or_create(&KeyLabel {
+                key: key.to_owned(),
+            })
+            .inc_by(images as u64);
+    }
+
+    /// A request refused for the `limit` (`rate` or `concurrency`) of the key named `key`.
+    pub fn key_refused(&self, key: &str, limit: &'static str) {
+        self.key_refused
+            .get_or_create(&KeyRefusalLabels {
+                key: key.to_owned(),
+                limit,
+            })
+            .inc();
     }
 
     /// Text exposition format 0.0.4 (what Prometheus and `promtool check metrics` expect).
@@ -564,6 +632,17 @@ pub struct ModelMetrics {
     instance_batches: Family<InstanceLabels, Counter>,
     /// Instances 0..this have a `instance_batches` series, so that it can be removed.
     instances_counted: Arc<std::sync::atomic::AtomicUsize>,
+    priority_admitted: Family<PriorityLabels, Gauge>,
+    priority_queue_wait: Family<PriorityLabels, Histogram, fn() -> Histogram>,
+    /// Per priority level, highest first: set once, when the model has more than one level.
+    levels: Arc<std::sync::OnceLock<Vec<LevelMetrics>>>,
+}
+
+/// The series of one priority level of a model.
+#[derive(Clone, Debug)]
+pub struct LevelMetrics {
+    pub admitted: Gauge,
+    queue_wait: Histogram,
 }
 
 /// A model's per-image decode metrics, cheap to clone into the task that decodes.
@@ -617,10 +696,40 @@ impl ModelMetrics {
         self.warmup_seconds.set(warmup.as_secs_f64());
     }
 
-    /// An image waited this long between queueing and its batch starting.
-    pub fn observe_queue_wait(&self, wait: Duration) {
+    /// An image at priority level `level` (0 = the highest) waited this long between queueing
+    /// and its batch starting.
+    pub fn observe_queue_wait(&self, wait: Duration, level: usize) {
         self.queue_wait.observe(wait.as_secs_f64());
         self.stats.queue.add(1, wait);
+        if let Some(series) = self.levels.get().and_then(|levels| levels.get(level)) {
+            series.queue_wait.observe(wait.as_secs_f64());
+        }
+    }
+
+    /// Create the per-level series of a model with `count` priority levels (none for one
+    /// level: without priorities the model's own series say it all). Returns them, highest
+    /// level first.
+    pub fn priority_levels(&self, count: usize) -> &[LevelMetrics] {
+        self.levels.get_or_init(|| {
+            let count = if count > 1 { count } else { 0 };
+            (0..count)
+                .map(|level| {
+                    let labels = self.priority_label(level);
+                    LevelMetrics {
+                        admitted: self.priority_admitted.get_or_create(&labels).clone(),
+                        queue_wait: self.priority_queue_wait.get_or_create(&labels).clone(),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn priority_label(&self, level: usize) -> PriorityLabels {
+        PriorityLabels {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            priority: (level + 1).to_string(),
+        }
     }
 
     /// A batch of `size` images ran in `elapsed`.
