@@ -133,9 +133,11 @@ impl KeyLimits {
                         format!("priority={value}: a priority level is a number from 1 (the highest) to {}", crate::priority::MAX_LEVELS)
                     })?)
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown option {option:?}; accepted: name, rate, burst, concurrency, priority"
-                )),
+                ))
+                }
             }
         }
         if limits.burst.is_some() && limits.rate.is_none() {

@@ -880,9 +880,10 @@ impl InferRequest {
             let pool = self.pool.clone();
             let cfg = self.model.info.preprocess.clone();
             let metrics = self.model.metrics.prepare.clone();
+            let level = self.level;
             tasks.spawn(async move {
                 let prepared = match pool
-                    .run_costing(cost, move || images::prepare(&bytes, &decode, &cfg))
+                    .run_costing(cost, level, move || images::prepare(&bytes, &decode, &cfg))
                     .await
                 {
                     Ok(prepared) => prepared.map_err(|source| InferError::Image { index, source }),

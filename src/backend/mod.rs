@@ -715,6 +715,7 @@ fn spawn_batcher(
             max_batch_size: options.max_batch_size,
             max_batch_delay: options.max_batch_delay,
             lanes: layout.lanes(),
+            mix_levels: options.device.is_cuda(),
         },
         closing,
     ));

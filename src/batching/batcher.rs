@@ -103,6 +103,9 @@ pub struct BatcherConfig {
     pub max_batch_delay: Duration,
     /// The model's copies (threads) taking batches.
     pub lanes: Lanes,
+    /// Top batches led by a higher priority level up with lower levels' images (on a GPU,
+    /// where a fuller batch costs next to nothing more).
+    pub mix_levels: bool,
 }
 
 /// The one-slot channels batches go to the model threads through: one per lane.
@@ -131,8 +134,9 @@ pub async fn run(
     config: BatcherConfig,
     mut closing: watch::Receiver<bool>,
 ) {
-    let mut queue =
-        BatchQueue::new(config.max_batch_size, config.max_batch_delay).with_lanes(config.lanes);
+    let mut queue = BatchQueue::new(config.max_batch_size, config.max_batch_delay)
+        .with_lanes(config.lanes)
+        .with_level_mixing(config.mix_levels);
     let mut jobs_open = true;
     loop {
         while let Ok(job) = jobs.try_recv() {

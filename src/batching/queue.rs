@@ -23,10 +23,13 @@
 //!   threads of one operator waiting for each other. The two lanes never run at once, so
 //!   their threads never outnumber the cores;
 //! - with priority levels (`crate::priority`), entries are kept in level order, arrival order
-//!   within a level, so a batch fills from the highest level first; and only a batch led by
-//!   the highest level waits prepared in the hand-off slot while every copy runs: a batch of
-//!   lower levels placed there would run before a high-priority image that arrives a moment
-//!   later, which would then wait for two batches instead of one.
+//!   within a level, so a batch fills from the highest level first. On a CPU a batch holds one
+//!   level: a batch's time grows with its size there, and topping a high-priority image's
+//!   batch up with low-priority images would make it wait for all of them (on a GPU, where a
+//!   fuller batch costs next to nothing more, batches are topped up: `with_level_mixing`).
+//!   And only a batch led by the highest level waits prepared in the hand-off slot while every
+//!   copy runs: a batch of lower levels placed there would run before a high-priority image
+//!   that arrives a moment later, which would then wait for two batches instead of one.
 
 use crate::priority::Level;
 use std::collections::VecDeque;
@@ -121,6 +124,8 @@ pub struct BatchQueue<T> {
     /// The copies taking batches: up to `lanes.pool` pool batches run at once and one more
     /// waits, prepared, in the hand-off slot; a solo batch runs alone.
     lanes: Lanes,
+    /// A batch may hold images of several priority levels.
+    mix_levels: bool,
 }
 
 impl<T: Abandonable> BatchQueue<T> {
@@ -132,6 +137,28 @@ impl<T: Abandonable> BatchQueue<T> {
             batch_limit: max_batch_size,
             max_batch_delay,
             lanes: Lanes::pool(1),
+            mix_levels: true,
+        }
+    }
+
+    /// Let a batch led by one priority level be topped up with lower levels' images (else a
+    /// batch holds one level).
+    pub fn with_level_mixing(mut self, mix: bool) -> Self {
+        self.mix_levels = mix;
+        self
+    }
+
+    /// The entries the next batch may take: all of them, or those of the front's level when
+    /// a batch holds one level.
+    fn batchable(&self) -> usize {
+        match (self.entries.front(), self.entries.back()) {
+            (Some(front), Some(back))
+                if !self.mix_levels && front.item.level() != back.item.level() =>
+            {
+                let level = front.item.level();
+                self.entries.partition_point(|e| e.item.level() <= level)
+            }
+            _ => self.entries.len(),
         }
     }
 
@@ -233,7 +260,7 @@ impl<T: Abandonable> BatchQueue<T> {
             // Only the highest level waits ahead in the hand-off slot (see the module notes).
             return Decision::Wait(None);
         }
-        let queued = self.entries.len();
+        let queued = self.batchable();
         if queued >= self.batch_limit {
             return Decision::Dispatch(self.batch_limit, lane);
         }
@@ -367,6 +394,23 @@ mod tests {
         }
         assert_eq!(ids(&q.take(3)), [2, 4, 0]);
         assert_eq!(ids(&q.take(3)), [3, 1, 5]);
+    }
+
+    #[test]
+    fn without_level_mixing_a_batch_holds_one_level() {
+        let t0 = Instant::now();
+        let idle = ModelState {
+            outstanding_batches: 0,
+            solo_running: false,
+            images_incoming: 0,
+        };
+        let mut q = BatchQueue::new(4, DELAY).with_level_mixing(false);
+        for (id, level) in [(0, 2), (1, 2), (2, 1), (3, 2), (4, 2), (5, 2)] {
+            q.push(job_at(id, level), t0, false);
+        }
+        assert_eq!(q.decide(t0, idle), Decision::Dispatch(1, Lane::Pool));
+        assert_eq!(ids(&q.take(1)), [2]);
+        assert_eq!(q.decide(t0, idle), Decision::Dispatch(4, Lane::Pool));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod files;
 pub mod preprocess;
 pub mod resize;
 
+use crate::priority::Level;
 use decode::{DecodeError, DecodeOptions, DecodeScale};
 use preprocess::PreprocessConfig;
 use std::cmp::Reverse;
@@ -91,7 +92,10 @@ fn prepare_image(
 /// arrives behind a queue of 12-megapixel decodes takes the next free thread instead of waiting
 /// for all of them (measured: BENCHMARKS.md, "Large photos beside small ones"), while a large
 /// image is overtaken only by work that arrives within `OVERTAKE_FACTOR` times its own cost, so
-/// it cannot starve.
+/// it cannot starve. With request priorities (`crate::priority`), a higher level's work starts
+/// before any lower level's, as its images go before theirs in the model's queue: a flood at a
+/// low level, which its own queue limit bounds, cannot make a high-priority image wait for its
+/// decodes.
 #[derive(Debug, Clone)]
 pub struct DecodePool {
     slots: Arc<Mutex<Slots>>,
@@ -114,6 +118,8 @@ struct Slots {
 
 #[derive(Debug)]
 struct Waiter {
+    /// The request's priority level: a higher level is served first.
+    level: Level,
     place: Instant,
     arrival: u64,
     wake: oneshot::Sender<Slot>,
@@ -121,7 +127,7 @@ struct Waiter {
 
 impl PartialEq for Waiter {
     fn eq(&self, other: &Self) -> bool {
-        (self.place, self.arrival) == (other.place, other.arrival)
+        (self.level, self.place, self.arrival) == (other.level, other.place, other.arrival)
     }
 }
 impl Eq for Waiter {}
@@ -132,7 +138,7 @@ impl PartialOrd for Waiter {
 }
 impl Ord for Waiter {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.place, self.arrival).cmp(&(other.place, other.arrival))
+        (self.level, self.place, self.arrival).cmp(&(other.level, other.place, other.arrival))
     }
 }
 
@@ -183,17 +189,23 @@ impl DecodePool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.run_costing(Duration::ZERO, work).await
+        self.run_costing(Duration::ZERO, Level::HIGHEST, work).await
     }
 
-    /// As [`run`](Self::run), for work estimated to take `cost` of one thread's time: waiting
-    /// work that costs less may start before it (see [`DecodePool`]).
-    pub async fn run_costing<T, F>(&self, cost: Duration, work: F) -> Result<T, PoolError>
+    /// As [`run`](Self::run), for work estimated to take `cost` of one thread's time, for a
+    /// request at priority `level`: waiting work of a higher level starts first, and within a
+    /// level work that costs less may start before it (see [`DecodePool`]).
+    pub async fn run_costing<T, F>(
+        &self,
+        cost: Duration,
+        level: Level,
+        work: F,
+    ) -> Result<T, PoolError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let slot = self.slot(cost).await?;
+        let slot = self.slot(cost, level).await?;
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             work()
@@ -208,7 +220,7 @@ impl DecodePool {
     }
 
     /// A free thread now, or a place in line ordered by arrival plus `OVERTAKE_FACTOR` x `cost`.
-    async fn slot(&self, cost: Duration) -> Result<Slot, PoolError> {
+    async fn slot(&self, cost: Duration, level: Level) -> Result<Slot, PoolError> {
         let wait = {
             let mut state = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             // A thread is only freed when no one is waiting (a slot's drop hands it to the
@@ -222,6 +234,7 @@ impl DecodePool {
             let (wake, wait) = oneshot::channel();
             state.arrivals += 1;
             let waiter = Waiter {
+                level,
                 place: Instant::now() + cost * OVERTAKE_FACTOR,
                 arrival: state.arrivals,
                 wake,
@@ -298,7 +311,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<Result<(), PoolError>> {
         let (pool, ran) = (pool.clone(), ran.clone());
         tokio::spawn(async move {
-            pool.run_costing(cost, move || ran.lock().unwrap().push(name))
+            pool.run_costing(cost, Level::HIGHEST, move || ran.lock().unwrap().push(name))
                 .await
         })
     }
