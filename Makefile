@@ -17,6 +17,7 @@
 #   make photo-agreement   --jpeg-draft against exact decoding: top-1 agreement and score differences, 12 and 24 MP
 #   make bench-decode   12 MP photos: the CPU split between decoding and the model, decode threads, a small image beside them
 #   make bench-loadgen   visionserve bench vs wrk on one server at 8 and 32 clients, interleaved
+#   make bench-priority  a level-1 trickle under a level-2 flood, against its idle latency
 #   make bench-tune   visionserve tune for Lite0, V2-B0 and CoAtNet-nano, then each winner vs the defaults, interleaved
 #   make test-fleet   three replicas behind nginx: rolling restart, rolling rollout, a killed replica, under load
 #   make fuzz       cargo-fuzz on the image path and the request parsers (FUZZ_SECONDS per target)
@@ -72,7 +73,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: test-fleet bench-loadgen bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: test-fleet bench-loadgen bench-priority bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -333,6 +334,11 @@ bench-loadgen: deps venv weights test-data
 	@$(MAKE) --no-print-directory apt-packages PACKAGES="wrk" TOOLS="wrk"
 	cargo build --release
 	$(PYTHON) benches/bench_vs_wrk.py --binary $(BIN) --model $(CURDIR)/$(DEFAULT_MODEL) \
+	  --photo $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS)
+
+bench-priority: deps venv weights test-data
+	cargo build --release
+	$(PYTHON) benches/priorities.py --binary $(BIN) --model $(CURDIR)/$(DEFAULT_MODEL) \
 	  --photo $(TEST_DATA)/photos/rocket.jpg --rounds $(ROUNDS)
 
 TUNE_BUDGET ?= 5m

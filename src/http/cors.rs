@@ -10,20 +10,23 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 /// The request headers the API reads: keys, content types, deadlines, cache control, v2's
 /// binary header length. `Authorization` must be named: a wildcard does not cover it.
-const REQUEST_HEADERS: [&str; 6] = [
+const REQUEST_HEADERS: [&str; 7] = [
     "authorization",
     "x-api-key",
     "content-type",
     "request-timeout",
+    "priority",
     "cache-control",
     "inference-header-content-length",
 ];
 
 /// The answer headers a page may read besides the CORS-safelisted ones.
-const RESPONSE_HEADERS: [&str; 4] = [
+const RESPONSE_HEADERS: [&str; 6] = [
     "server-timing",
     "x-request-id",
     "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
     "inference-header-content-length",
 ];
 

@@ -19,6 +19,9 @@ pub const ERROR_TYPES: &[&str] = &[
     "image_too_large",
     "insufficient_memory",
     "internal",
+    "key_concurrency_limited",
+    "key_over_burst",
+    "key_rate_limited",
     "load_failed",
     "management_disabled",
     "memory_busy",
@@ -77,7 +80,8 @@ impl utoipa::PartialSchema for ErrorType {
 
 impl ToSchema for ErrorType {}
 
-/// `Request-Timeout: 250ms`: the client's own deadline, within `--request-timeout`.
+/// `Request-Timeout: 250ms`: the client's own deadline, within `--request-timeout`; and
+/// `Priority: 2`, its priority level.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]
@@ -85,6 +89,11 @@ pub struct RequestTimeoutHeader {
     /// The client's own deadline (`250ms`, `1.5s`, `2`), within `--request-timeout`.
     #[param(rename = "request-timeout", example = "1.5s")]
     request_timeout: Option<String>,
+    /// The request's priority level with `--priority-levels` above 1: a whole number, 1 the
+    /// highest, 0 the default (the API key's level, else `--default-priority`); capped by the
+    /// key's `priority=`. RFC 9218 values (`u=3, i`) are transport priorities and ignored.
+    #[param(example = "2")]
+    priority: Option<String>,
 }
 
 /// A model in a v2 route.
@@ -132,7 +141,10 @@ fn json_response(description: &str, schema: &str) -> RefOr<utoipa::openapi::Resp
         .into()
 }
 
-fn retry_after(response: RefOr<utoipa::openapi::Response>) -> RefOr<utoipa::openapi::Response> {
+fn retry_after(
+    response: RefOr<utoipa::openapi::Response>,
+    rate_limit: bool,
+) -> RefOr<utoipa::openapi::Response> {
     let RefOr::T(mut response) = response else {
         return response;
     };
@@ -141,6 +153,20 @@ fn retry_after(response: RefOr<utoipa::openapi::Response>) -> RefOr<utoipa::open
     );
     seconds.description = Some("Seconds to wait before retrying".into());
     response.headers.insert("retry-after".into(), seconds);
+    let rate_limit_headers = if rate_limit { 2 } else { 0 };
+    for (name, description) in [
+        ("ratelimit-policy", "Over an API key's rate: its quota as `\"images\";q=QUOTA;w=SECONDS` (draft-ietf-httpapi-ratelimit-headers)"),
+        ("ratelimit", "Over an API key's rate: `\"images\";r=0;t=SECONDS` until it has room again"),
+    ]
+    .into_iter()
+    .take(rate_limit_headers)
+    {
+        let mut header = Header::new(
+            utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String),
+        );
+        header.description = Some(description.into());
+        response.headers.insert(name.into(), header);
+    }
     RefOr::T(response)
 }
 
@@ -152,10 +178,10 @@ fn inference_refusals(schema: &str) -> BTreeMap<String, RefOr<utoipa::openapi::R
         ("401", "A missing or wrong API key (`unauthorized`)"),
         ("404", "No such model or version (`model_not_found`)"),
         ("408", "The body did not arrive within `--body-timeout` (`body_timeout`)"),
-        ("413", "Too large: body, image, image count or memory budget (`body_too_large`, `image_too_large`, `too_many_images`, `over_memory_budget`)"),
+        ("413", "Too large: body, image, image count or memory budget, or more images than the API key's burst (`body_too_large`, `image_too_large`, `too_many_images`, `over_memory_budget`, `key_over_burst`)"),
         ("415", "A content type or image format that is not accepted (`unsupported_media_type`, `unsupported_image_format`)"),
         ("422", "An image that cannot be decoded or has an extreme aspect ratio (`undecodable_image`, `unsupported_aspect_ratio`)"),
-        ("429", "Busy: the queue or the memory budget is full; retry after `Retry-After` (`overloaded`, `too_many_requests`, `memory_busy`)"),
+        ("429", "Busy: the queue (the request's priority level's share of it) or the memory budget is full, or the API key is over its rate or concurrency; retry after `Retry-After` (`overloaded`, `too_many_requests`, `memory_busy`, `key_rate_limited`, `key_concurrency_limited`). Over a key's rate, `RateLimit-Policy` and `RateLimit` (IETF draft) say the key's quota and when it has room again"),
         ("500", "An internal error (`internal`)"),
         ("503", "The model is loading or restarting, or the server is shutting down (`not_ready`, `shutting_down`)"),
         ("504", "The request's deadline passed before it ran (`deadline_exceeded`)"),
@@ -164,7 +190,7 @@ fn inference_refusals(schema: &str) -> BTreeMap<String, RefOr<utoipa::openapi::R
         .map(|(status, description)| {
             let response = json_response(description, schema);
             let response = if status == "429" || status == "503" {
-                retry_after(response)
+                retry_after(response, status == "429")
             } else {
                 response
             };
