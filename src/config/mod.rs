@@ -677,11 +677,17 @@ mod tests {
         let mut c = Config::for_models(["m=weights/x"]);
         c.tls_cert = Some("cert.pem".into());
         let error = c.validate().unwrap_err();
-        assert!(error.contains("--tls-cert") && error.contains("--tls-key"), "{error}");
+        assert!(
+            error.contains("--tls-cert") && error.contains("--tls-key"),
+            "{error}"
+        );
         c.tls_key = Some("key.pem".into());
         assert_eq!(c.validate(), Ok(()));
         c.tls_cert = None;
-        assert!(c.validate().unwrap_err().contains("--tls-key needs --tls-cert"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("--tls-key needs --tls-cert"));
         c.tls_key = None;
         c.tls_client_ca = Some("ca.pem".into());
         assert!(c.validate().unwrap_err().contains("--tls-client-ca needs"));

@@ -119,8 +119,8 @@ fn client_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr>
 
 /// The access log's line for a call refused before its message was read.
 fn log_refusal<B>(request: &http::Request<B>, error_type: &'static str) {
-    let client = client_address(request.extensions())
-        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let client =
+        client_address(request.extensions()).map_or_else(|| "-".to_owned(), |a| a.to_string());
     let header = |name| {
         request
             .headers()

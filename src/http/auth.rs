@@ -170,7 +170,13 @@ mod tests {
     fn only_probes_go_without_a_client_certificate() {
         assert!(is_probe("/health/live") && is_probe("/v2/health/ready"));
         assert!(is_probe("/v2/models/m/ready"));
-        for path in ["/", "/openapi.json", "/metrics", "/v1/classify", "/v2/models/m/infer"] {
+        for path in [
+            "/",
+            "/openapi.json",
+            "/metrics",
+            "/v1/classify",
+            "/v2/models/m/infer",
+        ] {
             assert!(!is_probe(path), "{path}");
         }
     }

@@ -137,7 +137,9 @@ async fn accept_loop(
                     let _ = ready.send((stream, address)).await;
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::debug!(client = %address, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %address, error = %e, "TLS handshake failed")
+                }
                 Err(_) => tracing::debug!(client = %address, "TLS handshake timed out"),
             }
         });

@@ -118,8 +118,14 @@ fn build_configs(files: &TlsFiles) -> Result<Configs, String> {
     };
     // rustls checks here that the key belongs to the leaf certificate.
     let http = builder.with_single_cert(chain, key).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the key does not belong to the certificate (the first one in the file)".to_owned()
+            }
+            e => e.to_string(),
+        };
         format!(
-            "--tls-cert {} with --tls-key {}: {e}",
+            "--tls-cert {} with --tls-key {}: {why}",
             files.cert.display(),
             files.key.display()
         )
@@ -242,23 +248,49 @@ mod tests {
             certificates.config(Alpn::Http).alpn_protocols,
             [b"h2".to_vec(), b"http/1.1".to_vec()]
         );
-        assert_eq!(certificates.config(Alpn::Grpc).alpn_protocols, [b"h2".to_vec()]);
+        assert_eq!(
+            certificates.config(Alpn::Grpc).alpn_protocols,
+            [b"h2".to_vec()]
+        );
         let mutual = Certificates::load(files("cert.pem", "key.pem", Some("cert.pem"))).unwrap();
         assert!(mutual.requires_client_certificate());
     }
 
     #[test]
     fn errors_name_the_flag_and_the_file() {
-        let missing = Certificates::load(files("absent.pem", "key.pem", None)).err().unwrap();
-        assert!(missing.starts_with("--tls-cert ") && missing.contains("absent.pem"), "{missing}");
+        let missing = Certificates::load(files("absent.pem", "key.pem", None))
+            .err()
+            .unwrap();
+        assert!(
+            missing.starts_with("--tls-cert ") && missing.contains("absent.pem"),
+            "{missing}"
+        );
         // A key given as the certificate: no CERTIFICATE block.
-        let no_cert = Certificates::load(files("key.pem", "key.pem", None)).err().unwrap();
-        assert!(no_cert.contains("--tls-cert") && no_cert.contains("no certificate"), "{no_cert}");
-        let no_key = Certificates::load(files("cert.pem", "cert.pem", None)).err().unwrap();
-        assert!(no_key.starts_with("--tls-key") && no_key.contains("no private key"), "{no_key}");
-        let mismatch = Certificates::load(files("cert.pem", "other-key.pem", None)).err().unwrap();
-        assert!(mismatch.contains("--tls-cert") && mismatch.contains("--tls-key"), "{mismatch}");
-        let ca = Certificates::load(files("cert.pem", "key.pem", Some("key.pem"))).err().unwrap();
+        let no_cert = Certificates::load(files("key.pem", "key.pem", None))
+            .err()
+            .unwrap();
+        assert!(
+            no_cert.contains("--tls-cert") && no_cert.contains("no certificate"),
+            "{no_cert}"
+        );
+        let no_key = Certificates::load(files("cert.pem", "cert.pem", None))
+            .err()
+            .unwrap();
+        assert!(
+            no_key.starts_with("--tls-key") && no_key.contains("no private key"),
+            "{no_key}"
+        );
+        let mismatch = Certificates::load(files("cert.pem", "other-key.pem", None))
+            .err()
+            .unwrap();
+        assert!(
+            mismatch.contains("--tls-cert") && mismatch.contains("--tls-key"),
+            "{mismatch}"
+        );
+        assert!(mismatch.contains("does not belong"), "{mismatch}");
+        let ca = Certificates::load(files("cert.pem", "key.pem", Some("key.pem")))
+            .err()
+            .unwrap();
         assert!(ca.starts_with("--tls-client-ca"), "{ca}");
     }
 
