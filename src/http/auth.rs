@@ -102,7 +102,7 @@ fn is_open(path: &str, protect_metrics: bool) -> bool {
 
 /// The health probes: what kubelet polls, open even under `--tls-client-ca` since its HTTPS
 /// probes present no client certificate.
-fn is_probe(path: &str) -> bool {
+pub(super) fn is_probe(path: &str) -> bool {
     path.starts_with("/health/") || path.starts_with("/v2/health/") || is_model_ready(path)
 }
 
