@@ -211,6 +211,35 @@ def test_plain_http_to_a_tls_port_gets_400_at_once(tls_server, port):
     assert answer.headers.get("Connection") == "close"
 
 
+def test_a_plaintext_grpc_client_fails_at_once(tls_server):
+    """A gRPC client without TLS gets an error, not a hang."""
+    start = time.monotonic()
+    triton = grpcclient.InferenceServerClient(url=tls_server.grpc)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            triton.is_server_live(client_timeout=5)
+    finally:
+        triton.close()
+    assert time.monotonic() - start < 5
+    assert refused.value.status() == str(grpc.StatusCode.UNAVAILABLE), refused.value
+
+
+def test_bad_files_stop_the_start_up_naming_the_flag_and_the_file(certs):
+    binary = os.environ.get("VISIONSERVE_BIN", "target/release/visionserve")
+    for flags, named in [
+        (["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "absent.key")],
+         ["--tls-key", "absent.key"]),
+        (["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "client.key")],
+         ["--tls-cert", "--tls-key", "does not belong"]),
+        (["--tls-cert", str(certs / "server.pem")], ["--tls-cert needs --tls-key"]),
+    ]:
+        done = subprocess.run([binary, "--port", "0", "--model", "m=/nonexistent", *flags],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        for words in named:
+            assert words in done.stderr, (flags, done.stderr)
+
+
 def test_certificates_rotate_on_sighup_without_failing_requests(tls_server, certs):
     """A keep-alive connection keeps classifying across a rotation (it keeps its handshake's
     certificate); new connections get the new one. A reload of files that do not match keeps
