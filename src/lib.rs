@@ -35,7 +35,8 @@
 //! Leaves below all of these: `config` (flags, their defaults and the values people write in
 //! them), `error` (the service's and loading's errors, and how a failure is counted), `metrics`
 //! (every Prometheus name), `budget` (what the container gives, the in-flight memory budget),
-//! `auth` (API keys and their quotas), `priority` (request priority levels), `labels`, `hub`,
+//! `auth` (API keys and their quotas), `priority` (request priority levels), `tls` (certificates,
+//! reloaded on SIGHUP, and the TLS accept loop), `labels`, `hub`,
 //! `access` (the access log's line), `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
 //! tests run servers on port 0.
 
@@ -65,6 +66,7 @@ pub mod registry;
 pub mod report;
 pub mod repository;
 pub mod server;
+pub mod tls;
 pub mod tune;
 pub mod v1;
 pub mod v2;

@@ -10,7 +10,7 @@ use crate::images::{self, decode::DecodeOptions};
 use crate::manage::{self, Manager, ManagerParts};
 use crate::metrics::Metrics;
 use crate::repository::{self, ModelFiles, ModelSpec};
-use crate::{auth, budget, cache, grpc, http, infer, registry};
+use crate::{auth, budget, cache, grpc, http, infer, registry, tls};
 use anyhow::{anyhow, bail, Context, Result};
 use std::future::Future;
 use std::sync::Arc;
@@ -68,13 +68,24 @@ pub async fn serve(
 ) -> Result<()> {
     config.validate().map_err(|e| anyhow!(e))?;
     let keys = api_keys(&config)?;
+    let tls = tls_certificates(&config)?;
     let Service {
         inference,
         manager,
         loads,
     } = start_service(&config).await?;
     let stop = StopSignal::new();
-    let tasks = spawn_listeners(&config, listeners, &inference, &manager, keys, &stop)?;
+    let tasks = spawn_listeners(
+        &config,
+        listeners,
+        Shared {
+            inference: &inference,
+            manager: &manager,
+            keys,
+            tls,
+        },
+        &stop,
+    )?;
     if manager.control() == ModelControl::Poll {
         tokio::spawn(
             manager
@@ -119,6 +130,34 @@ struct Keys {
     admin: Option<Arc<auth::ApiKeys>>,
 }
 
+/// `--tls-cert`'s certificates (reloaded on SIGHUP), when the listeners speak TLS. Bad files
+/// stop the start-up, naming the flag and the file.
+fn tls_certificates(config: &Config) -> Result<Option<Arc<tls::Certificates>>> {
+    let Some(files) = config.tls_files() else {
+        return Ok(None);
+    };
+    let certificates = Arc::new(tls::Certificates::load(files).map_err(|e| anyhow!(e))?);
+    tracing::info!(
+        cert = %certificates.files().cert.display(),
+        client_certificates = if certificates.requires_client_certificate() {
+            "required (--tls-client-ca)"
+        } else {
+            "not asked for"
+        },
+        "TLS on every listener"
+    );
+    tokio::spawn(tls::reload_on_sighup(certificates.clone()));
+    Ok(Some(certificates))
+}
+
+/// What the listeners share: the service, the models, the keys and the certificates.
+struct Shared<'a> {
+    inference: &'a Arc<infer::Inference>,
+    manager: &'a Arc<Manager>,
+    keys: Keys,
+    tls: Option<Arc<tls::Certificates>>,
+}
+
 /// Tells every listener and background task that the server is shutting down.
 struct StopSignal {
     sender: watch::Sender<bool>,
@@ -150,26 +189,45 @@ struct ListenerTasks {
     grpc: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
-/// Serve HTTP (and gRPC, when given a listener) until `stop` is sent.
+/// Serve HTTP (and gRPC, when given a listener) until `stop` is sent; over TLS when
+/// certificates are given.
 fn spawn_listeners(
     config: &Config,
     listeners: Listeners,
-    inference: &Arc<infer::Inference>,
-    manager: &Arc<Manager>,
-    keys: Keys,
+    shared: Shared<'_>,
     stop: &StopSignal,
 ) -> Result<ListenerTasks> {
+    let Shared {
+        inference,
+        manager,
+        keys,
+        tls,
+    } = shared;
+    let require_client_certificate = tls
+        .as_ref()
+        .is_some_and(|t| t.requires_client_certificate());
     let grpc = match listeners.grpc {
         Some(listener) => {
-            tracing::info!(address = %listener.local_addr()?, "gRPC listening");
-            Some(tokio::spawn(grpc::serve(
-                listener,
-                inference.clone(),
-                keys.inference.clone(),
-                config.max_body_bytes,
-                config.access_log == config::Switch::On,
-                stop.stopped(),
-            )))
+            tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "gRPC listening");
+            let settings = grpc::Settings {
+                max_message_bytes: config.max_body_bytes,
+                access_log: config.access_log == config::Switch::On,
+                require_client_certificate,
+            };
+            let (inference, keys, shutdown) =
+                (inference.clone(), keys.inference.clone(), stop.stopped());
+            Some(match &tls {
+                Some(certificates) => {
+                    let incoming =
+                        tls::TlsListener::new(listener, certificates.clone(), tls::Alpn::Grpc)?
+                            .into_stream();
+                    tokio::spawn(grpc::serve(incoming, inference, keys, settings, shutdown))
+                }
+                None => {
+                    let incoming = grpc::plain_incoming(listener);
+                    tokio::spawn(grpc::serve(incoming, inference, keys, settings, shutdown))
+                }
+            })
         }
         None => None,
     };
@@ -186,21 +244,31 @@ fn spawn_listeners(
         protect_metrics: config.protect_metrics,
         cors_origins: config.cors_origins.clone(),
         access_log: config.access_log == config::Switch::On,
+        require_client_certificate,
     });
     let listener = listeners.http;
     let address = listener.local_addr()?;
-    let app = http::router(state);
+    // `Peer` (the client's address and whether it presented a certificate) reaches every
+    // request as `ConnectInfo<Peer>`: the access log and the mTLS check read it.
+    let app = http::router(state).into_make_service_with_connect_info::<tls::Peer>();
     let http_shutdown = stop.stopped();
-    let http = tokio::spawn(async move {
-        // The peer's address, for the access log.
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(http_shutdown)
-        .await
-    });
-    tracing::info!(%address, "listening");
+    // The same serving on both branches; the listener types differ.
+    let http = match &tls {
+        Some(certificates) => {
+            let listener = tls::TlsListener::new(listener, certificates.clone(), tls::Alpn::Http)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_shutdown)
+                    .await
+            })
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(http_shutdown)
+                .await
+        }),
+    };
+    tracing::info!(%address, tls = tls.is_some(), "listening");
     Ok(ListenerTasks { http, grpc })
 }
 

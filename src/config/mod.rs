@@ -266,6 +266,25 @@ pub struct Config {
     #[arg(long, env = "VISIONSERVE_PROTECT_METRICS")]
     pub protect_metrics: bool,
 
+    /// Serve HTTPS instead of HTTP on --port, and gRPC over TLS on --grpc-port: the
+    /// certificate chain, a PEM file with the server's certificate first (needs --tls-key).
+    /// Re-read with --tls-key on SIGHUP: new connections get the new certificate, open ones
+    /// keep theirs (a reload that fails keeps the certificate in force). Plain HTTP sent to the
+    /// port gets 400.
+    #[arg(long, env = "VISIONSERVE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert, a PEM file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "VISIONSERVE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: the CA certificates (PEM) that client certificates must chain to (needs
+    /// --tls-cert). A certificate that is expired or from another CA fails the handshake. A
+    /// client with no certificate is refused (HTTP 403, gRPC UNAUTHENTICATED) on everything but
+    /// the health probes, which stay open for kubelet. Re-read on SIGHUP.
+    #[arg(long, env = "VISIONSERVE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Let web pages served from this origin call the API from a browser (CORS), e.g.
     /// `https://app.example.com`; repeatable, or `*` for any origin. Preflights are answered
     /// before the API key is checked (browsers send none on them), and pages may send
@@ -540,6 +559,7 @@ impl Config {
                 "--cors-origin * allows every origin: give it alone, not with others".into(),
             );
         }
+        self.validate_tls()?;
         if self.models.is_empty() && self.model_repository.is_none() {
             return Err("no model given: pass --model NAME=PATH or --model-repository DIR".into());
         }
@@ -574,6 +594,34 @@ impl Config {
             self.max_queue_images,
             Duration::from_secs(self.request_timeout),
         )
+    }
+
+    /// --tls-cert and --tls-key come together; --tls-client-ca needs them.
+    fn validate_tls(&self) -> Result<(), String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err("--tls-cert needs --tls-key (its private key)".into()),
+            (None, Some(_)) => {
+                return Err("--tls-key needs --tls-cert (the certificate it belongs to)".into())
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(
+                "--tls-client-ca needs --tls-cert and --tls-key: client certificates are \
+                 checked in the TLS handshake"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The TLS files, when --tls-cert is given (after [`Config::validate`]).
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// A configuration for tests and embedding: every default, the given models, port 0.
@@ -680,6 +728,27 @@ mod tests {
         let mut c = Config::for_models(["m=weights/x"]);
         c.cors_origins = vec!["*".into(), "https://a.example".into()];
         assert!(c.validate().unwrap_err().contains("alone"));
+    }
+
+    #[test]
+    fn tls_flags_come_together() {
+        let mut c = Config::for_models(["m=weights/x"]);
+        c.tls_cert = Some("cert.pem".into());
+        let error = c.validate().unwrap_err();
+        assert!(
+            error.contains("--tls-cert") && error.contains("--tls-key"),
+            "{error}"
+        );
+        c.tls_key = Some("key.pem".into());
+        assert_eq!(c.validate(), Ok(()));
+        c.tls_cert = None;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("--tls-key needs --tls-cert"));
+        c.tls_key = None;
+        c.tls_client_ca = Some("ca.pem".into());
+        assert!(c.validate().unwrap_err().contains("--tls-client-ca needs"));
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The API-key gate in front of every gRPC method but the health checks, which also stamps
-//! when each call arrived (for deadlines).
+//! The API-key gate (and, under `--tls-client-ca`, the client-certificate gate) in front of
+//! every gRPC method but the health checks, which also stamps when each call arrived (for
+//! deadlines).
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, KeyPolicy};
 use crate::infer::Inference;
 use std::future::Future;
 use std::sync::Arc;
 use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
 /// The gate in front of every gRPC call: it stamps when the call arrived (for deadlines), and
@@ -20,6 +22,9 @@ pub(super) struct RequireApiKey<S> {
     pub(super) inference: Arc<Inference>,
     /// `--access-log on`: refused calls are logged here (they never reach the service).
     pub(super) access_log: bool,
+    /// `--tls-client-ca`: calls on a connection that presented no client certificate are
+    /// refused (kubelet's probes present none, so the health methods stay open).
+    pub(super) require_client_certificate: bool,
 }
 
 /// When a call's headers arrived (stamped by [`RequireApiKey`], which runs first).
@@ -58,20 +63,18 @@ where
             .extensions_mut()
             .insert(Arrival(std::time::Instant::now()));
         if !is_open_method(request.uri().path()) {
-            let headers = request.headers();
-            let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
-            match self.keys.check(value("authorization"), value("x-api-key")) {
+            match self.check(&request) {
                 Ok(Some(key)) => {
                     // The key's limits are the inference service's to apply (`infer`).
                     request.extensions_mut().insert(key);
                 }
                 Ok(None) => {}
-                Err(err) => {
+                Err((message, error_type)) => {
                     self.inference.metrics().unauthorized_request("grpc");
                     if self.access_log {
-                        log_refusal(&request, err.error_type());
+                        log_refusal(&request, error_type);
                     }
-                    let refusal = Status::unauthenticated(err.to_string()).into_http();
+                    let refusal = Status::unauthenticated(message).into_http();
                     return Box::pin(std::future::ready(Ok(refusal)));
                 }
             }
@@ -80,13 +83,54 @@ where
     }
 }
 
+impl<S> RequireApiKey<S> {
+    /// The client certificate (under mTLS), then the API key; a refusal's message and
+    /// error_type.
+    fn check<B>(
+        &self,
+        request: &http::Request<B>,
+    ) -> Result<Option<Arc<KeyPolicy>>, (String, &'static str)> {
+        if self.require_client_certificate && !presented_certificate(request.extensions()) {
+            return Err((
+                CERTIFICATE_REQUIRED.to_owned(),
+                "client_certificate_required",
+            ));
+        }
+        let headers = request.headers();
+        let value = |name| headers.get(name).map(http::HeaderValue::as_bytes);
+        self.keys
+            .check(value("authorization"), value("x-api-key"))
+            .map_err(|err| (err.to_string(), err.error_type()))
+    }
+}
+
+const CERTIFICATE_REQUIRED: &str = "a client certificate is required: this server checks them \
+     (--tls-client-ca); connect with a certificate its CA signed";
+
+/// The call's connection presented a client certificate in its TLS handshake (one that reached
+/// a call was verified there: an unverified one fails the handshake).
+fn presented_certificate(extensions: &http::Extensions) -> bool {
+    extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .is_some_and(|info| info.peer_certs().is_some())
+}
+
+/// The client's address, over TCP or TLS.
+fn client_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+}
+
 /// The access log's line for a call refused before its message was read.
 fn log_refusal<B>(request: &http::Request<B>, error_type: &'static str) {
-    let client = request
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|info| info.remote_addr())
-        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let client =
+        client_address(request.extensions()).map_or_else(|| "-".to_owned(), |a| a.to_string());
     let header = |name| {
         request
             .headers()

@@ -22,6 +22,7 @@ use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 pub use status::status;
 
@@ -34,18 +35,46 @@ pub mod proto {
 /// HTTP/2 flow-control window per stream.
 pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 
-/// Serves both gRPC services on `listener` until `shutdown` resolves, then finishes the calls
-/// in flight. Messages are bounded like HTTP bodies (`max_message_bytes`). The inference
-/// service checks API keys (`keys`) from the call's metadata before its message is decoded;
-/// the health service stays open.
-pub async fn serve(
-    listener: TcpListener,
+/// What the gRPC listener is started with besides the inference service.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Messages are bounded like HTTP bodies.
+    pub max_message_bytes: usize,
+    /// `--access-log on`.
+    pub access_log: bool,
+    /// `--tls-client-ca`: calls on connections without a client certificate are refused.
+    pub require_client_certificate: bool,
+}
+
+/// Serves both gRPC services on the connections of `incoming` (TCP or TLS streams) until
+/// `shutdown` resolves, then finishes the calls in flight. The inference service checks API
+/// keys (`keys`) and, under mTLS, the client certificate before a message is decoded; the
+/// health service stays open.
+///
+/// TLS is done by `crate::tls` rather than tonic's `tls_config`: tonic's is fixed when the
+/// server starts, and certificates must be re-read on SIGHUP.
+pub async fn serve<I, IO, IE>(
+    incoming: I,
     inference: Arc<Inference>,
     keys: Arc<ApiKeys>,
-    max_message_bytes: usize,
-    access_log: bool,
+    settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Settings {
+        max_message_bytes,
+        access_log,
+        require_client_certificate,
+    } = settings;
     let (health, health_service) = tonic_health::server::health_reporter();
     let service = GrpcInferenceServiceServer::new(service::InferenceService {
         inference: inference.clone(),
@@ -60,18 +89,28 @@ pub async fn serve(
         // request would wait for window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(4 * STREAM_WINDOW_BYTES))
-        .tcp_nodelay(true)
         .layer(tower::layer::layer_fn(move |inner| auth::RequireApiKey {
             inner,
             keys: keys.clone(),
             inference: inference.clone(),
             access_log,
+            require_client_certificate,
         }))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// The plain-TCP connections of `listener`, for [`serve`].
+pub fn plain_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        // What the builder's `tcp_nodelay` does for the listeners tonic binds itself.
+        if let Ok(stream) = &accepted {
+            let _ = stream.set_nodelay(true);
+        }
+        accepted
+    })
 }

@@ -3,12 +3,12 @@
 //! 413, 429) included, with what its handler noted on the response.
 
 use crate::access::{self, AccessNote, AccessRecord, ErrorNote};
+use crate::tls::Peer;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::Body;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 /// Routes an orchestrator or a scraper polls: logged at DEBUG.
@@ -52,8 +52,8 @@ pub async fn log_access(request: Request, next: Next) -> Response {
         .to_owned();
     let client = request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+        .get::<ConnectInfo<Peer>>()
+        .map_or_else(|| "-".to_owned(), |c| c.0.address.to_string());
     // Owned before the await: a borrow of the request held across it would make the future
     // not Send (the body is not Sync).
     let request_id = header_text(request.headers(), "x-request-id").unwrap_or_else(|| "-".into());

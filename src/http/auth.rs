@@ -1,11 +1,13 @@
 //! The API-key check in front of every HTTP route but the health probes (and `/metrics`
-//! unless `--protect-metrics`). It runs before any handler, so a refused request's body is
+//! unless `--protect-metrics`), and under `--tls-client-ca` the client-certificate check in
+//! front of every route but the probes. It runs before any handler, so a refused request's body is
 //! never read: it is drained in the background (lingering) and the client gets its 401.
 
 use super::input::discard_body;
 use super::AppState;
 use crate::auth::{ApiKeys, AuthError, KeyPolicy};
-use axum::extract::{Request, State};
+use crate::tls::Peer;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +20,12 @@ pub async fn require_api_key(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
+    if state.require_client_certificate && !is_probe(path) && !presented_certificate(&request) {
+        state.inference.metrics().unauthorized_request("http");
+        let v2 = path.starts_with("/v2");
+        discard_body(request);
+        return certificate_refusal(v2);
+    }
     if is_management(request.method(), path) {
         return require_admin_key(&state, request, next).await;
     }
@@ -100,6 +108,37 @@ fn is_open(path: &str, protect_metrics: bool) -> bool {
         || (path == "/metrics" && !protect_metrics)
 }
 
+/// The health probes: what kubelet polls, open even under `--tls-client-ca` since its HTTPS
+/// probes present no client certificate.
+pub(super) fn is_probe(path: &str) -> bool {
+    path.starts_with("/health/") || path.starts_with("/v2/health/") || is_model_ready(path)
+}
+
+/// The request's connection presented a client certificate in its TLS handshake (verified
+/// there: an unverified one fails the handshake).
+fn presented_certificate(request: &Request) -> bool {
+    request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .is_some_and(|peer| peer.0.client_certificate)
+}
+
+/// 403 for a request without a client certificate under mTLS. Not 401: a 401 must carry a
+/// `WWW-Authenticate` challenge (RFC 9110, section 15.5.2) and no HTTP scheme asks for a TLS
+/// certificate; no header the client could add would change the answer.
+fn certificate_refusal(v2: bool) -> Response {
+    let message = "a client certificate is required: this server checks them (--tls-client-ca); \
+                   connect with a certificate its CA signed";
+    let error_type = "client_certificate_required";
+    let body = if v2 {
+        serde_json::json!({ "error": message })
+    } else {
+        serde_json::json!({ "error": message, "error_type": error_type })
+    };
+    let note = crate::access::ErrorNote(error_type);
+    (StatusCode::FORBIDDEN, axum::Extension(note), Json(body)).into_response()
+}
+
 /// `/v2/models/{m}/ready` or `/v2/models/{m}/versions/{v}/ready`.
 fn is_model_ready(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v2/models/") else {
@@ -134,6 +173,21 @@ fn refusal(err: AuthError, v2: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_probes_go_without_a_client_certificate() {
+        assert!(is_probe("/health/live") && is_probe("/v2/health/ready"));
+        assert!(is_probe("/v2/models/m/ready"));
+        for path in [
+            "/",
+            "/openapi.json",
+            "/metrics",
+            "/v1/classify",
+            "/v2/models/m/infer",
+        ] {
+            assert!(!is_probe(path), "{path}");
+        }
+    }
 
     #[test]
     fn probes_stay_open_and_metrics_only_unless_protected() {

@@ -74,6 +74,9 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// `--access-log on`: one line per request.
     pub access_log: bool,
+    /// `--tls-client-ca`: requests on a connection that presented no client certificate get
+    /// 403, but for the health probes.
+    pub require_client_certificate: bool,
 }
 
 /// Refused inference requests (429 overload, 503 unavailable) are held for

@@ -5,14 +5,16 @@
 
 use super::error::ErrorBody;
 use super::schema::{
-    ErrorType, InferHeaderLength, InferResponses, JsonImages, MultipartImages,
+    json_response, ErrorType, InferHeaderLength, InferResponses, JsonImages, MultipartImages,
     RequestTimeoutHeader, V2ErrorBody, V2UnauthorizedResponse, VersionedModelPathParam,
 };
 use crate::v1::ClassifyResponse;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use std::collections::btree_map::Entry;
 use std::sync::OnceLock;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
@@ -22,7 +24,9 @@ use utoipa::{Modify, OpenApi};
         description = "Image classification (EfficientNet, EfficientNetV2, CoAtNet) over a native `/v1` API \
                        and the KServe v2 / Open Inference Protocol. Errors are `{\"error\", \"error_type\"}` \
                        on `/v1` and `{\"error\"}` on v2. With API keys configured, send \
-                       `Authorization: Bearer KEY` or `x-api-key: KEY`.",
+                       `Authorization: Bearer KEY` or `x-api-key: KEY`. Over mutual TLS \
+                       (`--tls-client-ca`), a connection without a client certificate gets 403 \
+                       (`client_certificate_required`) on every route but the health probes.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
@@ -63,7 +67,7 @@ use utoipa::{Modify, OpenApi};
         ClassifyResponse,
         super::v2::InferResponseJson<'static>,
     )),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &ClientCertificateRefusals),
     tags(
         (name = "v1", description = "The native API: images in, labelled top-k and per-stage timing out"),
         (name = "v2", description = "KServe v2 / Open Inference Protocol, with Triton's binary tensor, classification and statistics extensions"),
@@ -103,6 +107,58 @@ impl Modify for SecuritySchemes {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
         );
+    }
+}
+
+/// Under `--tls-client-ca`, every route but the health probes answers 403 to a connection that
+/// presented no client certificate (`http/auth.rs`): added here to every such operation, or to
+/// the description of the 403 it already has.
+struct ClientCertificateRefusals;
+
+const CERTIFICATE_REFUSAL: &str = "no client certificate on a mutual-TLS connection \
+     (`--tls-client-ca`; `client_certificate_required`)";
+
+impl Modify for ClientCertificateRefusals {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if super::auth::is_probe(path) {
+                continue;
+            }
+            let schema = if path.starts_with("/v2") {
+                "V2ErrorBody"
+            } else {
+                "ErrorBody"
+            };
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                add_certificate_refusal(&mut operation.responses.responses, schema);
+            }
+        }
+    }
+}
+
+fn add_certificate_refusal(
+    responses: &mut std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>>,
+    schema: &str,
+) {
+    match responses.entry("403".to_owned()) {
+        Entry::Occupied(mut forbidden) => {
+            if let RefOr::T(response) = forbidden.get_mut() {
+                response.description =
+                    format!("{}; or {CERTIFICATE_REFUSAL}", response.description);
+            }
+        }
+        Entry::Vacant(absent) => {
+            absent.insert(json_response(
+                &format!("Forbidden: {CERTIFICATE_REFUSAL}"),
+                schema,
+            ));
+        }
     }
 }
 
@@ -178,6 +234,24 @@ mod tests {
                 "{path} is documented but not served"
             );
         }
+    }
+
+    #[test]
+    fn every_route_but_the_probes_documents_the_client_certificate_refusal() {
+        let doc = document_json();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let forbidden = operation["responses"]["403"]["description"].as_str();
+                let documented = forbidden.is_some_and(|d| d.contains("--tls-client-ca"));
+                let probe = path.contains("health") || path.ends_with("/ready");
+                assert_eq!(documented, !probe, "{method} {path}: {forbidden:?}");
+            }
+        }
+        let load = &doc["paths"]["/v1/models"]["post"]["responses"]["403"]["description"];
+        assert!(
+            load.as_str().unwrap().starts_with("No --admin-token"),
+            "{load}"
+        );
     }
 
     #[test]

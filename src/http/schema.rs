@@ -13,6 +13,7 @@ pub const ERROR_TYPES: &[&str] = &[
     "bad_request",
     "body_timeout",
     "body_too_large",
+    "client_certificate_required",
     "conflict",
     "deadline_exceeded",
     "empty_image",
@@ -128,7 +129,7 @@ pub struct InferHeaderLength {
     inference_header_content_length: Option<u64>,
 }
 
-fn json_response(description: &str, schema: &str) -> RefOr<utoipa::openapi::Response> {
+pub(super) fn json_response(description: &str, schema: &str) -> RefOr<utoipa::openapi::Response> {
     ResponseBuilder::new()
         .description(description)
         .content(

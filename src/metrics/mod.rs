@@ -283,7 +283,7 @@ impl Metrics {
                 "1 once the model is loaded and warmed up",
                 Family::default()),
             unauthorized: registered(r, UNAUTHORIZED,
-                "Requests refused for a missing or invalid API key, by protocol (http, grpc)",
+                "Requests refused for a missing or invalid API key, or a missing client certificate under mutual TLS, by protocol (http, grpc)",
                 unauthorized),
             restarts: registered(r, MODEL_RESTARTS,
                 "Model threads replaced, by reason (batch_timeout: a batch ran past --batch-timeout; panic: the thread panicked)",

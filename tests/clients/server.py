@@ -51,7 +51,9 @@ def _field(record: dict, key: str):
     return (record.get("fields") or {}).get(key)
 
 
-def start_server(extra_args=()) -> Server:
+def start_server(extra_args=(), ca=None) -> Server:
+    """`ca`: the server speaks TLS (--tls-cert); readiness is polled over HTTPS, trusting
+    this CA file."""
     binary = Path(os.environ.get("VISIONSERVE_BIN", REPO / "target" / "release" / "visionserve"))
     for path, what in [(binary, "VISIONSERVE_BIN"), (model_dir(), "VISIONSERVE_TEST_MODEL"),
                        (data_dir() / "lite0.json", "VISIONSERVE_TEST_DATA")]:
@@ -107,7 +109,10 @@ def start_server(extra_args=()) -> Server:
 
     while True:
         try:
-            if requests.get(f"http://{server.http}/v2/health/ready", timeout=5).status_code == 200:
+            scheme = "https" if ca else "http"
+            ready = requests.get(f"{scheme}://{server.http}/v2/health/ready", timeout=5,
+                                 verify=str(ca) if ca else True)
+            if ready.status_code == 200:
                 break
         except requests.RequestException:
             pass
