@@ -93,6 +93,7 @@ test: deps test-deps venv client-venv weights test-data parity-data
 # `cargo build` would rebuild half the dependencies with other features); after `cargo test`
 # it does nothing.
 test-clients: deps venv client-venv weights test-data parity-data
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="openssl curl" TOOLS="openssl curl"
 	cargo test --release --no-run
 	VISIONSERVE_BIN=$(BIN) VISIONSERVE_PARITY_DATA=$(PARITY_FAST) $(CLIENT_PYTHON) -m pytest -q tests/clients
 

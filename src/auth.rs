@@ -12,7 +12,7 @@
 //! 9a2d7e4b1c8f3a6d0e5b7c91   name=web
 //! ```
 //!
-//! - `name`: how metrics and logs name the key (`[A-Za-z0-9._-]`, at most 64); without one, a
+//! - `name`: how metrics and error messages name the key (`[A-Za-z0-9._-]`, at most 64); without one, a
 //!   key is named by the start of its SHA-256 digest (`sha256:1a2b3c4d`), never by the key;
 //! - `rate`: images per second, minute or hour (`50/s`, `600/m`, `10000/h`), counted with the
 //!   GCRA of the `governor` crate; `burst`: images that may arrive at once (default: one
@@ -246,7 +246,7 @@ impl KeyPolicy {
         }
     }
 
-    /// How metrics and logs name the key.
+    /// How metrics and error messages name the key.
     pub fn name(&self) -> &str {
         &self.name
     }
