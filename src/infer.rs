@@ -349,6 +349,7 @@ impl Inference {
             cache: self.cache.clone(),
             cache_use: CacheUse::default(),
             held: Vec::new(),
+            trace: crate::telemetry::RequestTrace::of(&tracing::Span::current()),
             span: tracing::Span::current(),
             _permit: permit,
             _in_flight: in_flight,
@@ -417,6 +418,8 @@ struct InferRequest {
     held: Vec<Reservation>,
     /// The front end's request span: the model thread logs about this request's images in it.
     span: tracing::Span,
+    /// Its OpenTelemetry trace, under which the stages are recorded (empty when not traced).
+    trace: crate::telemetry::RequestTrace,
     _permit: OwnedSemaphorePermit,
     /// Keeps the version from being freed while this request uses it.
     _in_flight: InFlight,
@@ -437,7 +440,9 @@ impl InferRequest {
         if let Some(bytes) = options.body_bytes {
             self.reserve_body(bytes).await?;
         }
+        let read_start = Instant::now();
         let plan = intake.read(self.model.clone()).await?;
+        self.trace.stage("body read", read_start, Instant::now());
         if let Some(timeout) = plan.timeout {
             self.limit_time(timeout);
         }
@@ -612,7 +617,10 @@ impl InferRequest {
         let mut answers = Vec::with_capacity(pending.len());
         for image in pending {
             match tokio::time::timeout_at(deadline, image.answer).await {
-                Ok(answer) => answers.push((answer, image.decode, image.preprocess)),
+                Ok(answer) => {
+                    self.record_queue_and_run(image.queued_at, &answer);
+                    answers.push((answer, image.decode, image.preprocess));
+                }
                 // The remaining receivers are dropped with `pending`: the batcher and the
                 // model thread drop those images as expired.
                 Err(_) => return Err(self.deadline_exceeded(String::new())),
@@ -662,9 +670,34 @@ impl InferRequest {
                 answer,
                 decode: image.decode,
                 preprocess: image.preprocess,
+                queued_at: Instant::now(),
             });
         }
         (pending, None)
+    }
+
+    /// Record an answered image's wait in the queue and its run on the model (timed by the
+    /// model thread) as stages of the request's trace.
+    fn record_queue_and_run(
+        &self,
+        queued_at: Instant,
+        answer: &Result<Result<ImagePrediction, JobError>, oneshot::error::RecvError>,
+    ) {
+        let Ok(Ok(prediction)) = answer else { return };
+        if !self.trace.is_recording() {
+            return;
+        }
+        let ran_at = queued_at + prediction.queue_wait;
+        self.trace.stage("queue wait", queued_at, ran_at);
+        self.trace.stage_with(
+            "inference",
+            ran_at,
+            ran_at + prediction.inference,
+            vec![opentelemetry::KeyValue::new(
+                "batch_size",
+                prediction.batch_size as i64,
+            )],
+        );
     }
 
     /// What a job's failure means for its request.
@@ -807,12 +840,20 @@ impl InferRequest {
             let pool = self.pool.clone();
             let cfg = self.model.info.preprocess.clone();
             let metrics = self.model.metrics.prepare.clone();
+            let trace = self.trace.clone();
             tasks.spawn(async move {
                 let prepared = match pool
-                    .run_costing(cost, move || images::prepare(&bytes, &decode, &cfg))
+                    .run_costing(cost, move || {
+                        (Instant::now(), images::prepare(&bytes, &decode, &cfg))
+                    })
                     .await
                 {
-                    Ok(prepared) => prepared.map_err(|source| InferError::Image { index, source }),
+                    Ok((began, prepared)) => {
+                        if let Ok(p) = &prepared {
+                            record_prepare(&trace, began, p);
+                        }
+                        prepared.map_err(|source| InferError::Image { index, source })
+                    }
                     Err(failed) => Err(InferError::from(failed)),
                 };
                 drop(reservation);
@@ -851,6 +892,23 @@ struct Pending {
     answer: oneshot::Receiver<Result<ImagePrediction, JobError>>,
     decode: Duration,
     preprocess: Duration,
+    /// When it was handed to the model's queue (the start of its queue wait).
+    queued_at: Instant,
+}
+
+/// Record an image's decode and its preprocess (run one after the other on a decode thread,
+/// from `began`) as stages of the request's trace.
+fn record_prepare(
+    trace: &crate::telemetry::RequestTrace,
+    began: Instant,
+    prepared: &images::Prepared,
+) {
+    if !trace.is_recording() {
+        return;
+    }
+    let decoded = began + prepared.decode;
+    trace.stage("decode", began, decoded);
+    trace.stage("preprocess", decoded, decoded + prepared.preprocess);
 }
 
 /// Counts a request whose future is dropped before it reported its outcome: hyper and tonic

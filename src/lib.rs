@@ -63,6 +63,7 @@ pub mod registry;
 pub mod report;
 pub mod repository;
 pub mod server;
+pub mod telemetry;
 pub mod tune;
 pub mod v1;
 pub mod v2;

@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 /// Routes an orchestrator or a scraper polls: logged at DEBUG.
-fn is_quiet(path: &str) -> bool {
+pub(super) fn is_quiet(path: &str) -> bool {
     path.starts_with("/health/") || path.starts_with("/v2/health/") || path == "/metrics"
 }
 
-fn protocol_of(path: &str) -> &'static str {
+pub(super) fn protocol_of(path: &str) -> &'static str {
     if path.starts_with("/v1/") {
         "v1"
     } else if path.starts_with("/v2/") || path == "/v2" {
@@ -26,7 +26,7 @@ fn protocol_of(path: &str) -> &'static str {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
