@@ -336,6 +336,7 @@ impl Inference {
                 0,
                 err.is_server_error(),
                 started.elapsed(),
+                None,
             );
         })?;
         Ok(InferRequest {
@@ -715,9 +716,11 @@ impl InferRequest {
     /// The request succeeded: count it.
     fn succeeded(&mut self) {
         self.recorded = true;
-        self.model
-            .metrics
-            .request_succeeded(self.images, self.started.elapsed());
+        self.model.metrics.request_succeeded(
+            self.images,
+            self.started.elapsed(),
+            self.trace.trace_id(),
+        );
     }
 
     /// The request failed with `err` (the front end's or the service's error): count and log
@@ -735,6 +738,7 @@ impl InferRequest {
             self.images,
             err.is_server_error(),
             self.started.elapsed(),
+            self.trace.trace_id(),
         );
     }
 
@@ -923,13 +927,17 @@ impl Drop for InferRequest {
             // The front end answers 500; record it as the server's failure.
             self.model
                 .metrics
-                .request_failed("internal", self.images, true, elapsed);
+                .request_failed("internal", self.images, true, elapsed, None);
             return;
         }
         tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
-        self.model
-            .metrics
-            .request_failed(CLIENT_GONE, self.images, false, elapsed);
+        self.model.metrics.request_failed(
+            CLIENT_GONE,
+            self.images,
+            false,
+            elapsed,
+            self.trace.trace_id(),
+        );
     }
 }
 

@@ -242,6 +242,17 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     })
 }
 
+/// The trace id of `span` (32 hex digits) when traces are exported, for the access log.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if !active() {
+        return None;
+    }
+    let span_context = span.context().span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
 /// A request span's OpenTelemetry context, taken once, so that the stages recorded under it
 /// do not each look it up. Empty when tracing is off or the request is not sampled: then
 /// recording a stage costs a branch.

@@ -274,7 +274,10 @@ impl GrpcInferenceService for InferenceService {
             };
             crate::access::log(&crate::access::AccessRecord {
                 request_id: &id,
-                trace_id: crate::access::trace_id(traceparent.as_deref()).unwrap_or("-"),
+                trace_id: crate::telemetry::trace_id(&span)
+                    .as_deref()
+                    .or_else(|| crate::access::trace_id(traceparent.as_deref()))
+                    .unwrap_or("-"),
                 client,
                 protocol: "grpc",
                 method: "POST",

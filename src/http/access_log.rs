@@ -59,6 +59,8 @@ pub async fn log_access(request: Request, next: Next) -> Response {
     let request_id = header_text(request.headers(), "x-request-id").unwrap_or_else(|| "-".into());
     let traceparent = header_text(request.headers(), "traceparent");
     let bytes_in = content_length(request.headers());
+    // With traces exported, the request span's own trace (the client's, or a new one).
+    let own_trace = crate::telemetry::trace_id(&tracing::Span::current());
     let response = next.run(request).await;
     let bytes_out = response
         .body()
@@ -67,7 +69,10 @@ pub async fn log_access(request: Request, next: Next) -> Response {
         .or_else(|| content_length(response.headers()));
     access::log(&AccessRecord {
         request_id: &request_id,
-        trace_id: access::trace_id(traceparent.as_deref()).unwrap_or("-"),
+        trace_id: own_trace
+            .as_deref()
+            .or_else(|| access::trace_id(traceparent.as_deref()))
+            .unwrap_or("-"),
         client,
         protocol: protocol_of(&path),
         method: &method,

@@ -264,3 +264,17 @@ def test_ratio_zero_exports_nothing(receiver):
     exported = [span.name for resource, span in receiver.spans
                 if any(kv.value.string_value == "visionserve-ratio-0" for kv in resource.attributes)]
     assert exported == [], "ratio 0 exported spans"
+
+
+def test_latency_buckets_carry_trace_id_exemplars(traced):
+    trace_id, _, header = new_parent()
+    assert post_v1(traced.http, PHOTOS[3], header).status_code == 200
+    r = requests.get(f"http://{traced.http}/metrics", timeout=10,
+                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text"), r.headers
+    exemplars = [line for line in r.text.splitlines()
+                 if line.startswith("visionserve_request_duration_seconds_bucket") and "# {" in line]
+    assert any(f'trace_id="{trace_id}"' in line for line in exemplars), exemplars
+    # The Prometheus text format has no exemplars: it must stay parseable by older scrapers.
+    plain = requests.get(f"http://{traced.http}/metrics", timeout=10).text
+    assert "# {" not in plain
