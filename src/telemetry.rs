@@ -109,6 +109,8 @@ pub fn init(settings: &Settings) -> anyhow::Result<Option<Installed>> {
     let Some((url, transport)) = endpoint(settings, &env_var) else {
         return Ok(None);
     };
+    // The flag is checked by its parser; the OTEL_* variables are checked here.
+    crate::config::parse_otlp_endpoint(&url).map_err(|e| anyhow::anyhow!("OTLP endpoint {e}"))?;
     let exporter = match transport {
         Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -375,6 +377,17 @@ mod tests {
             http_traces_url("http://c:4318/v1/traces"),
             "http://c:4318/v1/traces"
         );
+    }
+
+    #[test]
+    fn endpoints_without_tls_only() {
+        use crate::config::parse_otlp_endpoint;
+        assert!(parse_otlp_endpoint("http://collector:4317").is_ok());
+        assert!(parse_otlp_endpoint("https://collector:4317")
+            .unwrap_err()
+            .contains("without TLS"));
+        assert!(parse_otlp_endpoint("collector:4317").is_err());
+        assert!(parse_otlp_endpoint("http://").is_err());
     }
 
     #[test]

@@ -381,17 +381,20 @@ pub fn parse_origin(origin: &str) -> Result<String, String> {
     }
 }
 
-/// `--otlp-endpoint`: an `http://` or `https://` URL with a host.
+/// `--otlp-endpoint`: an `http://` URL with a host. No TLS stack is built in for the exporter
+/// (a collector runs beside the server), so `https://` is refused rather than failing later.
 pub fn parse_otlp_endpoint(url: &str) -> Result<String, String> {
-    let host = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or_default();
-    if host.is_empty() || host.starts_with('/') || !url.chars().all(|c| c.is_ascii_graphic()) {
+    let accepted = "write a URL such as http://localhost:4317 (gRPC) or \
+                    http://localhost:4318/v1/traces (HTTP/protobuf)";
+    if url.starts_with("https://") {
         return Err(format!(
-            "{url:?} is not an OTLP endpoint: write a URL such as http://localhost:4317 (gRPC) \
-             or http://localhost:4318/v1/traces (HTTP/protobuf)"
+            "{url:?}: traces are exported without TLS; send them to a collector on this host \
+             or in this pod over http:// ({accepted})"
         ));
+    }
+    let host = url.strip_prefix("http://").unwrap_or_default();
+    if host.is_empty() || host.starts_with('/') || !url.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!("{url:?} is not an OTLP endpoint: {accepted}"));
     }
     Ok(url.to_owned())
 }
