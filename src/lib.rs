@@ -35,7 +35,8 @@
 //! Leaves below all of these: `config` (flags, their defaults and the values people write in
 //! them), `error` (the service's and loading's errors, and how a failure is counted), `metrics`
 //! (every Prometheus name), `budget` (what the container gives, the in-flight memory budget),
-//! `auth`, `labels`, `hub`, `access` (the access log's line), `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
+//! `auth`, `labels`, `hub`, `access` (the access log's line), `telemetry` (OpenTelemetry: the
+//! exporter, W3C trace context, stage spans recorded after the fact), `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
 //! tests run servers on port 0.
 
 pub mod access;
