@@ -339,6 +339,7 @@ impl Inference {
                 None,
             );
         })?;
+        let span = tracing::Span::current();
         Ok(InferRequest {
             model,
             started,
@@ -350,8 +351,8 @@ impl Inference {
             cache: self.cache.clone(),
             cache_use: CacheUse::default(),
             held: Vec::new(),
-            trace: crate::telemetry::RequestTrace::of(&tracing::Span::current()),
-            span: tracing::Span::current(),
+            trace: crate::telemetry::RequestTrace::of(&span),
+            span,
             _permit: permit,
             _in_flight: in_flight,
             recorded: false,
@@ -694,10 +695,7 @@ impl InferRequest {
             "inference",
             ran_at,
             ran_at + prediction.inference,
-            vec![opentelemetry::KeyValue::new(
-                "batch_size",
-                prediction.batch_size as i64,
-            )],
+            &[("batch_size", prediction.batch_size as i64)],
         );
     }
 

@@ -289,16 +289,16 @@ impl RequestTrace {
     /// Record a stage (`body read`, `decode`, ...) that ran from `start` to `end`, as a child
     /// of the request span.
     pub fn stage(&self, name: &'static str, start: Instant, end: Instant) {
-        self.stage_with(name, start, end, Vec::new());
+        self.stage_with(name, start, end, &[]);
     }
 
-    /// [`Self::stage`] with attributes.
+    /// [`Self::stage`] with integer attributes.
     pub fn stage_with(
         &self,
         name: &'static str,
         start: Instant,
         end: Instant,
-        attributes: Vec<KeyValue>,
+        attributes: &[(&'static str, i64)],
     ) {
         let (Some(parent), Some(tracer)) = (&self.parent, TRACER.get()) else {
             return;
@@ -307,7 +307,7 @@ impl RequestTrace {
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(wall_clock(start))
-            .with_attributes(attributes)
+            .with_attributes(attributes.iter().map(|&(k, v)| KeyValue::new(k, v)))
             .start_with_context(tracer, parent);
         opentelemetry::trace::Span::end_with_timestamp(&mut span, wall_clock(end));
     }

@@ -160,7 +160,7 @@ fn load_and_warm_up(spec: &WorkerSpec, ctx: &WorkerContext) -> Result<Runner> {
     status.set_embedding_size(runner.embedding_size()?);
     tracing::info!(
         model = %spec.name,
-        instance = ctx.instance as i64,
+        instance = ctx.instance,
         lane = ?ctx.lane,
         intra_op_threads = ctx.intra_op_threads,
         backend = status.backend(),
