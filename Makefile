@@ -9,6 +9,7 @@
 #   make bench-ceiling  the server end to end vs the model alone (its ceiling): Lite0, EfficientNetV2-B0, CoAtNet-nano
 #   make bench-levers   CPU levers (OpenMP wait policy, instances) interleaved, vs the ceiling
 #   make bench-side-by-side   three models served by one process, all under load at once: defaults (auto) vs --instances 1
+#   make bench-tracing   OpenTelemetry tracing at ratio 1 (to an OTLP sink) vs off, interleaved, 32 clients
 #   make bench-cache   the response cache (--cache-bytes 256MiB) vs none at a 30 % repeat rate, interleaved
 #   make bench-allocators   glibc (tuned, default) vs jemalloc vs mimalloc under the model alone
 #   make bench-peers   visionserve vs TorchServe vs FastAPI + timm (the peer kit), interleaved rounds, medians, ratios
@@ -73,7 +74,7 @@ PORT ?= 8080
 ARGS ?=
 
 
-.PHONY: test-fleet bench-loadgen bench-priority bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
+.PHONY: bench-tracing test-fleet bench-loadgen bench-priority bench-tune photos bench-photos bench-preprocess photo-agreement bench-decode bench-runtimes bench-backends bench-ceiling bench-levers bench-side-by-side bench-cache bench-allocators device-bundle device-check bench-classify bench-peers fuzz stress run test test-clients test-ops ops-deps ops-venv test-all bench bench-protocols bench-models build lint deps test-deps venv client-venv weights test-data parity-data parity-full docker clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -351,6 +352,13 @@ bench-tune: deps venv weights test-data parity-data
 	$(PYTHON) benches/tune_models.py --binary $(BIN) --out $(CURDIR)/target/tune \
 	  --images $(TEST_DATA)/photos/rocket.jpg $(TEST_DATA)/photos/chelsea.jpg \
 	  $(foreach m,$(TUNE_MODELS),--model $(m)) --time-budget $(TUNE_BUDGET) --concurrency 32 --rounds $(ROUNDS)
+
+# OpenTelemetry's cost: no --otlp-endpoint vs every request traced and exported to an OTLP/gRPC
+# sink in the script, fresh servers, interleaved rounds, medians (BENCHMARKS.md).
+bench-tracing: deps client-venv weights test-data
+	cargo build --release
+	$(CLIENT_PYTHON) benches/tracing.py --bin $(BIN) --model $(CURDIR)/$(DEFAULT_MODEL) \
+	  --image $(TEST_DATA)/photos/rocket.jpg --concurrency 32 --rounds $(or $(TRACING_ROUNDS),6)
 
 bench-cache: deps venv weights test-data
 	cargo test --release --no-run

@@ -35,7 +35,8 @@ pub struct ErrorNote(pub &'static str);
 #[derive(Debug, Default)]
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
-    /// The W3C trace id the client sent in `traceparent` (`-` without one).
+    /// The request's trace id: its span's when traces are exported, else the one the client
+    /// sent in W3C `traceparent` (`-` without one).
     pub trace_id: &'a str,
     pub client: String,
     /// `v1`, `v2`, `grpc`, or `http` for the other routes.

@@ -346,8 +346,10 @@ impl Inference {
                 0,
                 err.is_server_error(),
                 started.elapsed(),
+                None,
             );
         })?;
+        let span = tracing::Span::current();
         Ok(InferRequest {
             model,
             started,
@@ -359,7 +361,8 @@ impl Inference {
             cache: self.cache.clone(),
             cache_use: CacheUse::default(),
             held: Vec::new(),
-            span: tracing::Span::current(),
+            trace: crate::telemetry::RequestTrace::of(&span),
+            span,
             level: self.limits.priority.default_level(),
             key: None,
             _key_slot: None,
@@ -436,6 +439,8 @@ struct InferRequest {
     key: Option<Arc<KeyPolicy>>,
     _key_slot: Option<OwnedSemaphorePermit>,
     metrics: Arc<Metrics>,
+    /// Its OpenTelemetry trace, under which the stages are recorded (empty when not traced).
+    trace: crate::telemetry::RequestTrace,
     _permit: OwnedSemaphorePermit,
     /// Keeps the version from being freed while this request uses it.
     _in_flight: InFlight,
@@ -460,7 +465,9 @@ impl InferRequest {
         if let Some(bytes) = options.body_bytes {
             self.reserve_body(bytes).await?;
         }
+        let read_start = Instant::now();
         let plan = intake.read(self.model.clone()).await?;
+        self.trace.stage("body read", read_start, Instant::now());
         if plan.priority.is_some() {
             self.set_priority(plan.priority)?;
         }
@@ -684,7 +691,10 @@ impl InferRequest {
         let mut answers = Vec::with_capacity(pending.len());
         for image in pending {
             match tokio::time::timeout_at(deadline, image.answer).await {
-                Ok(answer) => answers.push((answer, image.decode, image.preprocess)),
+                Ok(answer) => {
+                    self.record_queue_and_run(image.queued_at, &answer);
+                    answers.push((answer, image.decode, image.preprocess));
+                }
                 // The remaining receivers are dropped with `pending`: the batcher and the
                 // model thread drop those images as expired.
                 Err(_) => return Err(self.deadline_exceeded(String::new())),
@@ -735,9 +745,31 @@ impl InferRequest {
                 answer,
                 decode: image.decode,
                 preprocess: image.preprocess,
+                queued_at: Instant::now(),
             });
         }
         (pending, None)
+    }
+
+    /// Record an answered image's wait in the queue and its run on the model (timed by the
+    /// model thread) as stages of the request's trace.
+    fn record_queue_and_run(
+        &self,
+        queued_at: Instant,
+        answer: &Result<Result<ImagePrediction, JobError>, oneshot::error::RecvError>,
+    ) {
+        let Ok(Ok(prediction)) = answer else { return };
+        if !self.trace.is_recording() {
+            return;
+        }
+        let ran_at = queued_at + prediction.queue_wait;
+        self.trace.stage("queue wait", queued_at, ran_at);
+        self.trace.stage_with(
+            "inference",
+            ran_at,
+            ran_at + prediction.inference,
+            &[("batch_size", prediction.batch_size as i64)],
+        );
     }
 
     /// What a job's failure means for its request.
@@ -755,9 +787,11 @@ impl InferRequest {
     /// The request succeeded: count it.
     fn succeeded(&mut self) {
         self.recorded = true;
-        self.model
-            .metrics
-            .request_succeeded(self.images, self.started.elapsed());
+        self.model.metrics.request_succeeded(
+            self.images,
+            self.started.elapsed(),
+            self.trace.trace_id(),
+        );
     }
 
     /// The request failed with `err` (the front end's or the service's error): count and log
@@ -775,6 +809,7 @@ impl InferRequest {
             self.images,
             err.is_server_error(),
             self.started.elapsed(),
+            self.trace.trace_id(),
         );
     }
 
@@ -881,12 +916,20 @@ impl InferRequest {
             let cfg = self.model.info.preprocess.clone();
             let metrics = self.model.metrics.prepare.clone();
             let level = self.level;
+            let trace = self.trace.clone();
             tasks.spawn(async move {
                 let prepared = match pool
-                    .run_costing(cost, level, move || images::prepare(&bytes, &decode, &cfg))
+                    .run_costing(cost, level, move || {
+                        (Instant::now(), images::prepare(&bytes, &decode, &cfg))
+                    })
                     .await
                 {
-                    Ok(prepared) => prepared.map_err(|source| InferError::Image { index, source }),
+                    Ok((began, prepared)) => {
+                        if let Ok(p) = &prepared {
+                            record_prepare(&trace, began, p);
+                        }
+                        prepared.map_err(|source| InferError::Image { index, source })
+                    }
                     Err(failed) => Err(InferError::from(failed)),
                 };
                 drop(reservation);
@@ -925,6 +968,23 @@ struct Pending {
     answer: oneshot::Receiver<Result<ImagePrediction, JobError>>,
     decode: Duration,
     preprocess: Duration,
+    /// When it was handed to the model's queue (the start of its queue wait).
+    queued_at: Instant,
+}
+
+/// Record an image's decode and its preprocess (run one after the other on a decode thread,
+/// from `began`) as stages of the request's trace.
+fn record_prepare(
+    trace: &crate::telemetry::RequestTrace,
+    began: Instant,
+    prepared: &images::Prepared,
+) {
+    if !trace.is_recording() {
+        return;
+    }
+    let decoded = began + prepared.decode;
+    trace.stage("decode", began, decoded);
+    trace.stage("preprocess", decoded, decoded + prepared.preprocess);
 }
 
 /// Counts a request whose future is dropped before it reported its outcome: hyper and tonic
@@ -939,13 +999,17 @@ impl Drop for InferRequest {
             // The front end answers 500; record it as the server's failure.
             self.model
                 .metrics
-                .request_failed("internal", self.images, true, elapsed);
+                .request_failed("internal", self.images, true, elapsed, None);
             return;
         }
         tracing::debug!(model = %self.model.name(), "client disconnected before the answer");
-        self.model
-            .metrics
-            .request_failed(CLIENT_GONE, self.images, false, elapsed);
+        self.model.metrics.request_failed(
+            CLIENT_GONE,
+            self.images,
+            false,
+            elapsed,
+            self.trace.trace_id(),
+        );
     }
 }
 

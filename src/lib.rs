@@ -36,8 +36,9 @@
 //! them), `error` (the service's and loading's errors, and how a failure is counted), `metrics`
 //! (every Prometheus name), `budget` (what the container gives, the in-flight memory budget),
 //! `auth` (API keys and their quotas), `priority` (request priority levels), `tls` (certificates,
-//! reloaded on SIGHUP, and the TLS accept loop), `labels`, `hub`,
-//! `access` (the access log's line), `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
+//! reloaded on SIGHUP, and the TLS accept loop), `labels`, `hub`, `access` (the access log's
+//! line), `telemetry` (OpenTelemetry: the exporter, W3C trace context, stage spans recorded after
+//! the fact), `report` (HTML and SVG charts for bench and tune). [`run`] takes its listener and shutdown signal from the caller, so
 //! tests run servers on port 0.
 
 pub mod access;
@@ -66,6 +67,7 @@ pub mod registry;
 pub mod report;
 pub mod repository;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod tune;
 pub mod v1;

@@ -234,6 +234,7 @@ fn run_batch(
     }
     let start = Instant::now();
     let batch_size = live.len();
+    let span = batch_span(&live, ctx);
     let mut inputs = Vec::with_capacity(batch_size);
     let mut replies = Vec::with_capacity(batch_size);
     for entry in live {
@@ -283,12 +284,14 @@ fn run_batch(
             BatchOutcome::Ran { images: batch_size }
         }
         Ok(Err(error)) => {
+            span.record("otel.status_code", "ERROR");
             fail_batch(ctx, replies, &format!("{error:#}"), elapsed, running);
             BatchOutcome::Ran { images: batch_size }
         }
         Err(panic) => {
             let message = panic_message(&panic);
             let reason = format!("the model panicked: {message}");
+            span.record("otel.status_code", "ERROR");
             // This thread stops after the batch: no new request may be admitted meanwhile.
             ctx.status.set_restarting(reason.clone());
             ctx.metrics.ready.set(0);
@@ -296,6 +299,40 @@ fn run_batch(
             BatchOutcome::Panicked { message }
         }
     }
+}
+
+/// The batch's span, when traces are exported (`Span::none()` otherwise): a root span with a
+/// link to the request span of each request it serves, since one batch serves many requests
+/// and OpenTelemetry models that with links, not parents. It is sampled when one of those
+/// requests is (`telemetry`'s sampler); it ends when `run_batch` returns.
+fn batch_span(live: &Batch, ctx: &WorkerContext) -> tracing::Span {
+    if !crate::telemetry::active() {
+        return tracing::Span::none();
+    }
+    let mut links: Vec<opentelemetry::trace::SpanContext> = Vec::new();
+    for entry in live {
+        if let Some(link) = crate::telemetry::link_to(&entry.item.span) {
+            // Several images of one request: one link.
+            if !links.iter().any(|l| l.span_id() == link.span_id()) {
+                links.push(link);
+            }
+        }
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "batch",
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        model = %ctx.spec.name,
+        instance = ctx.instance as i64,
+        device = %super::device::describe(ctx.spec.device),
+        batch_size = live.len() as i64,
+        requests = links.len() as i64,
+    );
+    for link in links {
+        crate::telemetry::add_link(&span, link);
+    }
+    span
 }
 
 /// One image of a running batch: its pixels, what it asked for and how long it waited.

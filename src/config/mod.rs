@@ -307,6 +307,24 @@ pub struct Config {
     /// Log filter in tracing's EnvFilter syntax (RUST_LOG is read too).
     #[arg(long, env = "VISIONSERVE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Export OpenTelemetry traces to this OTLP endpoint: gRPC (`http://collector:4317`), or
+    /// HTTP/protobuf when the URL says so (port 4318 or a path ending in `/v1/traces`, or
+    /// OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf). OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and
+    /// OTEL_EXPORTER_OTLP_ENDPOINT are read when this is not given; without any, nothing is
+    /// traced or exported.
+    #[arg(long, env = "VISIONSERVE_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of exported traces [default: OTEL_SERVICE_NAME, else visionserve].
+    #[arg(long, env = "VISIONSERVE_OTLP_SERVICE_NAME")]
+    pub otlp_service_name: Option<String>,
+
+    /// The share of traces started here that are exported, 0 to 1; a request whose client
+    /// sent a sampled `traceparent` follows the client's choice (parent-based sampling)
+    /// [default: OTEL_TRACES_SAMPLER(_ARG), else 1].
+    #[arg(long, env = "VISIONSERVE_TRACE_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, utoipa::ToSchema)]
@@ -407,6 +425,34 @@ pub fn parse_origin(origin: &str) -> Result<String, String> {
         Ok(origin.to_owned())
     } else {
         Err(format!("{origin:?} is not an origin: {accepted}"))
+    }
+}
+
+/// `--otlp-endpoint`: an `http://` URL with a host. No TLS stack is built in for the exporter
+/// (a collector runs beside the server), so `https://` is refused rather than failing later.
+pub fn parse_otlp_endpoint(url: &str) -> Result<String, String> {
+    let accepted = "write a URL such as http://localhost:4317 (gRPC) or \
+                    http://localhost:4318/v1/traces (HTTP/protobuf)";
+    if url.starts_with("https://") {
+        return Err(format!(
+            "{url:?}: traces are exported without TLS; send them to a collector on this host \
+             or in this pod over http:// ({accepted})"
+        ));
+    }
+    let host = url.strip_prefix("http://").unwrap_or_default();
+    if host.is_empty() || host.starts_with('/') || !url.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!("{url:?} is not an OTLP endpoint: {accepted}"));
+    }
+    Ok(url.to_owned())
+}
+
+/// `--trace-sample-ratio`: a share between 0 and 1.
+pub fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!(
+            "{text:?} is not a sampling ratio: write a number from 0 (none) to 1 (every trace)"
+        )),
     }
 }
 

@@ -7,13 +7,15 @@
 //! - `convert`: protobuf messages to and from the protocol's tensors, parameters and statistics;
 //! - `status`: the status table (the service's errors as gRPC codes);
 //! - `auth`: the API-key gate in front of every method but the health checks;
-//! - `health`: `grpc.health.v1` kept in step with readiness.
+//! - `health`: `grpc.health.v1` kept in step with readiness;
+//! - `trace`: the ModelInfer span's trace context and outcome (OpenTelemetry).
 
 mod auth;
 mod convert;
 mod health;
 mod service;
 mod status;
+mod trace;
 
 use crate::auth::ApiKeys;
 use crate::infer::Inference;

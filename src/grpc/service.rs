@@ -6,6 +6,7 @@ use super::convert::{self, grpc_timeout, inputs, requested_output, statistics, t
 use super::proto;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::status::status;
+use super::trace;
 use crate::backend::ModelHandle;
 use crate::cache::CacheUse;
 use crate::infer::{Answer, Inference, Intake, ModelRef, Plan, RequestOptions};
@@ -13,6 +14,7 @@ use crate::v2::{self, RequestedOutput, V2Error};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 use tracing::Instrument;
 
 pub(super) struct InferenceService {
@@ -230,14 +232,32 @@ impl GrpcInferenceService for InferenceService {
             .extensions()
             .get::<Arc<crate::auth::KeyPolicy>>()
             .cloned();
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let bytes_in = prost::Message::encoded_len(&request) as u64;
         let id = match request.id.as_str() {
             "" => format!("grpc-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
             id => id.to_owned(),
         };
-        let span =
-            tracing::info_span!("request", id, rpc = "ModelInfer", model = %request.model_name);
+        let span = tracing::info_span!(
+            "request",
+            id,
+            rpc = "ModelInfer",
+            model = %request.model_name,
+            otel.name = Empty,
+            otel.kind = Empty,
+            otel.status_code = Empty,
+            protocol = Empty,
+            version = Empty,
+            images = Empty,
+            bytes_in = Empty,
+            bytes_out = Empty,
+            status = Empty,
+            error_type = Empty,
+            cache = Empty,
+        );
+        if crate::telemetry::active() {
+            trace::describe_call(&span, &metadata, bytes_in);
+        }
         let cache_on = self.inference.cache().is_some();
         let outcome = async move {
             let failed = |err: V2Error| (err.error_type(), status(&err));
@@ -260,8 +280,9 @@ impl GrpcInferenceService for InferenceService {
                 .map(|answer| (answer.access_note(cache_on), render(answer)))
                 .map_err(failed)
         }
-        .instrument(span)
+        .instrument(span.clone())
         .await;
+        let traceparent_out = trace::record_outcome(&span, &outcome);
         if self.access_log {
             let (note, bytes_out, code, error_type) = match &outcome {
                 Ok((note, response)) => {
@@ -272,7 +293,10 @@ impl GrpcInferenceService for InferenceService {
             };
             crate::access::log(&crate::access::AccessRecord {
                 request_id: &id,
-                trace_id: crate::access::trace_id(traceparent.as_deref()).unwrap_or("-"),
+                trace_id: crate::telemetry::trace_id(&span)
+                    .as_deref()
+                    .or_else(|| crate::access::trace_id(traceparent.as_deref()))
+                    .unwrap_or("-"),
                 client,
                 protocol: "grpc",
                 method: "POST",
@@ -286,9 +310,15 @@ impl GrpcInferenceService for InferenceService {
                 quiet: false,
             });
         }
-        let answer = outcome
+        let mut answer = outcome
             .map(|(_, response)| Response::new(response))
             .map_err(|(_, status)| status);
+        if let Some(value) = traceparent_out {
+            match &mut answer {
+                Ok(response) => response.metadata_mut().insert("traceparent", value),
+                Err(status) => status.metadata_mut().insert("traceparent", value),
+            };
+        }
         if answer.as_ref().is_err_and(|status| {
             matches!(
                 status.code(),

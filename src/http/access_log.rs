@@ -12,11 +12,11 @@ use http_body::Body;
 use std::time::Instant;
 
 /// Routes an orchestrator or a scraper polls: logged at DEBUG.
-fn is_quiet(path: &str) -> bool {
+pub(super) fn is_quiet(path: &str) -> bool {
     path.starts_with("/health/") || path.starts_with("/v2/health/") || path == "/metrics"
 }
 
-fn protocol_of(path: &str) -> &'static str {
+pub(super) fn protocol_of(path: &str) -> &'static str {
     if path.starts_with("/v1/") {
         "v1"
     } else if path.starts_with("/v2/") || path == "/v2" {
@@ -26,7 +26,7 @@ fn protocol_of(path: &str) -> &'static str {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -59,6 +59,8 @@ pub async fn log_access(request: Request, next: Next) -> Response {
     let request_id = header_text(request.headers(), "x-request-id").unwrap_or_else(|| "-".into());
     let traceparent = header_text(request.headers(), "traceparent");
     let bytes_in = content_length(request.headers());
+    // With traces exported, the request span's own trace (the client's, or a new one).
+    let own_trace = crate::telemetry::trace_id(&tracing::Span::current());
     let response = next.run(request).await;
     let bytes_out = response
         .body()
@@ -67,7 +69,10 @@ pub async fn log_access(request: Request, next: Next) -> Response {
         .or_else(|| content_length(response.headers()));
     access::log(&AccessRecord {
         request_id: &request_id,
-        trace_id: access::trace_id(traceparent.as_deref()).unwrap_or("-"),
+        trace_id: own_trace
+            .as_deref()
+            .or_else(|| access::trace_id(traceparent.as_deref()))
+            .unwrap_or("-"),
         client,
         protocol: protocol_of(&path),
         method: &method,

@@ -10,7 +10,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 /// The request headers the API reads: keys, content types, deadlines, cache control, v2's
 /// binary header length. `Authorization` must be named: a wildcard does not cover it.
-const REQUEST_HEADERS: [&str; 7] = [
+const REQUEST_HEADERS: [&str; 9] = [
     "authorization",
     "x-api-key",
     "content-type",
@@ -18,11 +18,16 @@ const REQUEST_HEADERS: [&str; 7] = [
     "priority",
     "cache-control",
     "inference-header-content-length",
+    // W3C Trace Context: a page's trace continues through the server.
+    "traceparent",
+    "tracestate",
 ];
 
 /// The answer headers a page may read besides the CORS-safelisted ones.
-const RESPONSE_HEADERS: [&str; 6] = [
+const RESPONSE_HEADERS: [&str; 7] = [
     "server-timing",
+    // The server span's trace context, so that a page can find its trace.
+    "traceparent",
     "x-request-id",
     "retry-after",
     "ratelimit",

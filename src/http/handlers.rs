@@ -5,7 +5,8 @@ use super::error::{ApiError, ErrorBody};
 use super::headers::{cache_timing, cache_use, header_priority, header_timeout, request_key};
 use super::input::{body_reservation, read_images, RequestImages};
 use super::schema::{
-    ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, UnauthorizedResponse,
+    ClassifyResponses, JsonImages, MultipartImages, RequestTimeoutHeader, TraceContextHeaders,
+    UnauthorizedResponse,
 };
 use super::{AppState, RequestLimits};
 use crate::backend::ModelHandle;
@@ -45,7 +46,7 @@ type QueryResult = Result<Query<ClassifyQuery>, QueryRejection>;
     post,
     path = "/v1/classify",
     tag = "v1",
-    params(ClassifyQuery, RequestTimeoutHeader),
+    params(ClassifyQuery, RequestTimeoutHeader, TraceContextHeaders),
     request_body(description = "One raw image (its Content-Type), several as multipart parts, or base64 in JSON",
         content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"),
                 ("application/octet-stream"), (MultipartImages = "multipart/form-data"),
@@ -67,7 +68,7 @@ pub async fn classify_default(
     post,
     path = "/v1/models/{model}/classify",
     tag = "v1",
-    params(("model" = String, Path, description = "A served model's name (GET /v1/models)"), ClassifyQuery, RequestTimeoutHeader),
+    params(("model" = String, Path, description = "A served model's name (GET /v1/models)"), ClassifyQuery, RequestTimeoutHeader, TraceContextHeaders),
     request_body(description = "One raw image (its Content-Type), several as multipart parts, or base64 in JSON",
         content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"),
                 ("application/octet-stream"), (MultipartImages = "multipart/form-data"),

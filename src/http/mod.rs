@@ -12,21 +12,19 @@ pub(crate) mod linger;
 mod manage;
 pub mod openapi;
 mod schema;
+mod trace;
 mod v2;
 
 use crate::auth::ApiKeys;
 use crate::infer::Inference;
 use axum::extract::DefaultBodyLimit;
-use axum::http::Request;
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 pub use input::ACCEPTED_CONTENT_TYPES;
 
@@ -142,11 +140,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(handlers::web_page))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/classify", post(handlers::classify_default))
-        .route("/v1/models/{model}/classify", post(handlers::classify_model))
         .route(
-            "/v1/models",
-            get(handlers::list_models).post(manage::load),
+            "/v1/models/{model}/classify",
+            post(handlers::classify_model),
         )
+        .route("/v1/models", get(handlers::list_models).post(manage::load))
         .route(
             "/v1/models/{model}",
             get(handlers::get_model).delete(manage::unload),
@@ -177,17 +175,13 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
-                        .make_span_with(|request: &Request<_>| {
-                            let id = request
-                                .extensions()
-                                .get::<RequestId>()
-                                .and_then(|id| id.header_value().to_str().ok())
-                                .unwrap_or("-");
-                            tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
-                        })
+                        .make_span_with(trace::request_span)
                         // The access log (`--access-log`) is the INFO line per request.
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+                        .on_response(trace::RecordResponse),
                 )
+                .layer(tower::util::option_layer(crate::telemetry::active().then(
+                    || axum::middleware::from_fn(trace::answer_with_traceparent),
+                )))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(axum::middleware::from_fn(linger::linger_on_drop)),
         )

@@ -6,7 +6,8 @@
 use super::error::ErrorBody;
 use super::schema::{
     json_response, ErrorType, InferHeaderLength, InferResponses, JsonImages, MultipartImages,
-    RequestTimeoutHeader, V2ErrorBody, V2UnauthorizedResponse, VersionedModelPathParam,
+    RequestTimeoutHeader, TraceContextHeaders, V2ErrorBody, V2UnauthorizedResponse,
+    VersionedModelPathParam,
 };
 use crate::v1::ClassifyResponse;
 use axum::http::header;
@@ -200,7 +201,7 @@ fn versioned_model_stats() {}
 
 /// Inference, for a version.
 #[utoipa::path(post, path = "/v2/models/{model}/versions/{version}/infer", tag = "v2",
-    params(VersionedModelPathParam, InferHeaderLength, RequestTimeoutHeader),
+    params(VersionedModelPathParam, InferHeaderLength, RequestTimeoutHeader, TraceContextHeaders),
     request_body(description = "JSON tensors, or binary tensors after a JSON header, or one raw image",
         content((super::v2::InferRequestJson = "application/json"), ("application/octet-stream"))),
     responses(InferResponses),

@@ -97,6 +97,35 @@ pub struct RequestTimeoutHeader {
     priority: Option<String>,
 }
 
+/// W3C Trace Context (https://www.w3.org/TR/trace-context/): a client's trace, continued by
+/// the request's span when traces are exported (`--otlp-endpoint`).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct TraceContextHeaders {
+    /// The client's span: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`. Invalid
+    /// values are ignored (the request starts a new trace).
+    #[param(example = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    traceparent: Option<String>,
+    /// Vendor-specific trace state, carried along with `traceparent`.
+    #[param(example = "vendor=value")]
+    tracestate: Option<String>,
+}
+
+/// The `traceparent` answer header: the request span's own trace context, when traces are
+/// exported, so that a client can find its trace.
+pub fn traceparent_header() -> Header {
+    let mut header = Header::new(
+        utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String),
+    );
+    header.description = Some(
+        "The server span's W3C trace context (`00-<trace id>-<span id>-<flags>`), when traces \
+         are exported (--otlp-endpoint)"
+            .into(),
+    );
+    header
+}
+
 /// A model in a v2 route.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -219,6 +248,8 @@ impl IntoResponses for ClassifyResponses {
         timing.description =
             Some("Per-stage durations in ms (decode, preprocess, queue, inference, total)".into());
         ok.headers.insert("server-timing".into(), timing);
+        ok.headers
+            .insert("traceparent".into(), traceparent_header());
         responses.insert("200".into(), RefOr::T(ok));
         responses
     }
@@ -245,6 +276,7 @@ impl IntoResponses for InferResponses {
                 "application/octet-stream",
                 ContentBuilder::new().schema(None::<Ref>).build(),
             )
+            .header("traceparent", traceparent_header())
             .build();
         responses.insert("200".into(), RefOr::T(ok));
         responses

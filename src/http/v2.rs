@@ -7,8 +7,8 @@ use super::error::{v2_status, ApiError};
 use super::headers::{cache_timing, cache_use, header_priority, header_timeout, request_key};
 use super::input::{body_bytes, body_reservation, decode_base64, within_body_timeout};
 use super::schema::{
-    InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, V2ErrorBody,
-    V2UnauthorizedResponse,
+    InferHeaderLength, InferResponses, ModelPathParam, RequestTimeoutHeader, TraceContextHeaders,
+    V2ErrorBody, V2UnauthorizedResponse,
 };
 use super::{AppState, RequestLimits};
 use crate::backend::ModelHandle;
@@ -294,7 +294,7 @@ pub(super) async fn all_stats(State(state): State<Arc<AppState>>) -> Json<Statis
 /// `Inference-Header-Content-Length` bytes followed by the raw tensors), or a raw encoded image
 /// (`Inference-Header-Content-Length: 0`).
 #[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "v2", operation_id = "v2_model_infer",
-    params(ModelPathParam, InferHeaderLength, RequestTimeoutHeader),
+    params(ModelPathParam, InferHeaderLength, RequestTimeoutHeader, TraceContextHeaders),
     request_body(description = "JSON tensors, or binary tensors after a JSON header, or one raw image",
         content((InferRequestJson = "application/json"), ("application/octet-stream"))),
     responses(InferResponses),

@@ -10,6 +10,7 @@ mod process;
 pub use process::ProcessStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -153,6 +154,20 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// The exemplar of a latency observation: the trace of the request observed (OpenMetrics
+/// exemplars; Grafana links a bucket's exemplar to its trace by `trace_id`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabel {
+    pub trace_id: String,
+}
+
+/// A latency histogram whose buckets keep the last traced observation as an exemplar.
+pub type TracedHistogram = HistogramWithExemplars<TraceLabel>;
+
+fn traced_latency_histogram() -> TracedHistogram {
+    HistogramWithExemplars::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 fn batch_histogram() -> Histogram {
     // 1, 2, 4, ... 256 images
     Histogram::new(exponential_buckets(1.0, 2.0, 9))
@@ -164,7 +179,7 @@ pub struct Metrics {
     images: Family<OutcomeLabels, Counter>,
     failures: Family<ReasonLabels, Counter>,
     dropped: Family<ReasonLabels, Counter>,
-    request_duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    request_duration: Family<ModelLabel, TracedHistogram, fn() -> TracedHistogram>,
     queue_wait: Family<ModelLabel, Histogram, fn() -> Histogram>,
     preprocess: Family<ModelLabel, Histogram, fn() -> Histogram>,
     inference: Family<ModelLabel, Histogram, fn() -> Histogram>,
@@ -259,8 +274,8 @@ impl Metrics {
                 "Queued images dropped before inference, by reason (client_gone: the client disconnected; deadline_exceeded: the request's deadline passed)",
                 Family::default()),
             request_duration: registered(r, REQUEST_DURATION,
-                "End-to-end request latency",
-                latency_family()),
+                "End-to-end request latency (with trace-id exemplars in OpenMetrics when traces are exported)",
+                Family::new_with_constructor(traced_latency_histogram as fn() -> _)),
             queue_wait: registered(r, QUEUE_WAIT,
                 "Time an image waited between queueing and its batch starting",
                 latency_family()),
@@ -426,8 +441,8 @@ impl Metrics {
             model: model.model.clone(),
             version: model.version.clone(),
         };
+        self.request_duration.remove(&label);
         for family in [
-            &self.request_duration,
             &self.queue_wait,
             &self.preprocess,
             &self.inference,
@@ -612,7 +627,7 @@ pub struct ModelMetrics {
     pub prepare: PrepareMetrics,
     inference: Histogram,
     batch_size: Histogram,
-    pub request_duration: Histogram,
+    pub request_duration: TracedHistogram,
     pub queue_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub dropped_client_gone: Counter<u64, AtomicU64>,
@@ -759,9 +774,10 @@ impl ModelMetrics {
         self.batch_size.observe(size as f64);
     }
 
-    pub fn request_succeeded(&self, images: usize, elapsed: Duration) {
+    /// A request answered in `elapsed`; `trace_id` (when traced) becomes its bucket's exemplar.
+    pub fn request_succeeded(&self, images: usize, elapsed: Duration, trace_id: Option<String>) {
         self.stats.success.add(1, elapsed);
-        self.request_duration.observe(elapsed.as_secs_f64());
+        self.observe_request(elapsed, trace_id);
         self.outcome(&self.requests, OUTCOME_SUCCESS).inc();
         self.outcome(&self.images, OUTCOME_SUCCESS)
             .inc_by(images as u64);
@@ -774,9 +790,10 @@ impl ModelMetrics {
         images: usize,
         server_error: bool,
         elapsed: Duration,
+        trace_id: Option<String>,
     ) {
         self.stats.fail.add(1, elapsed);
-        self.request_duration.observe(elapsed.as_secs_f64());
+        self.observe_request(elapsed, trace_id);
         let outcome = if server_error {
             OUTCOME_SERVER_ERROR
         } else {
@@ -794,6 +811,13 @@ impl ModelMetrics {
         if !reasons.contains(&reason) {
             reasons.push(reason);
         }
+    }
+
+    fn observe_request(&self, elapsed: Duration, trace_id: Option<String>) {
+        let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });
+        let at = exemplar.as_ref().map(|_| SystemTime::now());
+        self.request_duration
+            .observe(elapsed.as_secs_f64(), exemplar, at);
     }
 
     fn reason(&self, reason: &'static str) -> ReasonLabels {
@@ -823,8 +847,14 @@ mod tests {
     fn encodes_counters_histograms_and_gauges() {
         let metrics = Metrics::new();
         let m = metrics.for_model("lite0", "1");
-        m.request_succeeded(3, Duration::from_millis(12));
-        m.request_failed("undecodable_image", 1, false, Duration::from_millis(1));
+        m.request_succeeded(3, Duration::from_millis(12), None);
+        m.request_failed(
+            "undecodable_image",
+            1,
+            false,
+            Duration::from_millis(1),
+            None,
+        );
         m.batch_finished(3, Duration::from_millis(30), BatchPhases::default());
         m.queue_depth.set(2);
         m.prepare.image_prepared("1/8", Duration::from_millis(9));
@@ -860,7 +890,7 @@ mod tests {
         assert!(!text.contains("# EOF"));
         // An unloaded version leaves no series behind; another version's stay.
         let other = metrics.for_model("lite0", "2");
-        other.request_succeeded(1, Duration::from_millis(1));
+        other.request_succeeded(1, Duration::from_millis(1), None);
         metrics.remove_model(&m);
         let text = metrics.encode_prometheus();
         assert!(!text.contains(r#"version="1""#), "{text}");
