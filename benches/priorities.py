@@ -30,6 +30,8 @@ from serving import start_server
 CONFIGS = {
     "one level": [],
     "two levels": ["--priority-levels", "2", "--priority-queue-images", "256,32"],
+    # The lever for the high level's wait: shorter batches end sooner, at some cost to the flood.
+    "two, batch 2": ["--priority-levels", "2", "--priority-queue-images", "256,32", "--max-batch-size", "2"],
 }
 
 
@@ -47,9 +49,12 @@ def bench(binary, base, photo, load, header, window, windows, out=None, wait=Tru
     return proc
 
 
-def overloaded(base):
+def counters(base):
+    """(requests refused as overloaded, requests answered) so far."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r'visionserve_request_failures_total\{[^}]*reason="overloaded"[^}]*\} (\S+)', text))
+    total = lambda pattern: sum(float(v) for v in re.findall(pattern, text))
+    return (total(r'visionserve_request_failures_total\{[^}]*reason="overloaded"[^}]*\} (\S+)'),
+            total(r'visionserve_requests_total\{[^}]*outcome="success"[^}]*\} (\S+)'))
 
 
 def trickle(binary, base, photo, rate, window, windows):
@@ -63,12 +68,16 @@ def measure(binary, model, photo, extra, args):
     proc, base = start_server(binary, ["--model", f"lite0={model}", *extra])
     try:
         idle = trickle(binary, base, photo, args.rate, args.window, args.windows)
-        before = overloaded(base)
+        before = counters(base)
         flood = bench(binary, base, photo, ["--concurrency", str(args.flood)], "Priority: 2",
                       args.window, 100, wait=False)
         time.sleep(3)  # the flood saturates the model first
+        started = time.time()
         loaded = trickle(binary, base, photo, args.rate, args.window, args.windows)
-        refused = overloaded(base) - before
+        after = counters(base)
+        refused = after[0] - before[0]
+        # What the flood got: answers while the trickle ran, less the trickle's own.
+        loaded["flood_rps"] = (after[1] - before[1]) / (time.time() - started) - loaded["throughput"]
         flood.terminate()
         flood.wait()
         return idle, loaded, refused
@@ -95,16 +104,17 @@ def main():
         for name in order:
             idle, loaded, refused = measure(args.binary, args.model, args.photo, CONFIGS[name], args)
             rows[name].append((idle, loaded, refused))
-            print(f"round {round_ + 1} {name:10}: idle p50 {idle['p50_ms']:.1f} p99 {idle['p99_ms']:.1f} ms | "
+            print(f"round {round_ + 1} {name:12}: idle p50 {idle['p50_ms']:.1f} p99 {idle['p99_ms']:.1f} ms | "
                   f"under flood p50 {loaded['p50_ms']:.1f} p99 {loaded['p99_ms']:.1f} ms, "
-                  f"trickle errors {loaded['errors']}, flood 429s {refused:.0f}", flush=True)
+                  f"trickle errors {loaded['errors']}, flood {loaded['flood_rps']:.1f} answers/s and {refused:.0f} 429s",
+                  flush=True)
     print("\nmedians (trickle at level 1, flood at level 2):")
     for name, runs in rows.items():
         med = lambda pick: statistics.median(pick(r) for r in runs)
         ratio = statistics.median(r[1]["p99_ms"] / r[0]["p99_ms"] for r in runs)
-        print(f"  {name:10}: idle p99 {med(lambda r: r[0]['p99_ms']):.1f} ms, under flood p99 "
+        print(f"  {name:12}: idle p99 {med(lambda r: r[0]['p99_ms']):.1f} ms, under flood p99 "
               f"{med(lambda r: r[1]['p99_ms']):.1f} ms (p50 {med(lambda r: r[1]['p50_ms']):.1f}), "
-              f"ratio {ratio:.2f}x, flood 429s {med(lambda r: r[2]):.0f}")
+              f"ratio {ratio:.2f}x, flood {med(lambda r: r[1]['flood_rps']):.1f} answers/s, 429s {med(lambda r: r[2]):.0f}")
 
 
 if __name__ == "__main__":
