@@ -562,15 +562,26 @@ async fn grpc_answers_equal_rest_and_statistics_count_them() {
         .await
         .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let serving = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "inference.GRPCInferenceService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        serving.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    // grpc.health.v1 follows readiness by polling it (every 200 ms), so it may still say
+    // NOT_SERVING for a moment after /health/ready first answered 200.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "inference.GRPCInferenceService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == serving {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grpc.health.v1 still says {status} 5 s after the server was ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
