@@ -199,7 +199,8 @@ fn parse_rate(value: &str) -> Result<(NonZeroU32, Duration), String> {
 pub struct KeyPolicy {
     name: String,
     limits: KeyLimits,
-    rate: Option<DefaultDirectRateLimiter>,
+    /// The rate limiter, and its quota as `RateLimit-Policy` states it.
+    rate: Option<(DefaultDirectRateLimiter, RatePolicy)>,
     concurrency: Option<Arc<Semaphore>>,
 }
 
@@ -236,7 +237,13 @@ pub struct RatePolicy {
 
 impl KeyPolicy {
     fn new(name: String, limits: KeyLimits) -> Self {
-        let rate = limits.quota().map(RateLimiter::direct);
+        let rate = limits.quota().map(|quota| {
+            let policy = RatePolicy {
+                quota: quota.burst_size().get(),
+                window: quota.replenish_interval() * quota.burst_size().get(),
+            };
+            (RateLimiter::direct(quota), policy)
+        });
         let concurrency = limits.concurrency.map(|n| Arc::new(Semaphore::new(n)));
         Self {
             name,
@@ -273,10 +280,11 @@ impl KeyPolicy {
 
     /// Count `images` against the key's rate.
     pub fn charge(&self, images: usize) -> Result<(), KeyRefusal> {
-        let (Some(limiter), Some(images)) = (&self.rate, NonZeroU32::new(images as u32)) else {
+        let (Some((limiter, policy)), Some(images)) = (&self.rate, NonZeroU32::new(images as u32))
+        else {
             return Ok(());
         };
-        let policy = self.rate_policy().expect("a limiter has a rate");
+        let policy = *policy;
         match limiter.check_n(images) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(KeyRefusal::Rate {
@@ -294,11 +302,7 @@ impl KeyPolicy {
     /// The key's rate as `quota` images per `window`: its burst, and the time the burst
     /// takes to refill.
     pub fn rate_policy(&self) -> Option<RatePolicy> {
-        let quota = self.limits.quota()?;
-        Some(RatePolicy {
-            quota: quota.burst_size().get(),
-            window: quota.replenish_interval() * quota.burst_size().get(),
-        })
+        self.rate.as_ref().map(|(_, policy)| *policy)
     }
 }
 

@@ -200,7 +200,12 @@ fn check_one_per_level(flag: &str, given: usize, count: usize) -> Result<(), Str
 /// transport scheduling, not ours, and is ignored (`Ok(None)`).
 pub fn parse(text: &str) -> Result<Option<u64>, String> {
     let text = text.trim();
-    if text.starts_with("u=") || text == "i" || text.contains(',') {
+    // RFC 9218's Priority is a dictionary of `u` (urgency) and `i` (incremental).
+    let transport = text.split(',').all(|member| {
+        let key = member.trim().split('=').next().unwrap_or_default();
+        key == "u" || key == "i"
+    });
+    if transport {
         return Ok(None);
     }
     text.parse::<u64>().map(Some).map_err(|_| {
@@ -273,5 +278,9 @@ mod tests {
         assert_eq!(parse("u=3"), Ok(None));
         assert!(parse("high").unwrap_err().contains("whole number"));
         assert!(parse("-1").is_err());
+        assert!(
+            parse("1,2").is_err(),
+            "not a transport priority, not a level"
+        );
     }
 }

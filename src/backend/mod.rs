@@ -346,8 +346,9 @@ pub struct Admission {
     level: Level,
     link: Arc<BatcherLink>,
     incoming: usize,
-    /// `visionserve_admitted_images` (and the level's, with priorities), given back on drop.
-    admitted: Vec<prometheus_client::metrics::gauge::Gauge>,
+    /// `visionserve_admitted_images`, and the level's with priorities, given back on drop.
+    admitted: prometheus_client::metrics::gauge::Gauge,
+    level_admitted: Option<prometheus_client::metrics::gauge::Gauge>,
     images: usize,
 }
 
@@ -369,7 +370,8 @@ impl Drop for Admission {
     fn drop(&mut self) {
         self.release_incoming();
         self.admitted_images.release(self.level, self.images);
-        for gauge in &self.admitted {
+        self.admitted.dec_by(self.images as i64);
+        if let Some(gauge) = &self.level_admitted {
             gauge.dec_by(self.images as i64);
         }
     }
@@ -591,11 +593,13 @@ impl ModelHandle {
             return Err(self.overloaded(level));
         }
         self.link.images_admitted(images);
-        let mut admitted = vec![self.metrics.admitted.clone()];
-        if let Some(series) = self.metrics.priority_levels(0).get(level.index()) {
-            admitted.push(series.admitted.clone());
-        }
-        for gauge in &admitted {
+        let admitted = self.metrics.admitted.clone();
+        admitted.inc_by(images as i64);
+        let level_admitted = self
+            .metrics
+            .level(level.index())
+            .map(|series| series.admitted.clone());
+        if let Some(gauge) = &level_admitted {
             gauge.inc_by(images as i64);
         }
         Ok(Admission {
@@ -604,6 +608,7 @@ impl ModelHandle {
             link: self.link.clone(),
             incoming: images,
             admitted,
+            level_admitted,
             images,
         })
     }

@@ -716,9 +716,15 @@ impl ModelMetrics {
     pub fn observe_queue_wait(&self, wait: Duration, level: usize) {
         self.queue_wait.observe(wait.as_secs_f64());
         self.stats.queue.add(1, wait);
-        if let Some(series) = self.levels.get().and_then(|levels| levels.get(level)) {
+        if let Some(series) = self.level(level) {
             series.queue_wait.observe(wait.as_secs_f64());
         }
+    }
+
+    /// The series of priority level `level` (0 = the highest), once the model has more than
+    /// one level ([`ModelMetrics::priority_levels`]).
+    pub fn level(&self, level: usize) -> Option<&LevelMetrics> {
+        self.levels.get()?.get(level)
     }
 
     /// Create the per-level series of a model with `count` priority levels (none for one
